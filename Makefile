@@ -1,0 +1,30 @@
+# `make demo` and `make test` do all the set-up: a .venv with the project installed.
+# On a machine without an NVIDIA driver, torch is the CPU build (torch==2.13.0).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test install bench-train clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	command -v nvidia-smi >/dev/null 2>&1 || $(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m jobs.train --config jobs/configs/demo.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench-train: $(STAMP)
+	$(PY) bench/train_camvid.py --root ../shared/data/camvid
+
+clean:
+	rm -rf runs mlflow.db mlartifacts mlruns data/synthetic

@@ -1,0 +1,41 @@
+"""From the data section of the config to manifests, label set and torch Datasets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+
+from orchestrator.config import DataConfig
+from segxal.data.camvid import camvid_manifest
+from segxal.data.cityscapes import cityscapes_manifest
+from segxal.data.dataset import SampleTransform, SegmentationDataset
+from segxal.data.labels import CAMVID, CITYSCAPES, LabelSet
+from segxal.data.synthetic import generate_synthetic
+
+
+def label_set_for(config: DataConfig) -> LabelSet:
+    return CAMVID if config.dataset == "camvid" else CITYSCAPES
+
+
+def manifest_for(config: DataConfig, split: str, limit: int | None = None, progress: bool = False) -> pa.Table:
+    """The split's manifest; synthetic data is generated first if it is not on disk yet."""
+    root = Path(config.root)
+    if config.dataset == "synthetic":
+        generate_synthetic(root, config.synthetic, progress=progress)
+    scan = camvid_manifest if config.dataset == "camvid" else cityscapes_manifest
+    manifest = scan(root, split)
+    return manifest if limit is None else manifest.slice(0, limit)
+
+
+def datasets_for(config: DataConfig, progress: bool = False) -> tuple[SegmentationDataset, SegmentationDataset]:
+    """(train, validation) datasets: training with random crop and flip, validation plain."""
+    label_set = label_set_for(config)
+    train = manifest_for(config, config.train_split, config.max_train_images, progress)
+    val = manifest_for(config, config.val_split, config.max_val_images)
+    size = None if config.image_size is None else tuple(config.image_size)
+    crop = None if config.crop_size is None else tuple(config.crop_size)
+    return (
+        SegmentationDataset(train, label_set, SampleTransform(size=size, augment=True, crop_size=crop)),
+        SegmentationDataset(val, label_set, SampleTransform(size=size)),
+    )

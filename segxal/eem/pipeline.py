@@ -1,0 +1,137 @@
+"""Scoring a batch with the EEM: entropy, proximity, near region, ProxGradCAM, fusion, image scores."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from segxal.eem.config import EEMConfig
+from segxal.eem.entropy import normalized_entropy
+from segxal.eem.fusion import fuse_eem, image_scores
+from segxal.eem.gradcam import eval_mode, grad_cam
+from segxal.eem.proximity import depth_informed_image, near_region
+from segxal.eem.regions import extract_regions
+
+if TYPE_CHECKING:
+    from segxal.models.depth import DepthBackend
+
+
+@dataclass(frozen=True)
+class EEMMaps:
+    """Per-pixel maps, each (B, H, W): ``prediction`` class ids, ``entropy`` normalised to [0, 1],
+    ``proximity`` (1 = nearest), ``near`` bool, ``proxgradcam`` in [0, 1], ``eem``."""
+
+    prediction: torch.Tensor
+    entropy: torch.Tensor
+    proximity: torch.Tensor
+    near: torch.Tensor
+    proxgradcam: torch.Tensor
+    eem: torch.Tensor
+
+    def regions(self, config: EEMConfig, class_names: Sequence[str] | None = None) -> list[list[dict]]:
+        """Region records (see :func:`extract_regions`) for every image of the batch."""
+        return [
+            extract_regions(eem, prediction, config.region_threshold, config.min_region_area,
+                            config.max_regions, class_names)
+            for eem, prediction in zip(self.eem.cpu(), self.prediction.cpu())
+        ]
+
+
+@dataclass(frozen=True)
+class EEMScores:
+    """(B,) CPU tensors: the image ``score`` and diagnostics (mean normalised entropy, mean
+    ProxGradCAM, fraction of near pixels); ``maps`` only when asked for."""
+
+    score: torch.Tensor
+    entropy: torch.Tensor
+    proxgradcam: torch.Tensor
+    near_fraction: torch.Tensor
+    maps: EEMMaps | None = None
+
+    def records(self, sample_ids: Sequence[str]) -> list[dict]:
+        """One plain dict of scalars per image, keyed by ``sample_id``."""
+        if len(sample_ids) != len(self.score):
+            raise ValueError(f"sample_ids: {len(sample_ids)} ids for {len(self.score)} scores")
+        columns = zip(sample_ids, self.score.tolist(), self.entropy.tolist(), self.proxgradcam.tolist(),
+                      self.near_fraction.tolist())
+        return [
+            {"sample_id": str(sid), "score": s, "entropy": h, "proxgradcam": g, "near_fraction": n}
+            for sid, s, h, g, n in columns
+        ]
+
+
+def score_batch(
+    model: nn.Module,
+    images: torch.Tensor,
+    config: EEMConfig = EEMConfig(),
+    depth_backend: DepthBackend | None = None,
+    depth: torch.Tensor | None = None,
+    anomaly: torch.Tensor | None = None,
+    return_maps: bool = False,
+) -> EEMScores:
+    """EEM scores of ImageNet-normalised ``images`` (B, 3, H, W) under ``model`` (run in eval mode).
+
+    ``depth``: the batch's disparity, for the ``dataset`` backend. ``anomaly``: (B, H, W) anomaly scores
+    for the gamma term. Two forwards (the image for prediction and entropy, the depth-informed image for
+    Grad-CAM) and one backward per batch. With alpha = 0 no depth or Grad-CAM is computed (without a
+    backend, proximity and near are then zeros).
+    """
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
+    with torch.no_grad(), eval_mode(model):
+        logits = model(images)
+    entropy = normalized_entropy(logits)
+    prediction = logits.argmax(dim=1)
+    explain = config.alpha > 0
+    if depth_backend is None and explain:
+        raise ValueError("depth_backend: needed when alpha > 0 (build one with build_depth_backend)")
+    if depth_backend is not None and (explain or return_maps):
+        proximity = depth_backend.proximity(images, depth).to(images.device)
+        near = near_region(proximity, config.threshold, config.quantile, config.fixed, config.otsu_bins)
+    else:
+        proximity = torch.zeros_like(entropy)
+        near = torch.zeros_like(entropy, dtype=torch.bool)
+    if explain:
+        informed = depth_informed_image(images, proximity, near, config.mask)
+        proxgradcam = grad_cam(model, informed, config.target_layer, prediction, near, config.target)
+    else:
+        proxgradcam = torch.zeros_like(entropy)
+    eem = fuse_eem(proxgradcam, entropy, config.alpha, config.beta, config.gamma, anomaly)
+    maps = EEMMaps(prediction, entropy, proximity, near, proxgradcam, eem) if return_maps else None
+    return EEMScores(
+        score=image_scores(eem, config.reduction, config.topk_percent).detach().float().cpu(),
+        entropy=entropy.mean(dim=(1, 2)).float().cpu(),
+        proxgradcam=proxgradcam.mean(dim=(1, 2)).float().cpu(),
+        near_fraction=near.float().mean(dim=(1, 2)).cpu(),
+        maps=maps,
+    )
+
+
+class EEMScorer:
+    """A model, an EEM config and a depth backend, scoring dataset batches (dicts with ``image`` and,
+    for the ``dataset`` backend, ``depth``) on ``device``."""
+
+    def __init__(self, model: nn.Module, config: EEMConfig = EEMConfig(), depth_backend: DepthBackend | None = None,
+                 device: str | torch.device = "cpu") -> None:
+        from segxal.models.depth import build_depth_backend  # not at import: segxal.models.depth imports eem
+
+        self.model = model.to(device)
+        self.config = config
+        self.device = torch.device(device)
+        self.depth_backend = depth_backend or build_depth_backend(config.depth, self.device)
+
+    def __call__(self, batch: dict, return_maps: bool = False, anomaly: torch.Tensor | None = None) -> EEMScores:
+        depth = batch.get("depth")
+        return score_batch(
+            self.model,
+            batch["image"].to(self.device),
+            self.config,
+            self.depth_backend,
+            None if depth is None else depth.to(self.device),
+            None if anomaly is None else anomaly.to(self.device),
+            return_maps,
+        )

@@ -1,0 +1,158 @@
+"""PEBAL settings: the ``pebal:`` section of an experiment config.
+
+Every field is an int, float, str, bool, Literal, ``X | None``, tuple or a nested frozen dataclass, so
+the experiment YAML loader can build it. Values are validated on construction.
+
+Regulariser weights: the paper (eq. 8 and sec. 4.2) gives β1 = 5e-4 to smoothness and β2 = 3e-6 to
+sparsity; the authors' code swaps them (smoothness 3e-6, sparsity 5e-4). ``beta_smooth`` and
+``beta_sparse`` always weight the term they are named after; left at ``None`` they take the value of
+the chosen ``variant``, so switching the variant alone reproduces either source.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Literal
+
+Variant = Literal["paper", "reference"]
+VARIANTS = ("paper", "reference")
+
+# Meta-OoD's list (Chan et al. 2021, the AnomalyMix recipe PEBAL follows: COCO classes that Cityscapes
+# also labels) plus "train", a Cityscapes class Meta-OoD's list misses. Street furniture that Cityscapes
+# leaves void or lacks (fire hydrant, parking meter, bench) stays in: such objects are anomalies for a
+# driving label set and are among the objects that Fishyscapes / Road Anomaly label anomalous.
+DRIVING_COCO_CLASSES = (
+    "person", "bicycle", "car", "motorcycle", "bus", "train", "truck", "traffic light", "stop sign",
+)
+
+PAPER_BETA_SMOOTH, PAPER_BETA_SPARSE = 5e-4, 3e-6
+REFERENCE_BETA_SMOOTH, REFERENCE_BETA_SPARSE = 3e-6, 5e-4
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _check_finite_floats(config) -> None:
+    name = type(config).__name__
+    for field in fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{name}.{field.name} must be finite, got {value}")
+
+
+@dataclass(frozen=True)
+class AnomalyMixConfig:
+    """Outlier pasting. Without ``coco_root`` the outliers are procedural shapes (the default).
+
+    ``coco_root``: folder where the JSON's ``file_name`` entries are found, either directly or under
+    ``<split>/`` or ``images/<split>/`` (split from ``instances_<split>.json``); ``coco_annotations``: the
+    instances JSON, by default ``<coco_root>/annotations/instances_train2017.json``.
+    ``scale_min``/``scale_max``: the pasted object's longer side as a fraction of the target image's
+    shorter side. Each mixed image gets between 1 and ``max_objects`` objects.
+    """
+
+    fraction: float = 0.5
+    max_objects: int = 2
+    scale_min: float = 0.1
+    scale_max: float = 0.4
+    flip_probability: float = 0.5
+    coco_root: str | None = None
+    coco_annotations: str | None = None
+    excluded_coco_classes: tuple[str, ...] = DRIVING_COCO_CLASSES
+    min_instance_area: float = 64.0  # COCO ``area`` in pixels; smaller instances are skipped
+
+    def __post_init__(self) -> None:
+        _check_finite_floats(self)
+        _require(0.0 <= self.fraction <= 1.0, f"AnomalyMixConfig.fraction must be in [0, 1], got {self.fraction}")
+        _require(self.max_objects >= 1, f"AnomalyMixConfig.max_objects must be >= 1, got {self.max_objects}")
+        _require(
+            0.0 < self.scale_min <= self.scale_max <= 1.0,
+            f"AnomalyMixConfig.scale_min ({self.scale_min}) and scale_max ({self.scale_max}) must satisfy "
+            "0 < scale_min <= scale_max <= 1",
+        )
+        _require(
+            0.0 <= self.flip_probability <= 1.0,
+            f"AnomalyMixConfig.flip_probability must be in [0, 1], got {self.flip_probability}",
+        )
+        _require(
+            self.coco_annotations is None or self.coco_root is not None,
+            "AnomalyMixConfig.coco_annotations is set but coco_root (the image folder) is not",
+        )
+        _require(self.min_instance_area >= 0, "AnomalyMixConfig.min_instance_area must be >= 0")
+
+    @property
+    def uses_coco(self) -> bool:
+        return self.coco_root is not None
+
+
+@dataclass(frozen=True)
+class PebalConfig:
+    """Losses, model surgery, AnomalyMix and scoring settings (names follow DESIGN.md §2).
+
+    ``variant``: "paper" (the default) or "reference" (the authors' public code); see
+    :mod:`segxal.pebal.losses` for every difference and why the paper form is the default.
+    ``m_in``/``m_out``: energy margins (m_in < m_out). ``lam``: λ on the energy margin terms (the
+    reference also applies it to the regulariser). ``ood_weight``: the reference's weight of the
+    abstention term on anomaly pixels (unused by the paper variant). ``penalty_min``: floor on the
+    penalty a = E²; a < 1 would reward abstaining more than predicting the true class and a → 0 makes
+    the PAL loss unbounded below (1.0, as in Deep Gamblers' reward o > 1; 0 disables it).
+    ``trainable``: UNet submodules that train (``head`` = the 1x1 classifier; e.g. ``decoder.3`` too).
+    ``smoothing_kernel``/``smoothing_sigma``: the Gaussian applied to energy anomaly maps.
+    """
+
+    variant: Variant = "paper"
+    m_in: float = -12.0
+    m_out: float = -6.0
+    lam: float = 0.1
+    beta_smooth: float | None = None
+    beta_sparse: float | None = None
+    ood_weight: float = 0.1
+    penalty_min: float = 1.0
+    trainable: tuple[str, ...] = ("head",)
+    smoothing_kernel: int = 7
+    smoothing_sigma: float = 1.0
+    anomalymix: AnomalyMixConfig = AnomalyMixConfig()
+
+    def __post_init__(self) -> None:
+        _check_finite_floats(self)
+        _require(self.variant in VARIANTS, f"PebalConfig.variant must be one of {VARIANTS}, got {self.variant!r}")
+        _require(
+            self.m_in < self.m_out,
+            f"PebalConfig.m_in ({self.m_in}) must be smaller than PebalConfig.m_out ({self.m_out}): "
+            "inlier energy is pushed below m_in and anomaly energy above m_out",
+        )
+        for name in ("lam", "beta_smooth", "beta_sparse", "ood_weight", "penalty_min"):
+            value = getattr(self, name)
+            if value is not None:
+                _require(math.isfinite(value) and value >= 0, f"PebalConfig.{name} must be >= 0, got {value}")
+        _require(len(self.trainable) > 0, "PebalConfig.trainable must name at least one module")
+        _require(
+            all(isinstance(name, str) and name for name in self.trainable),
+            f"PebalConfig.trainable must be non-empty module names, got {self.trainable!r}",
+        )
+        _require(
+            self.smoothing_kernel >= 1 and self.smoothing_kernel % 2 == 1,
+            f"PebalConfig.smoothing_kernel must be a positive odd number, got {self.smoothing_kernel}",
+        )
+        _require(self.smoothing_sigma > 0, f"PebalConfig.smoothing_sigma must be > 0, got {self.smoothing_sigma}")
+        _require(
+            isinstance(self.anomalymix, AnomalyMixConfig),
+            f"PebalConfig.anomalymix must be an AnomalyMixConfig, got {type(self.anomalymix).__name__}",
+        )
+
+    @property
+    def smoothness_weight(self) -> float:
+        """β of the smoothness term: ``beta_smooth`` or the variant's published value."""
+        if self.beta_smooth is not None:
+            return self.beta_smooth
+        return PAPER_BETA_SMOOTH if self.variant == "paper" else REFERENCE_BETA_SMOOTH
+
+    @property
+    def sparsity_weight(self) -> float:
+        """β of the sparsity term: ``beta_sparse`` or the variant's published value."""
+        if self.beta_sparse is not None:
+            return self.beta_sparse
+        return PAPER_BETA_SPARSE if self.variant == "paper" else REFERENCE_BETA_SPARSE

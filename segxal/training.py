@@ -1,0 +1,135 @@
+"""Single-process supervised training of the segmenter (Ray Train wraps the same steps)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segxal.checkpoint import load_checkpoint, save_checkpoint
+from segxal.data.labels import IGNORE_INDEX
+from segxal.metrics import ConfusionMatrix
+from segxal.models.unet import UNet
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 5
+    batch_size: int = 8
+    lr: float = 1e-3
+    optimizer: Literal["adam", "sgd"] = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def make_optimizer(parameters: Iterable[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in parameters if p.requires_grad]
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+def train_one_epoch(
+    model: nn.Module, loader: Iterable[dict], optimizer: torch.optim.Optimizer, device: torch.device
+) -> dict[str, float]:
+    """One pass of cross-entropy (ignore 255); returns mean loss and images/s."""
+    model.train()
+    total_loss, images, start = 0.0, 0, time.perf_counter()
+    for batch in loader:
+        image = batch["image"].to(device, non_blocking=True)
+        label = batch["label"].to(device, non_blocking=True)
+        loss = F.cross_entropy(model(image), label, ignore_index=IGNORE_INDEX)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss is {loss.item()} at batch of {batch['sample_id'][:4]}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.item() * image.shape[0]
+        images += image.shape[0]
+    seconds = time.perf_counter() - start
+    return {"loss": total_loss / max(images, 1), "images_per_s": images / max(seconds, 1e-9)}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable[dict], num_classes: int, device: torch.device) -> ConfusionMatrix:
+    model.eval()
+    confusion = ConfusionMatrix(num_classes)
+    for batch in loader:
+        logits = model(batch["image"].to(device))
+        confusion.update(logits.argmax(1), batch["label"].to(device))
+    return confusion
+
+
+def fit(
+    model: UNet,
+    train_loader: Iterable[dict],
+    val_loader: Iterable[dict],
+    config: TrainConfig,
+    class_names: tuple[str, ...],
+    checkpoint_dir: str | Path | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Train for ``config.epochs``, evaluating after each epoch; returns the last epoch's metrics.
+
+    With ``checkpoint_dir``, ``last.pt`` is written every epoch and ``best.pt`` when validation
+    mIoU improves; an existing ``last.pt`` is resumed from.
+    """
+    device = resolve_device(config.device)
+    model.to(device)
+    optimizer = make_optimizer(model.parameters(), config)
+    first_epoch, best_miou, metrics = 0, float("-inf"), {}
+    last_path = Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None
+    if last_path is not None and last_path.is_file():
+        state = load_checkpoint(last_path, map_location=device)
+        model.load_state_dict(state["model"]["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        first_epoch, best_miou = state["epoch"] + 1, state["best_miou"]
+        log.info("resuming from %s at epoch %d", last_path, first_epoch)
+    epochs = range(first_epoch, config.epochs)
+    if progress:
+        from tqdm import tqdm
+
+        epochs = tqdm(epochs, total=config.epochs, initial=first_epoch, desc="epochs", unit="epoch")
+    for epoch in epochs:
+        train_stats = train_one_epoch(model, train_loader, optimizer, device)
+        confusion = evaluate(model, val_loader, len(class_names), device)
+        metrics = {f"train/{k}": v for k, v in train_stats.items()}
+        metrics.update({f"val/{k}": v for k, v in confusion.summary(class_names).items()})
+        log.info("epoch %d: loss %.4f, val mIoU %.4f", epoch, train_stats["loss"], metrics["val/miou"])
+        if checkpoint_dir is not None:
+            best_miou = max(best_miou, metrics["val/miou"])
+            state = {"model": model.to_checkpoint(), "optimizer": optimizer.state_dict(),
+                     "epoch": epoch, "best_miou": best_miou, "metrics": metrics}
+            if metrics["val/miou"] >= best_miou:
+                save_checkpoint(Path(checkpoint_dir) / "best.pt", state)
+            save_checkpoint(last_path, state)
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+    return metrics

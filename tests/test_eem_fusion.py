@@ -1,0 +1,169 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from segxal.data.labels import CITYSCAPES
+from segxal.data.transforms import denormalize, normalize
+from segxal.eem.config import EEMConfig
+from segxal.eem.entropy import normalized_entropy
+from segxal.eem.fusion import fuse_eem, image_scores
+from segxal.eem.pipeline import score_batch
+from segxal.eem.proximity import depth_informed_image, near_region, otsu_threshold
+from segxal.eem.regions import extract_regions
+from segxal.models.depth import DatasetDepth, GeometricDepth
+from segxal.models.unet import UNet, UNetConfig
+
+
+def test_otsu_splits_a_bimodal_map_per_image():
+    proximity = torch.full((2, 8, 8), 0.1)
+    proximity[0, 5:] = 0.8  # 24 near pixels
+    proximity[1, :, :2] = 0.55
+    threshold = otsu_threshold(proximity, bins=64)
+    assert 0.1 < threshold[0] <= 0.8 and 0.1 < threshold[1] <= 0.55
+    near = near_region(proximity, "otsu")
+    assert torch.equal(near[0], proximity[0] > 0.5) and torch.equal(near[1], proximity[1] > 0.5)
+    assert otsu_threshold(torch.full((1, 4, 4), 0.3)).isinf().all()  # flat: no near region
+    assert not near_region(torch.full((1, 4, 4), 0.3)).any()
+
+
+def test_quantile_and_fixed_thresholds():
+    proximity = torch.arange(100, dtype=torch.float32).view(1, 10, 10) / 99
+    assert near_region(proximity, "quantile", quantile=0.7).sum() == 30
+    assert near_region(proximity, "fixed", fixed=0.5).sum() == 50
+    flat_far = torch.zeros(1, 10, 10)
+    flat_far[0, 0, :3] = 1.0
+    assert near_region(flat_far, "quantile", quantile=0.5).sum() == 3  # ties at the quantile stay far
+
+
+def test_depth_informed_image_hard_and_soft():
+    pixels = torch.rand(1, 3, 4, 5)
+    images = normalize(pixels)
+    proximity = torch.rand(1, 4, 5)
+    near = proximity > 0.5
+    hard = denormalize(depth_informed_image(images, proximity, near, "hard"))
+    soft = denormalize(depth_informed_image(images, proximity, near, "soft"))
+    assert torch.allclose(hard, pixels * near[:, None], atol=1e-6)
+    assert torch.allclose(soft, pixels * proximity[:, None], atol=1e-6)
+    with pytest.raises(ValueError, match="near"):
+        depth_informed_image(images, proximity, near[:, :2], "hard")
+
+
+def test_fusion_weights_and_anomaly_term():
+    cam, entropy = torch.rand(2, 3, 4), torch.rand(2, 3, 4)
+    assert torch.equal(fuse_eem(cam, entropy, 0.0, 1.0), entropy)
+    assert torch.allclose(fuse_eem(cam, entropy, 0.5, 0.5), (cam + entropy) / 2)
+    anomaly = torch.linspace(-20, -5, 24).view(2, 3, 4)
+    fused = fuse_eem(cam, entropy, 0.5, 0.5, 1.0, anomaly)
+    span = anomaly.amax((1, 2), keepdim=True) - anomaly.amin((1, 2), keepdim=True)
+    expected_anomaly = (anomaly - anomaly.amin((1, 2), keepdim=True)) / span
+    assert torch.allclose(fused, (cam + entropy) / 2 + expected_anomaly)
+    with pytest.raises(ValueError, match="anomaly"):
+        fuse_eem(cam, entropy, 0.5, 0.5, 1.0)
+
+
+def test_image_score_reductions():
+    eem = torch.arange(10, dtype=torch.float32).view(1, 2, 5)
+    assert image_scores(eem, "mean").item() == pytest.approx(4.5)
+    assert image_scores(eem, "topk", 20).item() == pytest.approx(8.5)  # top 2 of 10
+    assert image_scores(eem, "topk", 1).item() == pytest.approx(9.0)  # at least one pixel
+
+
+def test_regions_records_known_layout_and_json():
+    eem = np.zeros((20, 30))
+    eem[2:6, 3:9] = 0.6
+    eem[4, 7] = 0.9  # peak of the first blob
+    eem[12:18, 20:28] = 0.7
+    eem[12, 27] = 0.95
+    eem[0, 29] = 0.99  # a single pixel: below min_area
+    prediction = np.full((20, 30), 13)
+    prediction[12:18, 20:24] = 11
+    prediction[12:18, 24:28] = 0
+    prediction[12:18, 20:25] = 11  # class 11 dominates the second blob (30 vs 18 px)
+    regions = extract_regions(eem, torch.from_numpy(prediction), threshold=0.5, min_area=4,
+                              class_names=CITYSCAPES.class_names)
+    assert [r["id"] for r in regions] == [1, 2]
+    first, second = regions
+    assert first["prompt"] == {"x": 27, "y": 12} and first["area"] == 48
+    assert first["class_id"] == 11 and first["class_name"] == "person"
+    assert first["bbox"] == {"x0": 20, "y0": 12, "x1": 27, "y1": 17}
+    assert first["mean_eem"] == pytest.approx((47 * 0.7 + 0.95) / 48)
+    assert second["prompt"] == {"x": 7, "y": 4} and second["area"] == 24 and second["class_name"] == "car"
+    assert json.loads(json.dumps(regions)) == regions
+    assert len(extract_regions(eem, prediction, 0.5, 4, max_regions=1)) == 1
+    assert extract_regions(eem, prediction, 0.5, 1)[0]["prompt"] == {"x": 29, "y": 0}
+
+
+class Constant(nn.Module):
+    """Fixed logits, for pipeline maths without a real model."""
+
+    last_decoder_layer = "features"
+
+    def __init__(self, num_classes: int = 4) -> None:
+        super().__init__()
+        self.features = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, num_classes, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.features(x)))
+
+
+def test_alpha_zero_gives_pure_normalised_entropy():
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(num_classes=5, width=4, depth=2))
+    images = torch.randn(2, 3, 16, 24)
+    result = score_batch(model, images, EEMConfig(alpha=0.0, beta=1.0), GeometricDepth(), return_maps=True)
+    with torch.no_grad():
+        expected = normalized_entropy(model.eval()(images))
+    assert torch.allclose(result.maps.eem, expected, atol=1e-6)
+    assert torch.equal(result.maps.proxgradcam, torch.zeros_like(expected))
+    assert torch.allclose(result.score, expected.mean(dim=(1, 2)), atol=1e-6)
+
+
+def test_score_batch_fuses_maps_and_records():
+    torch.manual_seed(0)
+    model = Constant().train()
+    images = torch.randn(3, 3, 16, 24)
+    disparity = torch.zeros(3, 16, 24)
+    disparity[:, 10:] = 20.0
+    disparity[:, 4:10] = 2.0
+    config = EEMConfig(reduction="topk", topk_percent=25.0)
+    result = score_batch(model, images, config, DatasetDepth(), depth=disparity, return_maps=True)
+    maps = result.maps
+    assert torch.equal(maps.near, disparity > 10)
+    assert torch.allclose(maps.eem, 0.5 * maps.proxgradcam + 0.5 * maps.entropy)
+    assert torch.allclose(result.score, image_scores(maps.eem, "topk", 25.0))
+    assert result.near_fraction.tolist() == pytest.approx([6 / 16] * 3)
+    assert maps.proxgradcam.amax(dim=(1, 2)).tolist() == pytest.approx([1.0] * 3)
+    assert model.training and all(p.grad is None for p in model.parameters())
+    records = result.records(["a", "b", "c"])
+    assert [r["sample_id"] for r in records] == ["a", "b", "c"]
+    assert records[1]["score"] == pytest.approx(result.score[1].item())
+    json.dumps(records)
+    lean = score_batch(model, images, config, DatasetDepth(), depth=disparity)
+    assert lean.maps is None and torch.allclose(lean.score, result.score, atol=1e-6)
+    regions = maps.regions(EEMConfig(region_threshold=0.3, min_region_area=1))
+    assert len(regions) == 3 and all(isinstance(r, list) for r in regions)
+
+
+def test_panel_is_written(tmp_path):
+    from PIL import Image
+
+    from segxal.eem.panels import save_panel
+
+    torch.manual_seed(0)
+    model = Constant(num_classes=19)
+    images = torch.randn(1, 3, 32, 64)
+    result = score_batch(model, images, EEMConfig(min_region_area=1, region_threshold=0.2), GeometricDepth(),
+                         return_maps=True)
+    maps = result.maps
+    regions = maps.regions(EEMConfig(min_region_area=1, region_threshold=0.2), CITYSCAPES.class_names)
+    assert regions[0], "the panel should show at least one prompt"
+    path = save_panel(tmp_path / "p" / "panel.png", images[0], maps.prediction[0], maps.entropy[0],
+                      maps.proximity[0], maps.proxgradcam[0], maps.eem[0], regions[0], CITYSCAPES, "sample")
+    with Image.open(path) as png:
+        assert png.format == "PNG" and png.size[0] >= 600
+        assert np.asarray(png.convert("L")).std() > 5  # not a blank canvas

@@ -1,0 +1,98 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn import metrics as skm
+
+from segxal.metrics import ConfusionMatrix, anomaly_metrics, dice_per_class, mean_dice
+
+
+def test_confusion_matrix_known_answer():
+    target = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 1]])
+    pred = torch.tensor([[0, 1, 1, 1], [2, 0, 0, 1]])
+    cm = ConfusionMatrix(3)
+    cm.update(pred[:1], target[:1])  # streaming: two updates equal one
+    cm.update(pred[1:], target[1:])
+    assert cm.matrix.tolist() == [[1, 1, 0], [0, 3, 0], [1, 0, 1]]
+    # IoU: class0 1/(2+2-1)=1/3, class1 3/(3+4-3)=3/4, class2 1/(2+1-1)=1/2
+    assert cm.iou().tolist() == pytest.approx([1 / 3, 3 / 4, 1 / 2])
+    assert cm.miou() == pytest.approx((1 / 3 + 3 / 4 + 1 / 2) / 3)
+    assert cm.pixel_accuracy() == pytest.approx(5 / 7)
+
+
+def test_confusion_matrix_matches_sklearn_and_skips_absent_classes():
+    rng = np.random.default_rng(0)
+    target = rng.integers(0, 4, 500)  # class 4 never appears
+    pred = rng.integers(0, 4, 500)
+    cm = ConfusionMatrix(5)
+    cm.update(torch.from_numpy(pred), torch.from_numpy(target))
+    assert np.array_equal(cm.matrix.numpy(), skm.confusion_matrix(target, pred, labels=range(5)))
+    expected = skm.jaccard_score(target, pred, labels=range(4), average=None)
+    assert cm.iou()[:4].numpy() == pytest.approx(expected)
+    assert math.isnan(cm.iou()[4])
+    assert cm.miou() == pytest.approx(expected.mean())
+    summary = cm.summary(("a", "b", "c", "d", "e"))
+    assert "iou/e" not in summary and summary["iou/a"] == pytest.approx(expected[0])
+
+
+def test_confusion_matrix_rejects_bad_input():
+    cm = ConfusionMatrix(2)
+    with pytest.raises(ValueError, match="shape"):
+        cm.update(torch.zeros(3), torch.zeros(4))
+    with pytest.raises(ValueError, match="target ids"):
+        cm.update(torch.zeros(2), torch.tensor([0, 5]))
+
+
+def test_dice_known_masks():
+    a = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 255]])
+    b = torch.tensor([[1, 0, 0, 0], [1, 1, 2, 1]])
+    # void in a at (1,3) is ignored. class1: |A|=4, |B|=3, ∩=3 -> 6/7; class0: |A|=3,|B|=3, ∩=2 -> 4/6;
+    # class2: |A|=0,|B|=1 -> 0; class3 absent -> NaN
+    per_class = dice_per_class(a, b, 4)
+    assert per_class[:3].tolist() == pytest.approx([4 / 6, 6 / 7, 0.0])
+    assert math.isnan(per_class[3])
+    assert mean_dice(a, b, 4) == pytest.approx((4 / 6 + 6 / 7 + 0) / 3)
+    assert mean_dice(a, a, 4) == 1.0
+
+
+def test_dice_matches_sklearn_f1_per_class():
+    rng = np.random.default_rng(1)
+    a, b = rng.integers(0, 3, 300), rng.integers(0, 3, 300)
+    expected = skm.f1_score(a, b, labels=[0, 1, 2], average=None)
+    assert dice_per_class(torch.from_numpy(a), torch.from_numpy(b), 3).numpy() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_anomaly_metrics_equal_sklearn(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, 2000)
+    labels[rng.random(2000) < 0.1] = 255  # void
+    scores = np.round(rng.normal(labels == 1, 1.0), 1)  # rounding creates ties
+    valid = labels != 255
+    y, s = labels[valid], scores[valid]
+    result = anomaly_metrics(torch.from_numpy(scores), torch.from_numpy(labels))
+    fpr, tpr, _ = skm.roc_curve(y, s)
+    assert result["auroc"] == pytest.approx(skm.roc_auc_score(y, s), abs=1e-12)
+    assert result["ap"] == pytest.approx(skm.average_precision_score(y, s), abs=1e-12)
+    assert result["fpr95"] == pytest.approx(fpr[np.searchsorted(tpr, 0.95)], abs=1e-12)
+
+
+def test_anomaly_metrics_perfect_and_hand_computed():
+    perfect = anomaly_metrics(np.array([0.1, 0.2, 0.9, 0.8]), np.array([0, 0, 1, 1]))
+    assert perfect == {"auroc": 1.0, "ap": 1.0, "fpr95": 0.0}
+    # scores 0.9(+) 0.8(-) 0.7(+) 0.1(-): AP = 1/2*1 + 1/2*2/3; AUROC = 3/4; 95 % TPR needs both
+    # positives, reached at threshold 0.7 where FPR = 1/2
+    result = anomaly_metrics(np.array([0.9, 0.8, 0.7, 0.1]), np.array([1, 0, 1, 0]))
+    assert result["ap"] == pytest.approx(0.5 + 1 / 3)
+    assert result["auroc"] == pytest.approx(0.75)
+    assert result["fpr95"] == pytest.approx(0.5)
+
+
+def test_anomaly_metrics_bad_input():
+    with pytest.raises(ValueError, match="both anomaly and inlier"):
+        anomaly_metrics(np.array([0.1, 0.2]), np.array([0, 0]))
+    with pytest.raises(ValueError, match="NaN"):
+        anomaly_metrics(np.array([np.nan, 0.2]), np.array([0, 1]))
+    with pytest.raises(ValueError, match="labels"):
+        anomaly_metrics(np.array([0.1, 0.2]), np.array([0, 3]))

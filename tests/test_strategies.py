@@ -1,0 +1,224 @@
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from orchestrator.strategies import (
+    STRATEGIES,
+    Scorer,
+    Selection,
+    budget_count,
+    cycle_rng,
+    draw_subset,
+    get_strategy,
+    k_center_greedy,
+    random_select,
+    select,
+    top_n,
+)
+
+# ---- core-set ------------------------------------------------------------------------------------
+
+
+def test_k_center_on_a_line_with_a_labelled_centre():
+    unlabelled = np.arange(1, 11, dtype=np.float64)[:, None]  # values 1..10 at indices 0..9
+    picks = k_center_greedy(unlabelled, np.array([[0.0]]), 10)
+    # 10 is farthest from 0; then 5 (5 from both); then 2,3,7,8 tie at 2 -> lowest index (2);
+    # then 7 (the only one left at 2); then all remaining are at 1 -> ascending.
+    assert unlabelled[picks, 0].tolist() == [10, 5, 2, 7, 1, 3, 4, 6, 8, 9]
+
+
+def test_k_center_prefix_is_the_same_for_smaller_n_and_float32():
+    unlabelled = np.arange(1, 11, dtype=np.float32)[:, None]
+    picks = k_center_greedy(unlabelled, np.zeros((1, 1), dtype=np.float32), 3)
+    assert (unlabelled[picks, 0] == [10, 5, 2]).all()
+
+
+def test_k_center_without_labelled_starts_nearest_the_mean():
+    points = np.arange(0, 11, dtype=np.float64)[:, None]  # mean 5
+    for labelled in (None, np.empty((0, 1))):
+        picks = k_center_greedy(points, labelled, 4)
+        # 5 first; 0 and 10 tie at distance 5 -> lowest index first; then 2, 3, 7, 8 tie at 2 -> 2
+        assert points[picks, 0].tolist() == [5, 0, 10, 2]
+
+
+def test_k_center_in_2d_and_duplicates_are_never_picked_twice():
+    square = np.array([[0, 0], [0, 3], [4, 0], [4, 3], [2, 1.5]], dtype=np.float64)
+    assert k_center_greedy(square, np.array([[2.0, 1.5]]), 1).tolist() == [0]  # corners tie at 2.5 -> index 0
+    same = np.ones((4, 3))
+    picks = k_center_greedy(same, np.ones((1, 3)), 4)
+    assert sorted(picks.tolist()) == [0, 1, 2, 3]
+
+
+def test_k_center_does_not_mutate_and_chunks_give_the_same_answer():
+    rng = np.random.default_rng(0)
+    unlabelled, labelled = rng.normal(size=(200, 8)), rng.normal(size=(50, 8))
+    before = unlabelled.copy(), labelled.copy()
+    whole = k_center_greedy(unlabelled, labelled, 20)
+    chunked = k_center_greedy(unlabelled, labelled, 20, chunk_bytes=8 * 200 * 3)  # 3 labelled rows at a time
+    assert whole.tolist() == chunked.tolist()
+    assert len(set(whole.tolist())) == 20
+    assert np.array_equal(unlabelled, before[0]) and np.array_equal(labelled, before[1])
+
+
+def test_k_center_errors():
+    with pytest.raises(ValueError, match="larger than the 3 candidates"):
+        k_center_greedy(np.zeros((3, 2)), None, 4)
+    with pytest.raises(ValueError, match="features_labelled has 3 dims"):
+        k_center_greedy(np.zeros((3, 2)), np.zeros((1, 3)), 1)
+    with pytest.raises(ValueError, match="features_unlabelled: contains NaN"):
+        k_center_greedy(np.array([[np.nan, 0.0]]), None, 1)
+    with pytest.raises(ValueError, match="2-D"):
+        k_center_greedy(np.zeros(3), None, 1)
+    assert k_center_greedy(np.zeros((3, 2)), None, 0).tolist() == []
+
+
+def test_select_coreset_breaks_ties_by_id_whatever_the_input_order():
+    ids = ["e", "d", "c", "b", "a"]
+    features = np.array([[0.0], [4.0], [-4.0], [1.0], [-1.0]])  # d and c tie at distance 4 from e
+    chosen = select("coreset", ids, 2, features=features, labelled_features=np.array([[0.0]]))
+    assert chosen.to_pylist() == ["c", "d"]
+
+
+# ---- top n ---------------------------------------------------------------------------------------
+
+
+def test_top_n_orders_by_score_then_id():
+    ids = ["d", "b", "a", "c", "e"]
+    scores = np.array([1.0, 2.0, 2.0, 1.0, 0.5])
+    before = scores.copy()
+    assert top_n(ids, scores, 3).to_pylist() == ["a", "b", "c"]
+    assert top_n(ids, scores, 5).to_pylist() == ["a", "b", "c", "d", "e"]
+    assert np.array_equal(scores, before)
+    # the same answer whatever order the candidates come in
+    order = [4, 2, 0, 3, 1]
+    assert top_n([ids[i] for i in order], scores[order], 3).to_pylist() == ["a", "b", "c"]
+    assert top_n(pa.array(ids), pa.array(scores), 1).to_pylist() == ["a"]
+    assert top_n(ids, scores, 0).to_pylist() == []
+
+
+def test_top_n_handles_infinities_and_rejects_nan():
+    assert top_n(["a", "b", "c"], [np.inf, -np.inf, 0.0], 2).to_pylist() == ["a", "c"]
+    with pytest.raises(ValueError, match=r"NaN for 1 ids, e.g. \['b'\]"):
+        top_n(["a", "b"], [1.0, np.nan], 1)
+    with pytest.raises(ValueError, match="missing scores"):
+        top_n(["a", "b"], pa.array([1.0, None]), 1)
+
+
+def test_top_n_errors():
+    with pytest.raises(ValueError, match="expected 3 scores"):
+        top_n(["a", "b", "c"], [1.0, 2.0], 1)
+    with pytest.raises(ValueError, match="larger than the 2 candidates"):
+        top_n(["a", "b"], [1.0, 2.0], 3)
+    with pytest.raises(ValueError, match="non-negative"):
+        top_n(["a", "b"], [1.0, 2.0], -1)
+    with pytest.raises(ValueError, match=r"duplicate sample ids \['a'\]"):
+        top_n(["a", "a"], [1.0, 2.0], 1)
+
+
+# ---- subsets and random ---------------------------------------------------------------------------
+
+
+def test_draw_subset_is_deterministic_sorted_and_order_independent():
+    ids = [f"img_{i:03d}" for i in range(100)]
+    first = draw_subset(ids, 0.3, np.random.default_rng(7)).to_pylist()
+    assert len(first) == 30 and first == sorted(first) and set(first) <= set(ids)
+    shuffled = list(np.random.default_rng(1).permutation(ids))
+    assert draw_subset(shuffled, 0.3, 7).to_pylist() == first
+    assert draw_subset(np.array(ids), 30, 7).to_pylist() == first  # a count gives the same draw
+    assert draw_subset(ids, 0.3, 8).to_pylist() != first
+
+
+def test_draw_subset_sizes_and_errors():
+    ids = [f"s{i}" for i in range(10)]
+    assert len(draw_subset(ids, 0.25, 0)) == 3  # 2.5 rounds half up
+    assert draw_subset(ids, 50, 0).to_pylist() == sorted(ids)  # larger than the pool: the whole pool
+    assert draw_subset(ids, 1.0, 0).to_pylist() == sorted(ids)
+    with pytest.raises(ValueError, match="unlabelled pool is empty"):
+        draw_subset([], 5, 0)
+    with pytest.raises(ValueError, match=r"subset size fraction must be in \(0, 1\]"):
+        draw_subset(ids, 1.5, 0)
+    with pytest.raises(ValueError, match="subset size must be positive"):
+        draw_subset(ids, 0, 0)
+    with pytest.raises(TypeError, match="rng must be a numpy Generator or an int seed"):
+        draw_subset(ids, 3, None)
+
+
+def test_random_select_and_cycle_rng():
+    ids = [f"s{i}" for i in range(50)]
+    chosen = random_select(ids, 5, cycle_rng(3, 2, "random")).to_pylist()
+    assert len(set(chosen)) == 5 and chosen == sorted(chosen) and set(chosen) <= set(ids)
+    assert random_select(ids[::-1], 5, cycle_rng(3, 2, "random")).to_pylist() == chosen
+    assert random_select(ids, 5, cycle_rng(3, 3, "random")).to_pylist() != chosen
+    assert select("random", ids, 5, rng=cycle_rng(3, 2, "random")).to_pylist() == chosen
+    with pytest.raises(ValueError, match="larger than the 50 candidates"):
+        random_select(ids, 51, 0)
+
+
+# ---- budgets --------------------------------------------------------------------------------------
+
+
+def test_budget_count_resolves_fractions_and_counts():
+    assert budget_count(0.05, 2975) == 149  # 148.75
+    assert budget_count(0.4, 2975) == 1190
+    assert budget_count(0.29, 100) == 29  # 28.999999999999996 must not floor to 28
+    assert budget_count(1.0, 7) == 7
+    assert budget_count(10, 100) == 10
+    assert budget_count(np.int64(3), 10) == 3
+
+
+@pytest.mark.parametrize(
+    "budget, size, error, match",
+    [
+        (0, 100, ValueError, "budget must be positive, got 0"),
+        (-3, 100, ValueError, "budget must be positive"),
+        (0.0, 100, ValueError, r"fraction must be in \(0, 1\]"),
+        (1.5, 100, ValueError, r"fraction must be in \(0, 1\]"),
+        (float("nan"), 100, ValueError, "fraction must be"),
+        (101, 100, ValueError, r"budget 101 is larger than the pool \(100 samples\)"),
+        (0.001, 100, ValueError, "is 0 samples"),
+        (5, 0, ValueError, "the pool is empty"),
+        (True, 100, TypeError, "int count or a float fraction"),
+        ("5", 100, TypeError, "int count or a float fraction"),
+    ],
+)
+def test_budget_count_errors(budget, size, error, match):
+    with pytest.raises(error, match=match):
+        budget_count(budget, size)
+
+
+# ---- registry -------------------------------------------------------------------------------------
+
+
+def test_registry_declares_what_each_strategy_needs():
+    assert set(STRATEGIES) == {"eem", "eem_no_ebu", "eem_no_pae", "random", "entropy", "coreset"}
+    assert get_strategy("eem").scorer is Scorer.EEM and get_strategy("eem").needs_depth
+    assert get_strategy("eem_no_ebu").scorer is Scorer.PAE and get_strategy("eem_no_ebu").needs_depth
+    assert get_strategy("eem_no_pae").scorer is Scorer.EBU and not get_strategy("eem_no_pae").needs_depth
+    assert get_strategy("entropy").scorer is Scorer.ENTROPY and not get_strategy("entropy").needs_depth
+    coreset = get_strategy("coreset")
+    assert coreset.scorer is Scorer.EMBEDDING and coreset.selection is Selection.K_CENTER and coreset.needs_labelled_features
+    assert not get_strategy("random").needs_segmenter
+    assert get_strategy("eem").eem_weights(0.3, 0.7) == (0.3, 0.7)
+    assert get_strategy("eem_no_ebu").eem_weights(0.3, 0.7) == (1.0, 0.0)
+    assert get_strategy("eem_no_pae").eem_weights(0.3, 0.7) == (0.0, 1.0)
+    with pytest.raises(ValueError, match="does not score with the EEM pipeline"):
+        get_strategy("entropy").eem_weights(0.5, 0.5)
+
+
+def test_unknown_strategy_lists_the_valid_names():
+    with pytest.raises(ValueError, match="unknown strategy 'eemm'; valid strategies: coreset, eem, eem_no_ebu, eem_no_pae, entropy, random"):
+        get_strategy("eemm")
+    with pytest.raises(ValueError, match="unknown strategy"):
+        select("bald", ["a"], 1, scores=[1.0])
+
+
+def test_select_names_what_is_missing():
+    with pytest.raises(ValueError, match="'eem' needs scores"):
+        select("eem", ["a", "b"], 1)
+    with pytest.raises(ValueError, match="'coreset' needs features"):
+        select("coreset", ["a", "b"], 1)
+    with pytest.raises(ValueError, match="'random' needs rng"):
+        select("random", ["a", "b"], 1)
+    with pytest.raises(ValueError, match="features: expected 2 rows"):
+        select("coreset", ["a", "b"], 1, features=np.zeros((3, 2)))
+    assert select(get_strategy("entropy"), ["a", "b"], 1, scores=[0.1, 0.9]).to_pylist() == ["b"]

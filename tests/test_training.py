@@ -1,0 +1,98 @@
+import json
+
+import mlflow
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from jobs import train as train_job
+from orchestrator.config import DataConfig
+from orchestrator.datasets import datasets_for
+from segxal.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from segxal.data.labels import CITYSCAPES
+from segxal.models.unet import UNet, UNetConfig
+from segxal.training import TrainConfig, evaluate, fit
+
+
+@pytest.fixture
+def loaders(synthetic_root):
+    data = DataConfig(root=str(synthetic_root), image_size=(32, 64))
+    train_set, val_set = datasets_for(data)
+    torch.manual_seed(0)
+    return DataLoader(train_set, batch_size=4, shuffle=True), DataLoader(val_set, batch_size=4)
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return UNet(UNetConfig(num_classes=CITYSCAPES.num_classes, width=8, depth=2))
+
+
+def test_fit_learns_and_checkpoints(loaders, tmp_path):
+    train_loader, val_loader = loaders
+    model = tiny_model()
+    before = evaluate(model, val_loader, 19, torch.device("cpu")).pixel_accuracy()
+    history = []
+    metrics = fit(model, train_loader, val_loader, TrainConfig(epochs=4, lr=0.01, device="cpu"),
+                  CITYSCAPES.class_names, checkpoint_dir=tmp_path, on_epoch=lambda e, m: history.append(m))
+    assert len(history) == 4
+    assert history[-1]["train/loss"] < history[0]["train/loss"]
+    assert metrics["val/pixel_accuracy"] > max(before, 0.4)
+    assert 0 < metrics["val/miou"] <= 1 and "val/iou/road" in metrics
+    last = load_checkpoint(tmp_path / "last.pt")
+    assert last["epoch"] == 3
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["metrics"]["val/miou"] == pytest.approx(max(m["val/miou"] for m in history))
+
+
+def test_fit_resumes_from_last_checkpoint(loaders, tmp_path):
+    train_loader, val_loader = loaders
+    fit(tiny_model(), train_loader, val_loader, TrainConfig(epochs=1, device="cpu"), CITYSCAPES.class_names, tmp_path)
+    epochs_run = []
+    fit(tiny_model(), train_loader, val_loader, TrainConfig(epochs=3, device="cpu"), CITYSCAPES.class_names, tmp_path,
+        on_epoch=lambda e, m: epochs_run.append(e))
+    assert epochs_run == [1, 2]
+
+
+def test_checkpoint_errors_name_the_file(tmp_path):
+    with pytest.raises(CheckpointError, match="missing.pt: checkpoint not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    save_checkpoint(tmp_path / "c.pt", {"x": torch.ones(3)})
+    (tmp_path / "c.pt").write_bytes((tmp_path / "c.pt").read_bytes()[:50])
+    with pytest.raises(CheckpointError, match="c.pt: cannot load"):
+        load_checkpoint(tmp_path / "c.pt")
+
+
+class Payload:
+    """Any non-tensor object: unpickling it could run code, so weights_only loading must refuse it."""
+
+
+def test_unsafe_pickle_is_refused(tmp_path):
+    torch.save({"obj": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="evil.pt"):
+        load_checkpoint(tmp_path / "evil.pt")
+
+
+def test_train_job_logs_to_mlflow(synthetic_root, tmp_path, tracking_uri, capsys):
+    metrics = train_job.main([
+        "--config", "jobs/configs/demo.yaml", "--quiet",
+        "--set", f"data.root={synthetic_root}", "--set", "data.image_size=[32, 64]",
+        "--set", "data.synthetic.num_train=12", "--set", "data.synthetic.num_val=4",
+        "--set", "data.synthetic.num_anomaly=4", "--set", "data.synthetic.height=64",
+        "--set", "data.synthetic.width=128", "--set", "data.synthetic.seed=7",
+        "--set", "model.width=4", "--set", "model.depth=2", "--set", "train.epochs=2",
+        "--set", f"output_dir={tmp_path / 'runs'}", "--set", f"tracking.tracking_uri={tracking_uri}",
+    ])
+    assert "validation mIoU:" in capsys.readouterr().out
+    runs = mlflow.search_runs(experiment_names=["segxal-demo"], output_format="list")
+    mlflow.set_tracking_uri(tracking_uri)
+    runs = mlflow.search_runs(experiment_names=["segxal-demo"], output_format="list")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.epochs"] == "2" and run.data.params["model.width"] == "4"
+    assert run.data.metrics["val/miou"] == pytest.approx(metrics["val/miou"])
+    client = mlflow.MlflowClient(tracking_uri)
+    assert len(client.get_metric_history(run.info.run_id, "val/miou")) == 2
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    assert {"metrics.json", "model/best.pt"} <= artifacts
+    assert json.loads((tmp_path / "runs" / "demo" / "metrics.json").read_text())["val/miou"] == metrics["val/miou"]
