@@ -1,0 +1,116 @@
+"""The segmenter's training loop on Ray Train (``TorchTrainer``: DDP across workers).
+
+Rank 0 evaluates on the validation set after every epoch and reports the metrics with a checkpoint;
+Ray keeps the best checkpoints by ``val/miou`` and, with ``max_failures``, restarts failed workers
+from the latest one.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import ray.train
+import ray.train.torch
+import torch
+from torch.utils.data import DataLoader
+
+from orchestrator.config import ScalingConfig
+from segxal.checkpoint import load_checkpoint, save_checkpoint
+from segxal.data.dataset import SampleTransform, SegmentationDataset
+from segxal.data.labels import LABEL_SETS
+from segxal.models.unet import UNet, UNetConfig
+from segxal.training import TrainConfig, evaluate, make_optimizer, train_one_epoch
+
+log = logging.getLogger(__name__)
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class TrainingJob:
+    """Everything a worker needs; pickled to the workers by Ray."""
+
+    train_manifest: pa.Table
+    val_manifest: pa.Table
+    label_set: str
+    unet: UNetConfig
+    train: TrainConfig
+    train_transform: SampleTransform
+    val_transform: SampleTransform
+    seed: int = 0
+    init_checkpoint: str | None = None  # warm start from a best.pt-style file
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    job: TrainingJob = loop_config["job"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(job.seed)
+    label_set = LABEL_SETS[job.label_set]
+    model = UNet(job.unet)
+    if job.init_checkpoint is not None:
+        model.load_state_dict(load_checkpoint(job.init_checkpoint)["model"]["state_dict"])
+    trained_model = ray.train.torch.prepare_model(model)  # moves to the device, wraps in DDP if world > 1
+    optimizer = make_optimizer(model.parameters(), job.train)
+    first_epoch, best_miou = 0, float("-inf")
+    resume = ray.train.get_checkpoint()
+    if resume is not None:
+        with resume.as_directory() as folder:
+            state = load_checkpoint(Path(folder) / CHECKPOINT_FILE, map_location=ray.train.torch.get_device())
+        model.load_state_dict(state["model"]["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        first_epoch, best_miou = state["epoch"] + 1, state["best_miou"]
+    train_set = SegmentationDataset(job.train_manifest, label_set, job.train_transform)
+    loader = DataLoader(train_set, batch_size=job.train.batch_size, shuffle=True,
+                        drop_last=len(train_set) > job.train.batch_size * world,
+                        generator=torch.Generator().manual_seed(job.seed))
+    loader = ray.train.torch.prepare_data_loader(loader)
+    val_loader = DataLoader(SegmentationDataset(job.val_manifest, label_set, job.val_transform), batch_size=job.train.batch_size)
+    device = ray.train.torch.get_device()
+    for epoch in range(first_epoch, job.train.epochs):
+        if world > 1:
+            loader.sampler.set_epoch(epoch)
+        stats = train_one_epoch(trained_model, loader, optimizer, device)
+        metrics = {"epoch": epoch, **{f"train/{k}": v for k, v in stats.items()}}
+        if rank != 0:
+            ray.train.report(metrics)
+            continue
+        # the unwrapped model: DDP's forward would wait for the other ranks
+        metrics.update({f"val/{k}": v for k, v in evaluate(model, val_loader, label_set.num_classes, device).summary(label_set.class_names).items()})
+        best_miou = max(best_miou, metrics["val/miou"])
+        with tempfile.TemporaryDirectory() as folder:
+            save_checkpoint(Path(folder) / CHECKPOINT_FILE, {
+                "model": model.to_checkpoint(), "optimizer": optimizer.state_dict(),
+                "epoch": epoch, "best_miou": best_miou, "metrics": metrics})
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    best_checkpoint: Path  # a checkpoint.pt file (segxal.checkpoint format)
+    best_metrics: dict
+    last_metrics: dict
+
+
+def train_on_ray(job: TrainingJob, scaling: ScalingConfig, storage_path: str | Path, name: str) -> TrainingResult:
+    """Run ``job`` on the connected Ray cluster; checkpoints persist under ``storage_path/name``."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+            resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}),
+        run_config=RunConfig(
+            name=name, storage_path=str(Path(storage_path).resolve()),
+            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val/miou", checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=scaling.max_failures)),
+    )
+    result = trainer.fit()
+    checkpoint, metrics = max(result.best_checkpoints, key=lambda pair: pair[1]["val/miou"])
+    return TrainingResult(Path(checkpoint.path) / CHECKPOINT_FILE, metrics, result.metrics)
