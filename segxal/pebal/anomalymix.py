@@ -42,14 +42,20 @@ class CocoOutliers:
 
     def __init__(self, instances: list[CocoInstance]) -> None:
         if not instances:
-            raise DataError("no COCO instances left after excluding classes; nothing to paste")
+            raise ValueError("CocoOutliers needs at least one instance")
         self.instances = instances
 
     @classmethod
     def from_config(cls, config: AnomalyMixConfig) -> "CocoOutliers":
         root = Path(config.coco_root)
         annotations = config.coco_annotations or root / "annotations" / "instances_train2017.json"
-        return cls(coco_instances(annotations, root, config.excluded_coco_classes, config.min_instance_area))
+        instances = coco_instances(annotations, root, config.excluded_coco_classes, config.min_instance_area)
+        if not instances:
+            raise DataError(
+                f"{annotations}: no instances left after excluding {list(config.excluded_coco_classes)} and "
+                f"areas below {config.min_instance_area}; nothing to paste"
+            )
+        return cls(instances)
 
     def sample(self, rng: np.random.Generator) -> OutlierObject:
         for _ in range(10):  # degenerate polygons can rasterise to nothing; draw another instance

@@ -87,8 +87,9 @@ def coco_instances(
     min_area: float = 0.0,
 ) -> list[CocoInstance]:
     """Non-crowd instances of ``annotations`` whose class is not excluded (by name) and whose ``area``
-    is at least ``min_area``; image files are looked up under ``image_root`` (see module docstring of
-    :class:`segxal.pebal.config.AnomalyMixConfig`)."""
+    is at least ``min_area``. Each image's ``file_name`` is looked up under ``image_root`` directly, then
+    under ``<split>/`` and ``images/<split>/`` with the split from ``instances_<split>.json`` (the COCO
+    and the coco128 layouts)."""
     annotations = Path(annotations)
     root = Path(image_root)
     data = load_instances_json(annotations)

@@ -113,11 +113,8 @@ def _log_class_or_abstain(log_p: torch.Tensor, log_penalty: torch.Tensor) -> tor
     return torch.logaddexp(log_p[:, :-1], log_abstain)
 
 
-def _paper_terms(log_p, energy, penalty, target, inlier, anomaly, config):
+def _paper_terms(log_p, log_class_or_abstain, pal_in, energy, penalty, inlier, anomaly, config):
     count = (inlier | anomaly).sum().clamp(min=1)
-    log_class_or_abstain = _log_class_or_abstain(log_p, penalty.log())
-    safe_target = torch.where(inlier, target, torch.zeros_like(target))
-    pal_in = -log_class_or_abstain.gather(1, safe_target[:, None])[:, 0]
     pal_out = -(log_p[:, -1] + torch.log1p(1.0 / penalty))
     margin_in = torch.relu(energy - config.m_in) ** 2
     margin_out = torch.relu(config.m_out - energy) ** 2
@@ -131,23 +128,19 @@ def _paper_terms(log_p, energy, penalty, target, inlier, anomaly, config):
     }
 
 
-def _reference_terms(log_p, energy, penalty, target, inlier, anomaly, config):
-    log_class_or_abstain = _log_class_or_abstain(log_p, penalty.log())
-    safe_target = torch.where(inlier, target, torch.zeros_like(target))
-    pal_in = -log_class_or_abstain.gather(1, safe_target[:, None])[:, 0]
+def _reference_terms(log_p, log_class_or_abstain, pal_in, energy, penalty, inlier, anomaly, config):
     mixed = anomaly.flatten(1).any(dim=1)[:, None, None]
     pal_inlier = _masked_mean(pal_in, inlier & ~mixed) + _masked_mean(pal_in, inlier & mixed)
     pal_out = -log_class_or_abstain.clamp(min=math.log(REFERENCE_PROB_FLOOR))
     pal_anomaly = config.ood_weight * _masked_mean(pal_out, anomaly[:, None].expand_as(pal_out))
     margin_in = _masked_mean(torch.relu(energy - config.m_in) ** 2, inlier)
-    has_anomaly = bool(anomaly.any())
-    if has_anomaly:
+    if bool(anomaly.any()):
         energy_inlier = config.lam * 0.5 * margin_in
         energy_anomaly = config.lam * 0.5 * _masked_mean(torch.relu(config.m_out - energy) ** 2, anomaly)
         sparsity = config.lam * config.sparsity_weight * torch.linalg.vector_norm(energy[anomaly])
     else:
         energy_inlier = config.lam * margin_in
-        energy_anomaly = sparsity = energy.sum() * 0.0
+        energy_anomaly = sparsity = energy[anomaly].sum()  # no anomaly pixel: 0, on the graph
     squares = _neighbour_differences(energy, inlier | anomaly).pow(2).sum()
     return {
         "pal_inlier": pal_inlier,
@@ -175,10 +168,13 @@ def pebal_loss(logits: torch.Tensor, target: torch.Tensor, config: PebalConfig =
     if config.variant == "reference":
         weight = valid.to(energy.dtype)
         spread = gaussian_blur(weight, *REFERENCE_PENALTY_BLUR).clamp(min=torch.finfo(energy.dtype).tiny)
-        penalty = gaussian_blur(penalty * weight, *REFERENCE_PENALTY_BLUR) / spread
+        penalty = gaussian_blur(torch.where(valid, penalty, 0.0), *REFERENCE_PENALTY_BLUR) / spread
     # void pixels get a = 1 so their (unused) values stay finite and pass no NaN back through the blur
     penalty = torch.where(valid, penalty.clamp(min=config.penalty_min), torch.ones_like(penalty))
+    log_class_or_abstain = _log_class_or_abstain(log_p, penalty.log())
+    safe_target = torch.where(inlier, target, torch.zeros_like(target))
+    pal_in = -log_class_or_abstain.gather(1, safe_target[:, None])[:, 0]  # -log(p_y + p_{Y+1}/a)
     build = _reference_terms if config.variant == "reference" else _paper_terms
-    terms = build(log_p, energy, penalty, target, inlier, anomaly, config)
+    terms = build(log_p, log_class_or_abstain, pal_in, energy, penalty, inlier, anomaly, config)
     terms["total"] = torch.stack(list(terms.values())).sum()
     return terms

@@ -1,0 +1,1 @@
+"""Datasets: manifests (Arrow tables) and torch Datasets over them."""

@@ -1,0 +1,88 @@
+"""A torch Dataset over a manifest: decoded, validated, resized and normalised samples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.utils.data import Dataset
+
+from segxal.data.io import DataError, check_same_size, read_disparity, read_label, read_rgb
+from segxal.data.labels import IGNORE_INDEX, LabelSet
+from segxal.data.transforms import normalize, random_crop_flip, resize_image, resize_nearest, to_tensor
+
+
+@dataclass(frozen=True)
+class SampleTransform:
+    """``size``: (H, W) every sample is resized to (None keeps the file's size); ``crop_size`` and
+    ``flip`` apply only when ``augment`` is on (training)."""
+
+    size: tuple[int, int] | None = None
+    augment: bool = False
+    crop_size: tuple[int, int] | None = None
+
+
+class SegmentationDataset(Dataset):
+    """Items are dicts: ``image`` (3, H, W) float normalised, ``label`` (H, W) int64 train ids with
+    255 = ignore (all-ignore when the manifest has no label), ``depth`` (H, W) float disparity (0 where
+    unknown) when ``load_depth``, ``index`` and ``sample_id``."""
+
+    def __init__(
+        self,
+        manifest: pa.Table,
+        label_set: LabelSet,
+        transform: SampleTransform = SampleTransform(),
+        load_depth: bool = False,
+    ) -> None:
+        self.rows = manifest.select(["sample_id", "image_path", "label_path", "depth_path"]).to_pylist()
+        self.label_set = label_set
+        self.transform = transform
+        self.load_depth = load_depth
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def load_raw(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Decoded (image uint8 HxWx3, train-id label uint8 HxW, disparity float HxW or None), validated."""
+        row = self.rows[index]
+        image = read_rgb(row["image_path"])
+        if row["label_path"] is not None:
+            raw = read_label(row["label_path"])
+            check_same_size(row["image_path"], image.shape[:2], row["label_path"], raw.shape)
+            label = self.label_set.to_train_ids(raw, row["label_path"])
+        else:
+            label = np.full(image.shape[:2], IGNORE_INDEX, dtype=np.uint8)
+        depth = None
+        if self.load_depth:
+            if row["depth_path"] is not None:
+                depth = read_disparity(row["depth_path"])
+                check_same_size(row["image_path"], image.shape[:2], row["depth_path"], depth.shape)
+            else:
+                depth = np.zeros(image.shape[:2], dtype=np.float32)
+        return image, label, depth
+
+    def __getitem__(self, index: int) -> dict:
+        image_np, label_np, depth_np = self.load_raw(index)
+        image = to_tensor(image_np)
+        label = torch.from_numpy(label_np.astype(np.int64))
+        depth = None if depth_np is None else torch.from_numpy(depth_np)
+        if self.transform.size is not None:
+            image = resize_image(image, self.transform.size)
+            label = resize_nearest(label, self.transform.size)
+            depth = None if depth is None else resize_nearest(depth, self.transform.size)
+        if self.transform.augment:
+            image, label, depth = random_crop_flip(image, label, self.transform.crop_size, extra=depth)
+        item = {
+            "image": normalize(image),
+            "label": label,
+            "index": index,
+            "sample_id": self.rows[index]["sample_id"],
+        }
+        if depth is not None:
+            item["depth"] = depth
+        return item
+
+
+__all__ = ["DataError", "SampleTransform", "SegmentationDataset"]
