@@ -5,7 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from orchestrator.gate import check_theta
+from orchestrator.strategies import get_strategy
+from orchestrator.sweep_config import SweepConfig
 from orchestrator.typed_config import load_config
+from segxal.eem.config import EEMConfig
+from segxal.pebal.config import PebalConfig
 from segxal.data.synthetic import SyntheticConfig
 from segxal.training import TrainConfig
 
@@ -52,6 +57,44 @@ class ScalingConfig:
 
 
 @dataclass(frozen=True)
+class ActiveLearningConfig:
+    """The SegXAL cycle. Budgets are a fraction (float) of the training pool or a count (int):
+    ``initial_labelled`` (D^L at the start), ``budget`` (n, images sent to the oracle per cycle) and
+    ``subset`` (D^S, the random share of the unlabelled pool that is scored each cycle)."""
+
+    strategy: str = "eem"
+    oracle: Literal["simulated", "pseudo"] = "simulated"
+    cycles: int = 5
+    initial_labelled: int | float = 0.4
+    budget: int | float = 0.05
+    subset: int | float = 1.0
+    theta: float = 0.5  # Dice gate; 0 turns it off
+    warm_start: bool = True
+    pseudo_confidence: float = 0.9
+    num_scorers: int = 2
+    scorer_cpus: float = 0.5  # reserved per scoring actor; they idle while Ray Train runs
+    scorer_gpus: float = 0.0  # fractional GPUs per scoring actor
+    scorer_batch_size: int = 4
+    panels: int = 4  # EEM panels of selected images logged per cycle
+
+    def __post_init__(self) -> None:
+        get_strategy(self.strategy)
+        check_theta(self.theta)
+        if self.cycles < 0:
+            raise ValueError(f"cycles must be >= 0, got {self.cycles}")
+        for name in ("initial_labelled", "budget", "subset"):
+            value = getattr(self, name)
+            if isinstance(value, float) and not 0.0 < value <= 1.0:
+                raise ValueError(f"{name}: a fraction must be in (0, 1], got {value}")
+            if isinstance(value, int) and value < 1:
+                raise ValueError(f"{name}: a count must be >= 1, got {value}")
+        if self.num_scorers < 1 or self.scorer_batch_size < 1:
+            raise ValueError("num_scorers and scorer_batch_size must be >= 1")
+        if self.scorer_gpus < 0 or self.scorer_cpus <= 0:
+            raise ValueError("scorer_cpus must be > 0 and scorer_gpus >= 0")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "experiment"
     seed: int = 0
@@ -61,7 +104,11 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    al: ActiveLearningConfig = field(default_factory=ActiveLearningConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eem: EEMConfig = field(default_factory=EEMConfig)
+    pebal: PebalConfig = field(default_factory=PebalConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 def load_experiment(path: str | None = None, overrides: list[str] = ()) -> ExperimentConfig:

@@ -17,13 +17,15 @@ MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 
 
 @contextlib.contextmanager
-def experiment_run(tracking_uri: str, experiment: str, run_name: str | None, config: Any) -> Iterator[mlflow.ActiveRun]:
-    """Start (and always end) an MLflow run with the flattened ``config`` logged as params."""
+def experiment_run(tracking_uri: str, experiment: str, run_name: str | None, config: Any,
+                   run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+    """Start (and always end) an MLflow run with the flattened ``config`` logged as params; with
+    ``run_id``, continue that run (a resumed experiment) instead."""
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name=run_name) as run:
-        params = {key: str(value)[:MAX_PARAM_LENGTH] for key, value in flatten(config).items()}
-        mlflow.log_params(params)
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name) as run:
+        if run_id is None:
+            mlflow.log_params({key: str(value)[:MAX_PARAM_LENGTH] for key, value in flatten(config).items()})
         log.info("MLflow run %s in experiment %r at %s", run.info.run_id, experiment, tracking_uri)
         yield run
 

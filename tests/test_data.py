@@ -135,3 +135,12 @@ def test_random_crop_flip_moves_image_label_and_depth_together():
         assert torch.equal(out_image[0].long(), out_label) and torch.equal(out_image[1], out_depth)
     padded_image, padded_label, _ = random_crop_flip(image, label, (8, 8), torch.Generator().manual_seed(0))
     assert (padded_label[6:] == IGNORE_INDEX).all() and (padded_image[:, 6:] == 0).all()
+
+
+@pytest.mark.parametrize("label_set", [CITYSCAPES, CAMVID])
+def test_raw_ids_round_trip(label_set):
+    train_ids = np.array(list(range(label_set.num_classes)) + [IGNORE_INDEX], dtype=np.uint8)
+    raw = label_set.to_raw_ids(train_ids)
+    assert label_set.to_train_ids(raw, "x").tolist() == train_ids.tolist()
+    with pytest.raises(ValueError, match="train ids \\[40\\]"):
+        label_set.to_raw_ids(np.array([40], np.uint8))

@@ -7,12 +7,13 @@ import torch
 from torch import nn
 
 from segxal.data.labels import CITYSCAPES
-from segxal.data.transforms import denormalize, normalize
+from segxal.data.transforms import IMAGENET_MEAN, denormalize
 from segxal.eem.config import EEMConfig
 from segxal.eem.entropy import normalized_entropy
 from segxal.eem.fusion import fuse_eem, image_scores
+from segxal.eem.gradcam import grad_cam
 from segxal.eem.pipeline import score_batch
-from segxal.eem.proximity import depth_informed_image, near_region, otsu_threshold
+from segxal.eem.proximity import depth_informed_image, mask_weight, near_region, otsu_threshold
 from segxal.eem.regions import extract_regions
 from segxal.models.depth import DatasetDepth, GeometricDepth
 from segxal.models.unet import UNet, UNetConfig
@@ -40,14 +41,16 @@ def test_quantile_and_fixed_thresholds():
 
 
 def test_depth_informed_image_hard_and_soft():
-    pixels = torch.rand(1, 3, 4, 5)
-    images = normalize(pixels)
-    proximity = torch.rand(1, 4, 5)
+    images = torch.randn(2, 3, 4, 5)
+    proximity = torch.rand(2, 4, 5)
     near = proximity > 0.5
-    hard = denormalize(depth_informed_image(images, proximity, near, "hard"))
-    soft = denormalize(depth_informed_image(images, proximity, near, "soft"))
-    assert torch.allclose(hard, pixels * near[:, None], atol=1e-6)
-    assert torch.allclose(soft, pixels * proximity[:, None], atol=1e-6)
+    hard = depth_informed_image(images, proximity, near, "hard")
+    soft = depth_informed_image(images, proximity, near, "soft")
+    assert torch.equal(hard[near[:, None].expand_as(hard)], images[near[:, None].expand_as(images)])
+    assert hard[~near[:, None].expand_as(hard)].eq(0).all()  # far pixels: the dataset-mean colour
+    assert torch.allclose(denormalize(hard)[0, :, ~near[0]], torch.tensor(IMAGENET_MEAN)[:, None])
+    assert torch.allclose(soft, images * proximity[:, None])
+    assert torch.equal(mask_weight(proximity, near, "soft"), proximity)
     with pytest.raises(ValueError, match="near"):
         depth_informed_image(images, proximity, near[:, :2], "hard")
 
@@ -138,6 +141,12 @@ def test_score_batch_fuses_maps_and_records():
     assert torch.allclose(result.score, image_scores(maps.eem, "topk", 25.0))
     assert result.near_fraction.tolist() == pytest.approx([6 / 16] * 3)
     assert maps.proxgradcam.amax(dim=(1, 2)).tolist() == pytest.approx([1.0] * 3)
+    assert maps.proxgradcam[~maps.near].eq(0).all()  # gated: removed pixels carry no attribution
+    ungated = score_batch(model, images, EEMConfig(gate_cam=False), DatasetDepth(), depth=disparity, return_maps=True)
+    informed = depth_informed_image(images, maps.proximity, maps.near, "hard")
+    raw = grad_cam(model, informed, "features", maps.prediction, maps.near)
+    assert torch.allclose(ungated.maps.proxgradcam, raw, atol=1e-6)
+    assert torch.allclose(maps.proxgradcam, raw * maps.near / (raw * maps.near).amax((1, 2), keepdim=True), atol=1e-6)
     assert model.training and all(p.grad is None for p in model.parameters())
     records = result.records(["a", "b", "c"])
     assert [r["sample_id"] for r in records] == ["a", "b", "c"]
@@ -167,3 +176,19 @@ def test_panel_is_written(tmp_path):
     with Image.open(path) as png:
         assert png.format == "PNG" and png.size[0] >= 600
         assert np.asarray(png.convert("L")).std() > 5  # not a blank canvas
+
+
+def test_region_map_matches_region_records():
+    from segxal.eem.regions import extract_regions, region_map
+
+    eem = np.zeros((8, 8))
+    eem[1:3, 1:3] = 0.9  # region A, peak 0.9
+    eem[5:8, 4:8] = 0.7  # region B
+    eem[6, 6] = 0.8
+    eem[0, 7] = 0.95  # too small
+    records = extract_regions(eem, np.zeros((8, 8), int), threshold=0.5, min_area=2)
+    mapping = region_map(eem, records, 0.5)
+    assert [r["id"] for r in records] == [1, 2]
+    assert (mapping == 1).sum() == 4 and mapping[1, 1] == 1
+    assert (mapping == 2).sum() == 12 and mapping[6, 6] == 2
+    assert mapping[0, 7] == 0

@@ -35,6 +35,19 @@ class LabelSet:
             raise ValueError(f"{source}: label ids {values} are not in the {self.name} label table")
         return self.raw_to_train[raw]
 
+    def to_raw_ids(self, train_ids: np.ndarray) -> np.ndarray:
+        """Train ids (255 = ignore) -> raw ids of this table, so that a label written in the
+        dataset's own encoding reads back unchanged: the inverse of :meth:`to_train_ids`."""
+        train_to_raw = np.zeros(256, dtype=np.uint8)
+        for raw in reversed(np.flatnonzero(self.raw_valid)):  # the smallest raw id wins
+            train_to_raw[self.raw_to_train[raw]] = raw
+        known = np.zeros(256, dtype=bool)
+        known[self.raw_to_train[self.raw_valid]] = True
+        if not known[train_ids].all():
+            raise ValueError(f"train ids {sorted(set(np.unique(train_ids[~known[train_ids]]).tolist()))[:10]} "
+                             f"are not in the {self.name} label set")
+        return train_to_raw[train_ids]
+
     def colorize(self, train_ids: np.ndarray) -> np.ndarray:
         """(H, W) train ids -> (H, W, 3) uint8 colours; ignore is black."""
         palette = np.zeros((256, 3), dtype=np.uint8)

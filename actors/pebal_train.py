@@ -1,0 +1,266 @@
+"""PEBAL fine-tuning on Ray Train (``TorchTrainer``; DDP across workers when ``scaling.num_workers`` > 1).
+
+Every worker starts from the trained segmenter, adds the abstention channel and freezes all but
+``pebal.trainable`` (:func:`segxal.pebal.model.prepare_pebal_model`; frozen BatchNorm layers keep their
+running statistics through ``model.train()`` and DDP's forward, see ``test_frozen_batchnorm_survives_ray``).
+Per batch: AnomalyMix on the inlier training images (a numpy generator seeded by seed, rank and epoch)
+→ :func:`segxal.pebal.losses.pebal_loss` → :func:`segxal.pebal.losses.check_finite`, which stops the run
+with the step and the batch in the error. Rank 0 evaluates PEBAL's score on the AnomalyMix'd validation
+set after each epoch and reports ``val/ap`` (the objective), ``val/fpr95`` and ``val/auroc`` with a
+checkpoint; Ray keeps the best checkpoints by ``val/ap`` and always the latest, so after a failure the
+last good epoch's checkpoint is the run's latest (:class:`PebalTrainingError` names it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from orchestrator.config import ExperimentConfig, ScalingConfig
+from orchestrator.datasets import datasets_for, label_set_for, manifest_for
+from segxal.checkpoint import load_checkpoint, save_checkpoint
+from segxal.data.dataset import SegmentationDataset
+from segxal.models.unet import UNet
+from segxal.pebal.anomalymix import AnomalyMix
+from segxal.pebal.config import PebalConfig
+from segxal.pebal.evaluate import PEBAL, Method, MixedValidationSet, calibrate_margins, evaluate_anomaly, split_outliers
+from segxal.pebal.losses import TERMS, check_finite, pebal_loss
+from segxal.pebal.model import prepare_pebal_model
+from segxal.training import make_optimizer
+
+log = logging.getLogger(__name__)
+CHECKPOINT_FILE = "checkpoint.pt"
+OBJECTIVE = "val/ap"
+
+
+@dataclass(frozen=True)
+class PebalJob:
+    """Everything a worker needs; pickled to the workers by Ray.
+
+    ``pretrained``: ``UNet.to_checkpoint()`` of the segmenter (shipped in the job, so workers on other
+    nodes need no shared file system); ``pebal``: the settings with the margins already resolved;
+    ``train_set``: inlier training images (labels are train ids); ``val_set``: items with 0/1/255
+    anomaly labels (a :class:`MixedValidationSet`); ``train_outliers``: the AnomalyMix source
+    (``None``: procedural shapes).
+    """
+
+    train_set: Dataset
+    val_set: Dataset
+    pretrained: dict
+    pebal: PebalConfig
+    seed: int = 0
+    train_outliers: object = None
+    eval_batch_size: int = 4
+
+
+def pebal_train_epoch(
+    model: nn.Module,
+    loader: Iterable[dict],
+    optimizer: torch.optim.Optimizer,
+    mixer: AnomalyMix,
+    config: PebalConfig,
+    rng: np.random.Generator,
+    device: torch.device,
+    epoch: int = 0,
+    first_step: int = 0,
+) -> dict[str, float]:
+    """One pass of AnomalyMix + PEBAL loss. Returns mean loss terms (``loss`` = total), ``images_per_s``,
+    ``step_s`` (mean forward-backward-update time, data loading and mixing excluded) and ``steps``.
+
+    Raises :class:`segxal.pebal.losses.NonFiniteLossError` naming the global step and the batch (its
+    index in the epoch and first sample ids) before any update from a non-finite loss.
+    """
+    model.train()  # frozen BatchNorm layers stay in eval mode (forward pre-hook)
+    sums: dict[str, float] = defaultdict(float)
+    images, steps, compute_s, start = 0, 0, 0.0, time.perf_counter()
+    for index, batch in enumerate(loader):
+        step = first_step + index
+        image, label, _ = mixer(batch["image"], batch["label"], rng)
+        tick = time.perf_counter()
+        terms = pebal_loss(model(image.to(device)), label.to(device), config)
+        samples = ", ".join(str(s) for s in batch["sample_id"][:4])
+        check_finite(terms, step, f"{index} of epoch {epoch} (samples {samples})")
+        optimizer.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        compute_s += time.perf_counter() - tick
+        for name, value in terms.items():
+            sums[name] += value.item() * image.shape[0]
+        images += image.shape[0]
+        steps += 1
+    seconds = time.perf_counter() - start
+    stats = {"loss": sums.pop("total", 0.0) / max(images, 1)}
+    stats.update({f"loss/{name}": sums[name] / max(images, 1) for name in TERMS})
+    stats.update({"images_per_s": images / max(seconds, 1e-9), "step_s": compute_s / max(steps, 1), "steps": steps})
+    return stats
+
+
+def validation_metrics(model: nn.Module, job: PebalJob, device: torch.device) -> dict[str, float]:
+    """PEBAL's score (smoothed energy of the abstention model) on ``job.val_set``."""
+    method = Method(PEBAL, PEBAL, "smoothed_energy", abstention=True)
+    result = evaluate_anomaly({PEBAL: model}, job.val_set, "val", (method,),
+                              (job.pebal.smoothing_kernel, job.pebal.smoothing_sigma), device, job.eval_batch_size)
+    return {f"val/{key}": value for key, value in result.metrics[PEBAL].items()}
+
+
+def pebal_loop_per_worker(loop_config: dict) -> None:
+    job: PebalJob = loop_config["job"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(job.seed)
+    device = ray.train.torch.get_device()
+    model = prepare_pebal_model(UNet.from_checkpoint(job.pretrained), job.pebal.trainable)
+    trained_model = ray.train.torch.prepare_model(model)  # moves to the device, wraps in DDP if world > 1
+    optimizer = make_optimizer(model.parameters(), job.pebal.finetune)
+    first_epoch, step, history = 0, 0, []
+    resume = ray.train.get_checkpoint()
+    if resume is not None:
+        with resume.as_directory() as folder:
+            state = load_checkpoint(Path(folder) / CHECKPOINT_FILE, map_location=device)
+        model.load_state_dict(state["model"]["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        first_epoch, step, history = state["epoch"] + 1, state["step"], state["history"]
+    batch_size = job.pebal.finetune.batch_size
+    loader = DataLoader(job.train_set, batch_size=batch_size, shuffle=True,
+                        drop_last=len(job.train_set) > batch_size * world,
+                        generator=torch.Generator().manual_seed(job.seed))
+    loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)  # mixing happens on the CPU
+    mixer = AnomalyMix(job.pebal.anomalymix, model.num_classes - 1, job.train_outliers)
+    for epoch in range(first_epoch, job.pebal.finetune.epochs):
+        if world > 1:
+            loader.sampler.set_epoch(epoch)
+        rng = np.random.default_rng([job.seed, rank, epoch])
+        stats = pebal_train_epoch(trained_model, loader, optimizer, mixer, job.pebal, rng, device, epoch, step)
+        step += stats["steps"]
+        metrics = {"epoch": epoch, **{f"train/{k}": v for k, v in stats.items()}}
+        if rank != 0:
+            ray.train.report(metrics)
+            continue
+        metrics.update(validation_metrics(model, job, device))  # the unwrapped model: no DDP collective
+        history.append(metrics)
+        with tempfile.TemporaryDirectory() as folder:
+            save_checkpoint(Path(folder) / CHECKPOINT_FILE, {
+                "model": model.to_checkpoint(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                "step": step, "metrics": metrics, "history": history, "pebal": dataclasses.asdict(job.pebal)})
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def torch_trainer(loop, loop_config: dict, scaling: ScalingConfig, storage_path: str | Path, name: str,
+                  score_attribute: str, callbacks: Sequence = ()):
+    """A ``TorchTrainer`` for ``loop`` with the project's scaling, keeping the two best checkpoints by
+    ``score_attribute`` (max) and the latest. (The same construction as ``actors.ray_train.train_on_ray``;
+    that module could use this helper.)"""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    return TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+            resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}),
+        run_config=RunConfig(
+            name=name, storage_path=str(Path(storage_path).resolve()), callbacks=list(callbacks),
+            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=score_attribute,
+                                               checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=scaling.max_failures)),
+    )
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    best_checkpoint: Path  # a checkpoint.pt file (segxal.checkpoint format), best val/ap
+    best_metrics: dict
+    history: list[dict]  # rank 0's metrics of every epoch
+
+
+class PebalTrainingError(RuntimeError):
+    """Fine-tuning failed; ``cause`` is the worker's exception and ``last_checkpoint`` the checkpoint.pt
+    of the last epoch that completed (None if none did)."""
+
+    def __init__(self, message: str, cause: BaseException | None, last_checkpoint: Path | None) -> None:
+        super().__init__(message)
+        self.cause = cause
+        self.last_checkpoint = last_checkpoint
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    failures = getattr(error, "worker_failures", None)
+    if failures:
+        error = failures[min(failures)]
+    cause = getattr(error, "cause", None)  # RayTaskError-style wrappers keep the user's exception here
+    return cause if isinstance(cause, BaseException) else error
+
+
+def finetune_on_ray(job: PebalJob, scaling: ScalingConfig, storage_path: str | Path, name: str,
+                    callbacks: Sequence = ()) -> FinetuneResult:
+    """Fine-tune on the connected Ray cluster; checkpoints persist under ``storage_path/name``.
+
+    ``callbacks``: Ray Train callbacks (e.g. Tune's ``TuneReportCallback`` inside a trial).
+    Raises :class:`PebalTrainingError` naming the worker's error and the last good checkpoint.
+    """
+    from ray.train import Result, TrainingFailedError
+
+    trainer = torch_trainer(pebal_loop_per_worker, {"job": job}, scaling, storage_path, name, OBJECTIVE, callbacks)
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as error:
+        cause = _root_cause(error)
+        last = None
+        try:
+            latest = Result.from_path(Path(storage_path).resolve() / name).checkpoint
+            last = None if latest is None else Path(latest.path) / CHECKPOINT_FILE
+        except RuntimeError:  # no checkpoint manager snapshot: the run failed before any report
+            pass
+        where = f"last good checkpoint: {last}" if last else "no epoch completed, no checkpoint"
+        raise PebalTrainingError(f"PEBAL fine-tuning failed: {cause} ({where})", cause, last) from error
+    checkpoint, metrics = max(result.best_checkpoints, key=lambda pair: pair[1][OBJECTIVE])
+    history = load_checkpoint(Path(result.checkpoint.path) / CHECKPOINT_FILE)["history"]
+    return FinetuneResult(Path(checkpoint.path) / CHECKPOINT_FILE, metrics, history)
+
+
+def load_finetuned(path: str | Path) -> UNet:
+    """The fine-tuned (Y+1-output) segmenter of a checkpoint written by :func:`pebal_loop_per_worker`."""
+    return UNet.from_checkpoint(load_checkpoint(path)["model"]).eval()
+
+
+def prepare_pebal_job(config: ExperimentConfig, pretrained: dict, outliers: tuple = (None, None),
+                      progress: bool = False) -> PebalJob:
+    """The fine-tuning job of ``config``: datasets, AnomalyMix'd validation set, resolved margins.
+
+    ``pretrained``: ``UNet.to_checkpoint()`` of the segmenter; ``outliers``: (training, validation)
+    sources from :func:`segxal.pebal.evaluate.split_outliers`. With ``pebal.margin_quantiles`` the margins
+    are calibrated on the pre-trained model's inlier energy over the (un-augmented) training images.
+    """
+    train_set, val_set = datasets_for(config.data, progress=progress)
+    label_set = label_set_for(config.data)
+    model = UNet.from_checkpoint(pretrained)
+    if model.num_classes != label_set.num_classes:
+        raise ValueError(f"the pre-trained segmenter has {model.num_classes} classes, the {label_set.name} "
+                         f"label set of data.dataset {config.data.dataset!r} has {label_set.num_classes}")
+    pebal = config.pebal
+    if pebal.margin_quantiles is not None:
+        manifest = manifest_for(config.data, config.data.train_split, config.data.max_train_images)
+        plain = SegmentationDataset(manifest, label_set, val_set.transform)  # no crop or flip
+        pebal = calibrate_margins(pebal, model, DataLoader(plain, batch_size=pebal.finetune.batch_size))
+        log.info("margins calibrated at quantiles %s of the inlier energy: m_in %.3f, m_out %.3f",
+                 config.pebal.margin_quantiles, pebal.m_in, pebal.m_out)
+    mixed_val = MixedValidationSet(val_set, pebal.anomalymix, label_set.num_classes, config.seed, outliers[1],
+                                   name=f"{label_set.name}_anomalymix_val")
+    return PebalJob(train_set, mixed_val, pretrained, pebal, config.seed, outliers[0])
+

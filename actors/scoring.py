@@ -1,0 +1,185 @@
+"""Pool scoring on Ray: actors that each load the segmenter and the depth model once and score
+shards of D^S, returning ids and scalars (and embeddings for core-set) as Arrow; full maps, prompts
+and panels only for the images sent to the oracle.
+
+``PoolScorer`` is a plain class (tests call it directly); ``ScorerPool`` runs it as Ray actors that
+restart after a crash and retry the shard they were working on, so a pass always scores every id once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from orchestrator.coordinator import file_name
+from orchestrator.oracles import AnnotationRequest
+from orchestrator.strategies import Scorer, StrategySpec, get_strategy
+from segxal.data.dataset import SampleTransform, SegmentationDataset
+from segxal.data.labels import LABEL_SETS
+from segxal.eem.config import EEMConfig
+from segxal.eem.entropy import normalized_entropy
+from segxal.eem.panels import save_panel
+from segxal.eem.pipeline import score_batch
+from segxal.eem.regions import region_map
+from segxal.models.depth import build_depth_backend
+from segxal.models.unet import UNet
+
+log = logging.getLogger(__name__)
+
+
+def strategy_eem(config: EEMConfig, spec: StrategySpec) -> EEMConfig:
+    """The EEM settings a strategy scores and explains with: the ablations zero one term; strategies
+    outside the EEM pipeline still get the full EEM for their prompts."""
+    if spec.scorer in (Scorer.EEM, Scorer.PAE, Scorer.EBU):
+        alpha, beta = spec.eem_weights(config.alpha, config.beta)
+        return dataclasses.replace(config, alpha=alpha, beta=beta)
+    return config
+
+
+class PoolScorer:
+    def __init__(self, eem: EEMConfig, label_set: str, size: tuple[int, int] | None, batch_size: int,
+                 device: str = "auto") -> None:
+        self.eem = eem
+        self.label_set = LABEL_SETS[label_set]
+        self.transform = SampleTransform(size=None if size is None else tuple(size))
+        self.batch_size = batch_size
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                   ("cpu" if device == "auto" else device))
+        self.depth_backend = build_depth_backend(eem.depth, self.device)
+        self.model: UNet | None = None
+
+    def load_model(self, checkpoint: dict) -> None:
+        """``checkpoint``: ``UNet.to_checkpoint()``; sent once per cycle through the object store."""
+        self.model = UNet.from_checkpoint(checkpoint).to(self.device).eval()
+
+    def _batches(self, rows: pa.Table):
+        dataset = SegmentationDataset(rows, self.label_set, self.transform, load_depth=self.eem.depth.backend == "dataset")
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False)
+
+    def score(self, rows: pa.Table, strategy: str) -> pa.Table:
+        """One row per input row: ``sample_id`` and ``score`` (higher = more informative), or
+        ``embedding`` for core-set."""
+        if self.model is None:
+            raise RuntimeError("load_model must be called before score")
+        spec = get_strategy(strategy)
+        config = strategy_eem(self.eem, spec)
+        ids, scores, embeddings = [], [], []
+        for batch in self._batches(rows):
+            images = batch["image"].to(self.device)
+            ids.extend(batch["sample_id"])
+            if spec.scorer is Scorer.EMBEDDING:
+                with torch.no_grad():
+                    embeddings.extend(self.model.embed(images).float().cpu().numpy())
+            elif spec.scorer is Scorer.ENTROPY:
+                with torch.no_grad():
+                    scores.extend(normalized_entropy(self.model(images)).mean(dim=(1, 2)).cpu().tolist())
+            else:
+                depth = batch.get("depth")
+                result = score_batch(self.model, images, config, self.depth_backend,
+                                     None if depth is None else depth.to(self.device))
+                scores.extend(result.score.tolist())
+        columns = {"sample_id": pa.array(ids, pa.string())}
+        if spec.scorer is Scorer.EMBEDDING:
+            columns["embedding"] = pa.array([e.tolist() for e in embeddings], pa.list_(pa.float32()))
+        else:
+            columns["score"] = pa.array(scores, pa.float64())
+        return pa.table(columns)
+
+    def explain(self, rows: pa.Table, strategy: str, panel_dir: str | None = None, panels: int = 0) -> list[AnnotationRequest]:
+        """Full EEM maps, prompts and flip-TTA predictions of the selected images; the first ``panels``
+        also get a PNG panel in ``panel_dir``."""
+        if self.model is None:
+            raise RuntimeError("load_model must be called before explain")
+        config = strategy_eem(self.eem, get_strategy(strategy))
+        requests = []
+        for batch in self._batches(rows):
+            images = batch["image"].to(self.device)
+            depth = batch.get("depth")
+            result = score_batch(self.model, images, config, self.depth_backend,
+                                 None if depth is None else depth.to(self.device), return_maps=True)
+            maps = result.maps
+            with torch.no_grad():
+                probabilities = (F.softmax(self.model(images), 1) + F.softmax(self.model(images.flip(-1)), 1).flip(-1)) / 2
+            confidence, tta_prediction = probabilities.max(1)
+            regions = maps.regions(config, self.label_set.class_names)
+            for i, sample_id in enumerate(batch["sample_id"]):
+                eem = maps.eem[i].cpu()
+                requests.append(AnnotationRequest(
+                    sample_id=sample_id, image_path=rows["image_path"][int(batch["index"][i])].as_py(),
+                    prediction=maps.prediction[i].cpu().numpy().astype(np.uint8),
+                    tta_prediction=tta_prediction[i].cpu().numpy().astype(np.uint8),
+                    tta_confidence=confidence[i].cpu().numpy().astype(np.float32),
+                    region_map=region_map(eem, regions[i], config.region_threshold),
+                    regions=regions[i]))
+                if panel_dir is not None and len(requests) <= panels:
+                    save_panel(Path(panel_dir) / (file_name(sample_id) + ".png"), images[i].cpu(),
+                               maps.prediction[i].cpu(), maps.entropy[i].cpu(), maps.proximity[i].cpu(),
+                               maps.proxgradcam[i].cpu(), eem, regions[i], self.label_set, title=sample_id)
+        return requests
+
+
+def shards(table: pa.Table, count: int) -> list[pa.Table]:
+    """``table`` cut into at most ``count`` contiguous, near-equal, non-empty slices."""
+    count = max(1, min(count, len(table)))
+    bounds = np.linspace(0, len(table), count + 1).astype(int)
+    return [table.slice(start, stop - start) for start, stop in zip(bounds[:-1], bounds[1:]) if stop > start]
+
+
+class ScoringActor(PoolScorer):
+    """A ``PoolScorer`` that (re)loads the model whenever a call brings a version it does not hold,
+    so an actor restarted after a crash picks the current model up again by itself."""
+
+    version: int | None = None
+
+    def _ensure(self, version: int, model_box: list) -> None:
+        if self.version != version:
+            self.load_model(ray.get(model_box[0]))  # boxed so Ray does not copy it into every call
+            self.version = version
+
+    def score_with(self, version: int, model_box: list, rows: pa.Table, strategy: str) -> pa.Table:
+        self._ensure(version, model_box)
+        return self.score(rows, strategy)
+
+    def explain_with(self, version: int, model_box: list, rows: pa.Table, strategy: str, panel_dir: str | None,
+                     panels: int) -> list[AnnotationRequest]:
+        self._ensure(version, model_box)
+        return self.explain(rows, strategy, panel_dir, panels)
+
+
+class ScorerPool:
+    """``num_actors`` restartable scoring actors; a pass splits the rows into shards and gathers one
+    result per shard, in order. A crashed actor restarts and its shard is retried."""
+
+    def __init__(self, num_actors: int, scorer_args: dict, cpus: float = 1.0, gpus: float = 0.0,
+                 shards_per_actor: int = 4) -> None:
+        actor = ray.remote(ScoringActor).options(num_cpus=cpus, num_gpus=gpus, max_restarts=-1, max_task_retries=-1)
+        self.actors = [actor.remote(**scorer_args) for _ in range(num_actors)]
+        self.shards_per_actor = shards_per_actor
+        self.version = 0
+        self.model_box: list = []
+
+    def load_model(self, checkpoint: dict) -> None:
+        self.version += 1
+        self.model_box = [ray.put(checkpoint)]
+
+    def score(self, rows: pa.Table, strategy: str) -> pa.Table:
+        parts = shards(rows, len(self.actors) * self.shards_per_actor)
+        refs = [self.actors[i % len(self.actors)].score_with.remote(self.version, self.model_box, part, strategy)
+                for i, part in enumerate(parts)]
+        return pa.concat_tables(ray.get(refs)) if refs else pa.table({"sample_id": pa.array([], pa.string())})
+
+    def explain(self, rows: pa.Table, strategy: str, panel_dir: str | None, panels: int) -> list[AnnotationRequest]:
+        return ray.get(self.actors[0].explain_with.remote(self.version, self.model_box, rows, strategy, panel_dir, panels))
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)

@@ -1,0 +1,111 @@
+"""SegXAL active learning on Ray, logged to MLflow.
+
+    python -m jobs.al --config jobs/configs/demo.yaml [--set al.strategy=entropy ...]
+    python -m jobs.al --resume runs/demo            # continue an interrupted run
+
+Locally this starts an embedded Ray; under ``ray job submit`` it joins the cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import mlflow
+import yaml
+
+from jobs.common import init_ray, parse_job_args, show_progress
+from orchestrator.config import ExperimentConfig, load_experiment
+from orchestrator.coordinator import Coordinator, cycle_name, snapshot_path
+from orchestrator.datasets import label_set_for, manifest_for
+from orchestrator.loop import Progress, run_cycles
+from orchestrator.oracles import PseudoLabelOracle, SimulatedOracle
+from orchestrator.pool_state import PoolState
+from orchestrator.tracking import experiment_run, log_artifact, log_metrics
+from orchestrator.typed_config import to_dict
+from segxal.data.dataset import SampleTransform, SegmentationDataset
+
+log = logging.getLogger("jobs.al")
+CONFIG_FILE = "config.yaml"
+
+
+def ground_truth_loader(config: ExperimentConfig, manifest, label_set):
+    """For the simulated oracle: sample id -> ground-truth train ids at the scoring resolution."""
+    size = None if config.data.image_size is None else tuple(config.data.image_size)
+    dataset = SegmentationDataset(manifest, label_set, SampleTransform(size=size))
+    index = {sample_id: i for i, sample_id in enumerate(manifest["sample_id"].to_pylist())}
+    return lambda sample_id: dataset[index[sample_id]]["label"].numpy().astype("uint8")
+
+
+def prepare(config: ExperimentConfig, run_dir: Path, progress: Progress, show: bool):
+    """Everything that can fail on bad input, checked before Ray starts: data, pool, budget, oracle."""
+    label_set = label_set_for(config.data)
+    train = manifest_for(config.data, config.data.train_split, config.data.max_train_images, show)
+    val = manifest_for(config.data, config.data.val_split, config.data.max_val_images)
+    if progress.completed_cycle >= 0:
+        state = PoolState.load(snapshot_path(run_dir, progress.completed_cycle))
+    else:
+        state = PoolState.from_manifest(train, config.al.initial_labelled, config.seed, validation=val)
+    coordinator = Coordinator(run_dir, state, config.al, label_set, config.seed)
+    if config.al.oracle == "pseudo":
+        oracle = PseudoLabelOracle(config.al.pseudo_confidence)
+    else:
+        oracle = SimulatedOracle(ground_truth_loader(config, train, label_set))
+    return label_set, coordinator, oracle
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args, config = parse_job_args(__doc__, lambda p: p.add_argument("--resume", metavar="RUN_DIR",
+                                                                    help="continue the run in RUN_DIR"), argv)
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / CONFIG_FILE).is_file():
+            raise SystemExit(f"--resume {run_dir}: no {CONFIG_FILE} there; is it a jobs.al run folder?")
+        config = load_experiment(run_dir / CONFIG_FILE, args.overrides)
+    else:
+        run_dir = Path(config.output_dir) / config.name
+        if (run_dir / "progress.json").is_file():
+            raise SystemExit(f"{run_dir} holds a run already: continue it with --resume {run_dir}, or set another name")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    show = show_progress(config, args)
+    progress = Progress.load(run_dir)
+    label_set, coordinator, oracle = prepare(config, run_dir, progress, show)
+    coordinator.save()
+    init_ray()
+    from actors.al_backend import RayCycleBackend  # imports ray; after the input checks
+
+    backend = RayCycleBackend(config, run_dir, label_set)
+
+    def on_cycle(cycle: int, metrics: dict, artifacts: list[Path]) -> None:
+        log_metrics(metrics, step=cycle)
+        for path in artifacts:
+            log_artifact(path, cycle_name(cycle) + ("/panels" if path.suffix == ".png" else ""))
+
+    bar = None
+    if show:
+        from tqdm import tqdm
+
+        bar = lambda cycles: tqdm(cycles, desc="cycles", unit="cycle")  # noqa: E731
+    tracking = config.tracking
+    try:
+        with experiment_run(tracking.tracking_uri, tracking.experiment,
+                            tracking.run_name or f"al-{config.name}-{config.al.strategy}-{config.al.oracle}",
+                            config, run_id=progress.tracking_run_id) as run:
+            if progress.tracking_run_id is None:
+                progress.tracking_run_id = run.info.run_id
+                progress.save(run_dir)
+                mlflow.set_tags({"strategy": config.al.strategy, "oracle": config.al.oracle,
+                                 "depth_backend": config.eem.depth.backend, "dataset": config.data.dataset})
+            history = run_cycles(coordinator, backend, oracle, progress, config.al.cycles, on_cycle,
+                                 config.al.warm_start, config.al.panels, **({"progress_bar": bar} if bar else {}))
+            log_artifact(progress.checkpoint, "model")
+    finally:
+        backend.shutdown()
+    for cycle, metrics in enumerate(history, start=config.al.cycles + 1 - len(history)):
+        print(f"cycle {cycle}: mIoU {metrics['val/miou']:.4f}  labelled {100 * metrics['pool/labelled_fraction']:.1f} %")
+    return history
+
+
+if __name__ == "__main__":
+    main()

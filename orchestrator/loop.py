@@ -1,0 +1,180 @@
+"""The SegXAL active-learning loop, independent of where the work runs.
+
+Cycle 0 trains on the initial labelled pool. Each later cycle: draw D^S, score it, select the top n,
+explain them (EEM maps, prompts, panels), the oracle re-annotates, the Dice gate updates the pool,
+retrain, evaluate. The pool state is saved after every step; at the end of a cycle it is snapshot and
+``progress.json`` records the cycle, so a resumed run restarts an interrupted cycle from the state it
+began with and, every draw being a function of (seed, cycle), ends as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from orchestrator.coordinator import Coordinator, cycle_dir, cycle_name
+from orchestrator.oracles import AnnotationRequest, Oracle
+from orchestrator.pool_state import LABELLED, UNLABELLED
+from orchestrator.strategies import Scorer
+
+log = logging.getLogger(__name__)
+PROGRESS_FILE = "progress.json"
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    checkpoint: Path  # segxal.checkpoint file with "model" = UNet.to_checkpoint()
+    metrics: dict[str, float]  # validation metrics of that checkpoint: val/miou, val/iou/<class>, ...
+
+
+@dataclass(frozen=True)
+class ScoreOutcome:
+    scores: pa.Table | None  # sample_id, score and/or embedding, one row per candidate
+    labelled_features: np.ndarray | None = None  # core-set: embeddings of the labelled pool
+
+
+class CycleBackend(Protocol):
+    """Where the heavy work runs (Ray actors and Ray Train in ``actors/``; fakes in tests)."""
+
+    def train(self, cycle: int, train: pa.Table, val: pa.Table, init_checkpoint: Path | None) -> TrainOutcome: ...
+
+    def score(self, cycle: int, checkpoint: Path, candidates: pa.Table, labelled: pa.Table | None) -> ScoreOutcome: ...
+
+    def explain(self, cycle: int, checkpoint: Path, selected: pa.Table, panel_dir: Path, panels: int) -> list[AnnotationRequest]: ...
+
+
+@dataclass
+class Progress:
+    """What a resumed run needs: the last completed cycle, its model, the MLflow run."""
+
+    completed_cycle: int = -1
+    checkpoint: str | None = None
+    tracking_run_id: str | None = None
+
+    @classmethod
+    def load(cls, run_dir: Path) -> "Progress":
+        path = run_dir / PROGRESS_FILE
+        return cls(**json.loads(path.read_text())) if path.is_file() else cls()
+
+    def save(self, run_dir: Path) -> None:
+        path = run_dir / PROGRESS_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.__dict__, indent=2))
+        os.replace(tmp, path)
+
+
+class StageTimer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[f"time/{stage}_s"] = time.perf_counter() - start
+
+
+CycleCallback = Callable[[int, dict[str, float], list[Path]], None]
+
+
+def run_cycles(
+    coordinator: Coordinator,
+    backend: CycleBackend,
+    oracle: Oracle,
+    progress: Progress,
+    cycles: int,
+    on_cycle: CycleCallback = lambda cycle, metrics, artifacts: None,
+    warm_start: bool = True,
+    panels: int = 0,
+    progress_bar: Callable[[Iterable[int]], Iterable[int]] = lambda it: it,
+) -> list[dict[str, float]]:
+    """Run cycles ``progress.completed_cycle + 1 .. cycles``; returns each cycle's metrics."""
+    run_dir = coordinator.run_dir
+    history = []
+    for cycle in progress_bar(range(progress.completed_cycle + 1, cycles + 1)):
+        timer = StageTimer()
+        metrics: dict[str, float] = {}
+        artifacts: list[Path] = []
+        previous = None if progress.checkpoint is None else Path(progress.checkpoint)
+        if cycle > 0:
+            metrics.update(query_and_annotate(cycle, coordinator, backend, oracle, previous, timer, panels, artifacts))
+        with timer("train"):
+            outcome = backend.train(cycle, coordinator.training_manifest(), coordinator.validation_manifest(),
+                                    previous if warm_start else None)
+        model_path = cycle_dir(run_dir, cycle) / "model.pt"
+        model_path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(outcome.checkpoint, model_path)
+        state = coordinator.state
+        metrics.update(outcome.metrics)
+        metrics.update({
+            "pool/labelled_fraction": state.labelled_fraction,
+            "pool/labelled": state.count(LABELLED),
+            "pool/unlabelled": state.count(UNLABELLED),
+            "oracle/total_cost": state.total_annotation_cost,
+        })
+        metrics.update(timer.seconds)
+        artifacts.append(coordinator.snapshot(cycle))
+        on_cycle(cycle, metrics, artifacts)
+        progress.completed_cycle, progress.checkpoint = cycle, str(model_path)
+        progress.save(run_dir)
+        log.info("cycle %d: mIoU %.4f, labelled %.1f %%", cycle, metrics.get("val/miou", float("nan")),
+                 100 * state.labelled_fraction)
+        history.append(metrics)
+    return history
+
+
+def query_and_annotate(cycle: int, coordinator: Coordinator, backend: CycleBackend, oracle: Oracle,
+                       checkpoint: Path, timer: StageTimer, panels: int, artifacts: list[Path]) -> dict[str, float]:
+    spec = coordinator.strategy
+    cycle_dir(coordinator.run_dir, cycle).mkdir(parents=True, exist_ok=True)
+    with timer("score"):
+        candidates = coordinator.candidates(cycle)
+        scored = ScoreOutcome(None)
+        if spec.scorer is not Scorer.NONE:
+            labelled = coordinator.training_manifest() if spec.needs_labelled_features else None
+            scored = backend.score(cycle, checkpoint, candidates, labelled)
+            pq.write_table(scored.scores, cycle_dir(coordinator.run_dir, cycle) / "scores.parquet")
+    with timer("select"):
+        selected = coordinator.select(cycle, candidates, scored.scores, scored.labelled_features)
+    panel_dir = coordinator.run_dir / "panels" / cycle_name(cycle)
+    with timer("explain"):
+        requests = backend.explain(cycle, checkpoint, coordinator.unlabelled_manifest(selected), panel_dir, panels)
+    with timer("annotate"):
+        annotations = oracle.annotate(requests)
+    with timer("gate"):
+        decision = coordinator.apply(cycle, requests, annotations, oracle.name)
+    by_id = {a.sample_id: a for a in annotations}
+    accepted = set(decision.accepted)
+    pq.write_table(pa.table({
+        "sample_id": pa.array(selected, pa.string()),
+        "dice": pa.array([dict(zip(decision.accepted + decision.returned, decision.accepted_dice + decision.returned_dice))[i]
+                          for i in selected], pa.float64()),
+        "accepted": pa.array([i in accepted for i in selected]),
+        "cost": pa.array([by_id[i].cost for i in selected], pa.float64()),
+        "pixels": pa.array([by_id[i].pixels for i in selected], pa.int64()),
+    }), cycle_dir(coordinator.run_dir, cycle) / "decisions.parquet")
+    panel_dir.parent.mkdir(parents=True, exist_ok=True)
+    regions_file = coordinator.run_dir / "panels" / f"{cycle_name(cycle)}_regions.json"
+    regions_file.write_text(json.dumps({r.sample_id: r.regions for r in requests}, indent=1))
+    artifacts.extend([regions_file, *sorted(panel_dir.glob("*.png"))])
+    dice = np.array(decision.accepted_dice + decision.returned_dice, dtype=float)
+    return {
+        "gate/selected": len(selected),
+        "gate/accepted": len(decision.accepted),
+        "gate/returned": len(decision.returned),
+        "gate/mean_dice": float(np.nanmean(dice)) if np.isfinite(dice).any() else float("nan"),
+        "oracle/cost": float(sum(a.cost for a in annotations)),
+        "oracle/pixels": float(sum(a.pixels for a in annotations)),
+    }

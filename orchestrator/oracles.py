@@ -1,0 +1,102 @@
+"""Oracles: who re-annotates the images a cycle selects.
+
+- ``pseudo`` (machine): pixel-level pseudolabels from the current model, averaged over a horizontal-flip
+  test-time augmentation; pixels whose confidence is below a threshold are left unlabelled (255).
+- ``simulated`` (benchmarks): an annotator who corrects the model's prediction with the ground truth,
+  object by object, wherever an EEM region points; everything else keeps the prediction. It counts the
+  objects and pixels it corrected. Manual-M / Manual-D are this oracle with ``midas`` / ``dinov2`` depth.
+
+Every oracle returns :class:`Annotation` s in train ids at the scoring resolution.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from segxal.data.labels import IGNORE_INDEX
+
+EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
+@dataclass(frozen=True)
+class AnnotationRequest:
+    """What an oracle sees of one selected image; maps are (H, W) at the scoring resolution."""
+
+    sample_id: str
+    image_path: str
+    prediction: np.ndarray  # uint8 train ids: the model's segmentation (what the Dice gate compares)
+    tta_prediction: np.ndarray  # uint8 train ids under flip test-time augmentation
+    tta_confidence: np.ndarray  # float32 max softmax probability under the augmentation
+    region_map: np.ndarray  # int32 EEM region ids (0 = none), matching ``regions``
+    regions: list[dict]  # JSON records: prompt point, area, mean EEM, dominant class, bbox
+
+
+@dataclass(frozen=True)
+class Annotation:
+    sample_id: str
+    label: np.ndarray  # uint8 train ids, 255 = not annotated
+    cost: float  # human effort in objects corrected (0 for a machine)
+    pixels: int  # pixels labelled or corrected
+
+
+class Oracle(ABC):
+    name: str
+
+    @abstractmethod
+    def annotate(self, requests: Sequence[AnnotationRequest]) -> list[Annotation]: ...
+
+
+class PseudoLabelOracle(Oracle):
+    name = "pseudo"
+
+    def __init__(self, min_confidence: float) -> None:
+        if not 0.0 <= min_confidence <= 1.0:
+            raise ValueError(f"al.pseudo_confidence must be in [0, 1], got {min_confidence}")
+        self.min_confidence = min_confidence
+
+    def annotate(self, requests: Sequence[AnnotationRequest]) -> list[Annotation]:
+        annotations = []
+        for request in requests:
+            label = np.where(request.tta_confidence >= self.min_confidence, request.tta_prediction, IGNORE_INDEX)
+            label = label.astype(np.uint8)
+            annotations.append(Annotation(request.sample_id, label, 0.0, int((label != IGNORE_INDEX).sum())))
+        return annotations
+
+
+def objects_touching(truth: np.ndarray, region: np.ndarray) -> tuple[np.ndarray, int]:
+    """Mask of the ground-truth objects (8-connected areas of one class, void excluded) that overlap
+    ``region``, and their count."""
+    touched = np.zeros(truth.shape, dtype=bool)
+    count = 0
+    for class_id in np.unique(truth[region & (truth != IGNORE_INDEX)]):
+        components, _ = ndimage.label(truth == class_id, structure=EIGHT_CONNECTED)
+        ids = np.unique(components[region & (components > 0)])
+        touched |= np.isin(components, ids)
+        count += len(ids)
+    return touched, count
+
+
+class SimulatedOracle(Oracle):
+    """Ground truth comes from ``load_truth(sample_id)``: (H, W) train ids at the scoring resolution."""
+
+    name = "simulated"
+
+    def __init__(self, load_truth: Callable[[str], np.ndarray]) -> None:
+        self.load_truth = load_truth
+
+    def annotate(self, requests: Sequence[AnnotationRequest]) -> list[Annotation]:
+        annotations = []
+        for request in requests:
+            truth = self.load_truth(request.sample_id)
+            if truth.shape != request.prediction.shape:
+                raise ValueError(f"{request.sample_id}: ground truth {truth.shape} != prediction {request.prediction.shape}")
+            touched, count = objects_touching(truth, request.region_map > 0)
+            label = np.where(touched, truth, request.prediction).astype(np.uint8)
+            corrected = int((label != request.prediction).sum())
+            annotations.append(Annotation(request.sample_id, label, float(count), corrected))
+        return annotations

@@ -1,0 +1,144 @@
+"""The active-learning loop against a fake backend: selection, gate, pool updates, resume."""
+
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from orchestrator.config import ActiveLearningConfig
+from orchestrator.coordinator import Coordinator, snapshot_path
+from orchestrator.loop import Progress, ScoreOutcome, TrainOutcome, run_cycles
+from orchestrator.oracles import AnnotationRequest, SimulatedOracle
+from orchestrator.pool_state import LABELLED, UNLABELLED, PoolState
+from segxal.data.cityscapes import cityscapes_manifest
+from segxal.data.dataset import SampleTransform, SegmentationDataset
+from segxal.data.labels import CITYSCAPES
+from segxal.metrics import mean_dice
+
+SIZE = (16, 32)
+
+
+def score_of(sample_id: str) -> float:
+    return (zlib.crc32(sample_id.encode()) % 4) / 4  # few distinct values: ties are common
+
+
+class FakeBackend:
+    """Predictions are the truth with a stripe of rows wrong, wider for some ids, so Dice varies."""
+
+    def __init__(self, truth, tmp: Path):
+        self.truth, self.tmp = truth, tmp
+        self.trained_on = []
+
+    def train(self, cycle, train, val, init_checkpoint):
+        path = self.tmp / f"fake_{cycle}.pt"
+        torch.save({"cycle": cycle}, path)
+        self.trained_on.append(sorted(train["sample_id"].to_pylist()))
+        return TrainOutcome(path, {"val/miou": len(train) / 100})
+
+    def score(self, cycle, checkpoint, candidates, labelled):
+        ids = candidates["sample_id"].to_pylist()
+        return ScoreOutcome(pa.table({"sample_id": ids, "score": [score_of(i) for i in ids]}))
+
+    def prediction(self, sample_id):
+        truth = self.truth(sample_id)
+        wrong = truth.copy()
+        rows = zlib.crc32(sample_id.encode()) % 5
+        wrong[:rows] = (wrong[:rows] + 1) % 19
+        return wrong
+
+    def explain(self, cycle, checkpoint, selected, panel_dir, panels):
+        return [
+            AnnotationRequest(i, p, self.prediction(i), self.prediction(i), np.ones(SIZE, np.float32),
+                              np.ones(SIZE, np.int32), [{"id": 1}])
+            for i, p in zip(selected["sample_id"].to_pylist(), selected["image_path"].to_pylist())
+        ]
+
+
+@pytest.fixture
+def pool(synthetic_root):
+    train = cityscapes_manifest(synthetic_root, "train")
+    val = cityscapes_manifest(synthetic_root, "val")
+    dataset = SegmentationDataset(train, CITYSCAPES, SampleTransform(size=SIZE))
+    index = {s: i for i, s in enumerate(train["sample_id"].to_pylist())}
+    truth = lambda s: dataset[index[s]]["label"].numpy().astype(np.uint8)  # noqa: E731
+    return PoolState.from_manifest(train, 4, seed=3, validation=val), truth
+
+
+def run(run_dir, state, truth, cycles, al, progress=None):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    coordinator = Coordinator(run_dir, state, al, CITYSCAPES, seed=3)
+    backend = FakeBackend(truth, run_dir)
+    history = run_cycles(coordinator, backend, SimulatedOracle(truth), progress or Progress(), cycles)
+    return coordinator, backend, history
+
+
+def test_cycles_select_top_n_and_gate_by_dice(pool, tmp_path):
+    state, truth = pool
+    al = ActiveLearningConfig(strategy="entropy", budget=3, subset=1.0, theta=0.9)
+    coordinator, backend, history = run(tmp_path, state, truth, 2, al)
+    final = coordinator.state
+    final.check_invariants()
+    table = final.table
+    for cycle in (1, 2):
+        scores = pq.read_table(tmp_path / "cycles" / f"cycle_{cycle:02d}" / "scores.parquet").to_pylist()
+        expected = [r["sample_id"] for r in sorted(scores, key=lambda r: (-r["score"], r["sample_id"]))[:3]]
+        decisions = pq.read_table(tmp_path / "cycles" / f"cycle_{cycle:02d}" / "decisions.parquet").to_pylist()
+        assert [d["sample_id"] for d in decisions] == expected
+        before = PoolState.load(snapshot_path(tmp_path, cycle - 1))
+        after = PoolState.load(snapshot_path(tmp_path, cycle))
+        assert set(expected) <= set(before.ids(UNLABELLED).to_pylist())
+        for decision in decisions:
+            sample_id = decision["sample_id"]
+            dice = mean_dice(torch.from_numpy(backend.prediction(sample_id)), torch.from_numpy(truth(sample_id)), 19)
+            assert decision["dice"] == pytest.approx(dice)
+            assert decision["accepted"] == (dice > 0.9)
+            record = after.record(sample_id)
+            assert record["role"] == (LABELLED if dice > 0.9 else UNLABELLED)
+            if record["role"] == LABELLED:
+                assert record["cycle_labelled"] == cycle
+                relabel = np.asarray(SegmentationDataset(
+                    pa.table({"sample_id": [sample_id], "image_path": [record["image_path"]],
+                              "label_path": [record["label_source"]], "depth_path": [None]}),
+                    CITYSCAPES, SampleTransform(size=SIZE))[0]["label"])
+                assert (relabel == truth(sample_id)).all()  # the accepted re-annotation is what training reads
+            else:
+                assert record["times_returned"] >= 1
+    accepted = sum(h["gate/accepted"] for h in history[1:])
+    assert 0 < accepted < 6  # the fixture's Dice values straddle theta
+    assert history[-1]["pool/labelled"] == 4 + accepted
+    assert backend.trained_on[-1] == sorted(final.ids(LABELLED).to_pylist())
+
+
+def test_theta_zero_accepts_everything(pool, tmp_path):
+    state, truth = pool
+    coordinator, _, history = run(tmp_path, state, truth, 1, ActiveLearningConfig(strategy="entropy", budget=3, theta=0.0))
+    assert history[1]["gate/accepted"] == 3 and coordinator.state.count(LABELLED) == 7
+
+
+def test_resume_after_cycle_one_equals_uninterrupted(pool, tmp_path):
+    state, truth = pool
+    al = ActiveLearningConfig(strategy="random", budget=2, subset=0.75, theta=0.8)
+    straight, _, _ = run(tmp_path / "a", state, truth, 3, al)
+    run(tmp_path / "b", state, truth, 1, al)
+    progress = Progress.load(tmp_path / "b")
+    assert progress.completed_cycle == 1
+    resumed_state = PoolState.load(snapshot_path(tmp_path / "b", 1))
+    resumed, _, history = run(tmp_path / "b", resumed_state, truth, 3, al, progress)
+    assert len(history) == 2  # only cycles 2 and 3 ran again
+
+    def comparable(table, run_dir):
+        paths = [None if p is None else p.replace(str(run_dir), "RUN") for p in table["label_source"].to_pylist()]
+        return table.set_column(table.schema.get_field_index("label_source"), "label_source", pa.array(paths, pa.string()))
+
+    assert comparable(resumed.state.table, tmp_path / "b").equals(comparable(straight.state.table, tmp_path / "a"))
+
+
+def test_budget_larger_than_pool_is_refused_before_work(pool, tmp_path):
+    state, truth = pool
+    with pytest.raises(ValueError, match="al.budget"):
+        Coordinator(tmp_path, state, ActiveLearningConfig(budget=50), CITYSCAPES, seed=0)
