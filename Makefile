@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m jobs.train --config jobs/configs/demo.yaml
+	$(PY) -m jobs.al --config jobs/configs/demo.yaml --set name=demo-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
