@@ -123,6 +123,21 @@ def test_hooks_released_after_an_exception():
         grad_cam(model, images, "nope", prediction, region)
 
 
+def test_exception_after_the_hook_fired_restores_everything(monkeypatch):
+    model = _model()
+    images, prediction, region = _inputs()
+
+    def broken(_x):
+        raise RuntimeError("head exploded")
+
+    monkeypatch.setattr(model.head, "forward", broken)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="head exploded"):
+            grad_cam(model, images, "features", prediction, region)
+        assert not torch.is_grad_enabled()  # the hook turned recording on; it must be off again
+    assert all(not m._forward_hooks for m in model.modules()) and model.training
+
+
 def test_empty_region_gives_zero_map():
     model = _model()
     images, prediction, region = _inputs()

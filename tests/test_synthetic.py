@@ -65,3 +65,13 @@ def test_bad_config():
         SyntheticConfig(height=16)
     with pytest.raises(ValueError, match="num_val"):
         SyntheticConfig(num_val=-1)
+
+
+def test_ego_vehicle_has_unknown_depth(synthetic_root):
+    manifest = cityscapes_manifest(synthetic_root, "train")
+    hoods = 0
+    for label_path, depth_path in zip(manifest["label_path"].to_pylist(), manifest["depth_path"].to_pylist()):
+        hood = read_label(label_path) == 1
+        hoods += hood.any()
+        assert (read_disparity(depth_path)[hood] == 0).all()
+    assert hoods > 0

@@ -21,15 +21,18 @@ def test_layers_by_name_and_embedding():
     assert model.eval().embed(torch.randn(2, 3, 16, 16)).shape == (2, 4 * 2**3)
 
 
-def test_skip_connections_carry_fine_detail():
-    """A single-pixel input change at full resolution reaches the output at that pixel through the skip
-    path even when the bottleneck is far coarser."""
+def test_skip_connections_feed_each_decoder_block():
+    """Each decoder block sees [upsampled deeper features, the encoder output at its resolution]."""
+    torch.manual_seed(0)
     model = UNet(UNetConfig(num_classes=2, width=4, depth=3)).eval()
-    x = torch.zeros(1, 3, 32, 32)
-    y = x.clone()
-    y[0, :, 20, 20] = 5.0
-    diff = (model(y) - model(x)).abs().sum(1)[0]
-    assert diff[20, 20] > 0 and diff[0, 0] == 0
+    seen = {}
+    for level in range(3):
+        model.encoder[level].register_forward_hook(lambda m, i, o, level=level: seen.__setitem__(("enc", level), o))
+        model.decoder[2 - level].register_forward_hook(lambda m, i, o, level=level: seen.__setitem__(("dec", level), i[0]))
+    model(torch.randn(1, 3, 32, 32))
+    for level in range(3):
+        skip = seen[("enc", level)]
+        assert torch.equal(seen[("dec", level)][:, skip.shape[1]:], skip)
 
 
 def test_checkpoint_round_trip_with_weights_only(tmp_path):

@@ -31,6 +31,7 @@ CITY = "synthetic"
 BASELINE_M = 0.209313  # Cityscapes stereo baseline
 SPLITS = ("train", "val", "anomaly")
 MARKER = "synthetic.json"
+GENERATOR_VERSION = 2  # bump when the output changes, so datasets on disk are regenerated
 ID = {name: raw for name, (raw, _) in CITYSCAPES_LABEL_IDS.items()}
 
 
@@ -340,7 +341,9 @@ def _write_scene(root: Path, seed: int, split: str, index: int, height: int, wid
         return
     Image.fromarray(scene.image).save(root / "leftImg8bit" / split / CITY / f"{stem}_leftImg8bit.png")
     Image.fromarray(scene.label_ids).save(root / "gtFine" / split / CITY / f"{stem}_gtFine_labelIds.png")
-    write_disparity(root / "disparity" / split / CITY / f"{stem}_disparity.png", BASELINE_M * scene.camera["intrinsic"]["fx"] / scene.depth)
+    disparity = BASELINE_M * scene.camera["intrinsic"]["fx"] / scene.depth
+    disparity[scene.label_ids == ID["ego vehicle"]] = 0  # unknown, as stereo gives nothing usable on the hood
+    write_disparity(root / "disparity" / split / CITY / f"{stem}_disparity.png", disparity)
     (root / "camera" / split / CITY / f"{stem}_camera.json").write_text(json.dumps(scene.camera))
 
 
@@ -351,7 +354,7 @@ def generate_synthetic(root: str | Path, config: SyntheticConfig = SyntheticConf
     """
     root = Path(root)
     marker = root / MARKER
-    settings = {k: v for k, v in asdict(config).items() if k != "workers"}
+    settings = {"generator_version": GENERATOR_VERSION, **{k: v for k, v in asdict(config).items() if k != "workers"}}
     if marker.is_file() and json.loads(marker.read_text()) == settings:
         return root
     for split in ("train", "val"):

@@ -36,7 +36,8 @@ class DepthConfig:
     ``backend``: ``midas`` (DPT, inverse depth), ``dinov2`` (DPT with a DINOv2 backbone or Depth
     Anything), ``dataset`` (the disparity shipped with the data), ``geometric`` (a ground-plane prior, no
     weights: a fallback). ``checkpoint``: hub id or local folder (None = the backend's default id).
-    ``convention``: what the model outputs; ``auto`` reads it from the checkpoint's config.
+    ``convention``: what the model outputs (midas/dinov2 only); ``auto`` reads it from the checkpoint's
+    config.
     ``input_size``: model input resolution, None = the checkpoint's own ``image_size``. Plain-ViT DPT
     takes an ``input_size`` square; DINOv2 backbones take ``input_size`` on the short side, keeping the
     aspect ratio; both rounded to the patch size. DPT-hybrid only runs at its configured size.
@@ -74,7 +75,10 @@ class EEMConfig:
     ``quantile`` of the image's proximity; ``fixed``: proximity >= ``fixed``). Depth-informed image:
     ``mask`` ``hard`` (image * near) or ``soft`` (image * proximity). Grad-CAM at ``target_layer``
     (None = the model's last decoder block) for the predicted classes inside the near region, either the
-    ``sum`` of their logits over the region or per-class maps combined by ``max``. Image score:
+    ``sum`` of their logits over the region or per-class maps combined by ``max``. ``gate_cam``: multiply
+    the Grad-CAM map by the weight that built the depth-informed image (near mask or proximity) and
+    rescale to max 1: pixels whose input was removed carry no evidence, and Grad-CAM would otherwise
+    give them whatever the masked baseline's features score. Image score:
     ``reduction`` ``mean`` or ``topk`` (mean of the top ``topk_percent`` % pixels). Regions: connected
     areas with EEM >= ``region_threshold`` (an absolute EEM value; the EEM lies in [0, alpha+beta+gamma]) and at least ``min_region_area`` pixels, at most
     ``max_regions`` per image (largest peak first).
@@ -91,6 +95,7 @@ class EEMConfig:
     mask: Literal["hard", "soft"] = "hard"
     target_layer: str | None = None
     target: Literal["sum", "max"] = "sum"
+    gate_cam: bool = True
     reduction: Literal["mean", "topk"] = "mean"
     topk_percent: float = 10.0
     region_threshold: float = 0.5

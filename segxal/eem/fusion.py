@@ -18,6 +18,14 @@ def minmax_per_image(maps: torch.Tensor) -> torch.Tensor:
     return torch.where(span > 0, (maps - low) / span.clamp(min=torch.finfo(maps.dtype).tiny), torch.zeros_like(maps))
 
 
+def unit_max_per_image(maps: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) non-negative maps -> each image divided by its maximum (all-zero images stay 0)."""
+    if maps.dim() != 3:
+        raise ValueError(f"maps must be (B, H, W), got shape {tuple(maps.shape)}")
+    peak = maps.amax(dim=(1, 2), keepdim=True)
+    return torch.where(peak > 0, maps / peak.clamp(min=torch.finfo(maps.dtype).tiny), torch.zeros_like(maps))
+
+
 def fuse_eem(
     proxgradcam: torch.Tensor,
     entropy: torch.Tensor,

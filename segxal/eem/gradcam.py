@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segxal.eem.fusion import unit_max_per_image
+
 
 def resolve_layer(model: nn.Module, layer: str | nn.Module | None) -> nn.Module:
     """The module to explain: given, named (``model.layer(name)`` if the model has it), or the model's
@@ -39,13 +41,9 @@ def resolve_layer(model: nn.Module, layer: str | nn.Module | None) -> nn.Module:
 def input_multiple(model: nn.Module) -> int:
     """Multiple the model pads its input to (bottom/right), so feature maps cover the padded size.
 
-    A model may state it as ``input_multiple``; a U-Net with ``config.depth`` pads to 2**depth.
+    A model states it as ``input_multiple`` (the U-Net does); models without it do not pad.
     """
-    stated = getattr(model, "input_multiple", None)
-    if stated is not None:
-        return int(stated)
-    depth = getattr(getattr(model, "config", None), "depth", None)
-    return 2 ** int(depth) if isinstance(depth, int) else 1
+    return int(getattr(model, "input_multiple", 1))
 
 
 @contextmanager
@@ -87,14 +85,8 @@ def _activation_leaf(module: nn.Module) -> Iterator[dict]:
 def _weighted_map(gradient: torch.Tensor | None, activation: torch.Tensor) -> torch.Tensor:
     if gradient is None:  # the target does not depend on this layer
         return torch.zeros(activation.shape[0], *activation.shape[2:], device=activation.device)
-    weights = gradient.mean(dim=(2, 3), keepdim=True)
-    return F.relu((weights * activation).sum(dim=1)).float()
-
-
-def _unit_max(cam: torch.Tensor) -> torch.Tensor:
-    """Each (h, w) map of a (B, h, w) batch divided by its maximum (all-zero maps stay zero)."""
-    peak = cam.amax(dim=(1, 2), keepdim=True)
-    return torch.where(peak > 0, cam / peak.clamp(min=1e-12), torch.zeros_like(cam))
+    weights = gradient.mean(dim=(2, 3))
+    return F.relu(torch.einsum("bk,bkhw->bhw", weights, activation)).float()
 
 
 def _to_image(cam: torch.Tensor, size: tuple[int, int], multiple: int) -> torch.Tensor:
@@ -103,7 +95,7 @@ def _to_image(cam: torch.Tensor, size: tuple[int, int], multiple: int) -> torch.
     padded = (-(-height // multiple) * multiple, -(-width // multiple) * multiple)
     if tuple(cam.shape[-2:]) != padded:
         cam = F.interpolate(cam[:, None], size=padded, mode="bilinear", align_corners=False)[:, 0]
-    return _unit_max(cam[:, :height, :width].clamp(min=0))
+    return unit_max_per_image(cam[:, :height, :width].clamp(min=0))
 
 
 def grad_cam(
@@ -144,23 +136,25 @@ def grad_cam(
                 raise ValueError(f"model logits {tuple(logits.shape)} are not at the image size {size}")
             if prediction is None:
                 prediction = logits.detach().argmax(dim=1)
-            weights = F.one_hot(prediction.long(), logits.shape[1]).permute(0, 3, 1, 2).to(logits.dtype)
-            if region is not None:
-                weights = weights * region.to(logits.dtype)[:, None]
+            # each pixel's predicted-class logit, weighted by the region (no (B, C, H, W) one-hot)
+            picked = logits.gather(1, prediction.long()[:, None])[:, 0]
+            weight = torch.ones_like(picked) if region is None else region.to(picked.dtype)
             if target == "sum":
-                (gradient,) = torch.autograd.grad((logits * weights).sum(), activation, allow_unused=True)
+                (gradient,) = torch.autograd.grad((picked * weight).sum(), activation, allow_unused=True)
                 cam = _weighted_map(gradient, activation.detach())
             else:
-                present = weights.sum(dim=(2, 3)) > 0  # (B, C)
+                counts = torch.zeros(batch, logits.shape[1], device=picked.device, dtype=picked.dtype)
+                present = counts.scatter_add_(1, prediction.long().flatten(1), weight.detach().flatten(1)) > 0
                 rank = present.long().cumsum(dim=1) - 1
-                slots = int(present.sum(dim=1).max())
+                slots = int(present.sum(dim=1).max()) if batch else 0
                 cam = torch.zeros(batch, *activation.shape[2:], device=images.device)
                 for slot in range(slots):  # slot s explains the s-th present class of every image
-                    chosen = (present & (rank == slot)).to(logits.dtype)[:, :, None, None]
-                    score = (logits * weights * chosen).sum()
-                    (gradient,) = torch.autograd.grad(score, activation, retain_graph=slot < slots - 1,
-                                                      allow_unused=True)
-                    cam = torch.maximum(cam, _unit_max(_weighted_map(gradient, activation.detach())))
+                    chosen = present & (rank == slot)  # (B, C): at most one class per image
+                    label = torch.where(chosen.any(dim=1), chosen.long().argmax(dim=1), -1)
+                    selected = (prediction == label[:, None, None]).to(picked.dtype)
+                    (gradient,) = torch.autograd.grad((picked * weight * selected).sum(), activation,
+                                                      retain_graph=slot < slots - 1, allow_unused=True)
+                    cam = torch.maximum(cam, unit_max_per_image(_weighted_map(gradient, activation.detach())))
     finally:
         torch.set_grad_enabled(grad_enabled)
     return _to_image(cam, size, input_multiple(model)).to(images.dtype)

@@ -11,9 +11,9 @@ from torch import nn
 
 from segxal.eem.config import EEMConfig
 from segxal.eem.entropy import normalized_entropy
-from segxal.eem.fusion import fuse_eem, image_scores
+from segxal.eem.fusion import fuse_eem, image_scores, unit_max_per_image
 from segxal.eem.gradcam import eval_mode, grad_cam
-from segxal.eem.proximity import depth_informed_image, near_region
+from segxal.eem.proximity import depth_informed_image, mask_weight, near_region
 from segxal.eem.regions import extract_regions
 
 if TYPE_CHECKING:
@@ -98,6 +98,8 @@ def score_batch(
     if explain:
         informed = depth_informed_image(images, proximity, near, config.mask)
         proxgradcam = grad_cam(model, informed, config.target_layer, prediction, near, config.target)
+        if config.gate_cam:
+            proxgradcam = unit_max_per_image(proxgradcam * mask_weight(proximity, near, config.mask))
     else:
         proxgradcam = torch.zeros_like(entropy)
     eem = fuse_eem(proxgradcam, entropy, config.alpha, config.beta, config.gamma, anomaly)

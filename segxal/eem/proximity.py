@@ -62,6 +62,17 @@ def near_region(
     raise ValueError(f"threshold method must be otsu, quantile or fixed, got {method!r}")
 
 
+def mask_weight(proximity: torch.Tensor, near: torch.Tensor, mode: Literal["hard", "soft"] = "hard") -> torch.Tensor:
+    """(B, H, W) float weight of the depth-informed image: the near mask (``hard``) or the proximity."""
+    if proximity.shape != near.shape:
+        raise ValueError(f"near shape {tuple(near.shape)} does not match proximity {tuple(proximity.shape)}")
+    if mode == "hard":
+        return near.to(proximity.dtype)
+    if mode == "soft":
+        return proximity
+    raise ValueError(f"mask mode must be hard or soft, got {mode!r}")
+
+
 def depth_informed_image(
     images: torch.Tensor,
     proximity: torch.Tensor,
@@ -77,13 +88,6 @@ def depth_informed_image(
     """
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
-    for name, maps in (("proximity", proximity), ("near", near)):
-        if maps.shape != (images.shape[0], *images.shape[-2:]):
-            raise ValueError(f"{name} shape {tuple(maps.shape)} does not match images {tuple(images.shape)}")
-    if mode == "hard":
-        weight = near.to(images.dtype)
-    elif mode == "soft":
-        weight = proximity.to(images.dtype)
-    else:
-        raise ValueError(f"mask mode must be hard or soft, got {mode!r}")
-    return images * weight[:, None]
+    if proximity.shape != (images.shape[0], *images.shape[-2:]):
+        raise ValueError(f"proximity shape {tuple(proximity.shape)} does not match images {tuple(images.shape)}")
+    return images * mask_weight(proximity, near, mode).to(images.dtype)[:, None]

@@ -66,6 +66,11 @@ class UNet(nn.Module):
         return self.config.num_classes
 
     @property
+    def input_multiple(self) -> int:
+        """Inputs are padded (bottom/right) to a multiple of this before the encoder."""
+        return 2**self.config.depth
+
+    @property
     def last_decoder_layer(self) -> str:
         """Name of the last full-resolution feature block (the default Grad-CAM target)."""
         return f"decoder.{self.config.depth - 1}"
@@ -79,7 +84,7 @@ class UNet(nn.Module):
             raise KeyError(f"UNet has no layer {name!r}; top-level layers: {names}") from error
 
     def _padded(self, x: torch.Tensor) -> torch.Tensor:
-        multiple = 2**self.config.depth
+        multiple = self.input_multiple
         pad_h = (-x.shape[-2]) % multiple
         pad_w = (-x.shape[-1]) % multiple
         if pad_h == 0 and pad_w == 0:
