@@ -82,7 +82,6 @@ class RayCycleBackend:
 
     def explain(self, cycle: int, checkpoint: Path, selected: pa.Table, panel_dir: Path, panels: int) -> list[AnnotationRequest]:
         self._load(checkpoint)
-        panel_dir.mkdir(parents=True, exist_ok=True)
         return self.scorers.explain(selected, self.config.al.strategy, str(panel_dir), panels)
 
     def shutdown(self) -> None:

@@ -46,12 +46,11 @@ def prepare(config: ExperimentConfig, run_dir: Path, progress: Progress, show: b
         state = PoolState.load(snapshot_path(run_dir, progress.completed_cycle))
     else:
         state = PoolState.from_manifest(train, config.al.initial_labelled, config.seed, validation=val)
-    coordinator = Coordinator(run_dir, state, config.al, label_set, config.seed)
     if config.al.oracle == "pseudo":
         oracle = PseudoLabelOracle(config.al.pseudo_confidence)
     else:
         oracle = SimulatedOracle(ground_truth_loader(config, train, label_set))
-    return label_set, coordinator, oracle
+    return label_set, Coordinator(run_dir, state, config.al, label_set, config.seed, oracle)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -70,12 +69,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
     show = show_progress(config, args)
     progress = Progress.load(run_dir)
-    label_set, coordinator, oracle = prepare(config, run_dir, progress, show)
-    coordinator.save()
+    label_set, local = prepare(config, run_dir, progress, show)
+    local.save()
     init_ray()
     from actors.al_backend import RayCycleBackend  # imports ray; after the input checks
+    from actors.coordinator import start_coordinator
 
     backend = RayCycleBackend(config, run_dir, label_set)
+    coordinator = start_coordinator(run_dir, local.state, config.al, label_set, config.seed, local.oracle)
 
     def on_cycle(cycle: int, metrics: dict, artifacts: list[Path]) -> None:
         log_metrics(metrics, step=cycle)
@@ -97,11 +98,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 progress.save(run_dir)
                 mlflow.set_tags({"strategy": config.al.strategy, "oracle": config.al.oracle,
                                  "depth_backend": config.eem.depth.backend, "dataset": config.data.dataset})
-            history = run_cycles(coordinator, backend, oracle, progress, config.al.cycles, on_cycle,
+            history = run_cycles(coordinator, backend, local.strategy, run_dir, progress, config.al.cycles, on_cycle,
                                  config.al.warm_start, config.al.panels, **({"progress_bar": bar} if bar else {}))
             log_artifact(progress.checkpoint, "model")
     finally:
         backend.shutdown()
+        coordinator.shutdown()
     for cycle, metrics in enumerate(history, start=config.al.cycles + 1 - len(history)):
         print(f"cycle {cycle}: mIoU {metrics['val/miou']:.4f}  labelled {100 * metrics['pool/labelled_fraction']:.1f} %")
     return history

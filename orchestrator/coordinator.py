@@ -1,5 +1,6 @@
-"""The coordinator: the single writer of the pool state. It draws D^S, selects, applies the oracle's
-annotations through the Dice gate and persists the state after every step."""
+"""The coordinator: the single writer of the pool state. It draws D^S, selects, calls the oracle, applies
+the Dice gate and persists the state after every step. A plain class; on Ray it runs as an actor
+(``actors/coordinator.py``) and the loop talks to it through its methods only."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from orchestrator.config import ActiveLearningConfig
-from orchestrator.gate import GateDecision, dice_gate, dice_per_image
-from orchestrator.oracles import Annotation, AnnotationRequest
+from orchestrator.gate import dice_gate, dice_per_image
+from orchestrator.oracles import AnnotationRequest, Oracle
 from orchestrator.pool_state import LABELLED, UNLABELLED, VALIDATION, PoolState
 from orchestrator.strategies import budget_count, cycle_rng, draw_subset, get_strategy, select
 from segxal.data.io import image_size
@@ -47,9 +48,11 @@ def annotation_file(run_dir: Path, cycle: int, sample_id: str) -> Path:
 
 
 class Coordinator:
-    def __init__(self, run_dir: str | Path, state: PoolState, al: ActiveLearningConfig, label_set: LabelSet, seed: int) -> None:
+    def __init__(self, run_dir: str | Path, state: PoolState, al: ActiveLearningConfig, label_set: LabelSet, seed: int,
+                 oracle: Oracle | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.state = state
+        self.oracle = oracle
         self.al = al
         self.label_set = label_set
         self.seed = seed
@@ -66,6 +69,8 @@ class Coordinator:
         if ids is not None:
             mask = pc.and_(mask, pc.is_in(table["sample_id"], pa.array(list(ids), pa.string())))
         rows = table.filter(mask)
+        if ids is not None:  # in the order asked for (a selection's rank)
+            rows = rows.take(pc.index_in(pa.array(list(ids), pa.string()), rows["sample_id"]))
         label = rows["label_source"] if role == LABELLED else rows["label_path"]
         return pa.table({"sample_id": rows["sample_id"], "image_path": rows["image_path"],
                          "label_path": label, "depth_path": rows["depth_path"]})
@@ -105,13 +110,26 @@ class Coordinator:
                         rng=cycle_rng(self.seed, cycle, "random"))
         return chosen.to_pylist()
 
-    def apply(self, cycle: int, requests: Sequence[AnnotationRequest], annotations: Sequence[Annotation],
-              oracle: str) -> GateDecision:
-        """Dice of each re-annotation against the model's segmentation, the gate, and the state update."""
+    def pool_metrics(self) -> dict[str, float]:
+        return {
+            "pool/labelled_fraction": self.state.labelled_fraction,
+            "pool/labelled": self.state.count(LABELLED),
+            "pool/unlabelled": self.state.count(UNLABELLED),
+            "oracle/total_cost": self.state.total_annotation_cost,
+        }
+
+    def annotate(self, cycle: int, requests: Sequence[AnnotationRequest]) -> pa.Table:
+        """The oracle re-annotates the selected images; the Dice of each re-annotation against the model's
+        segmentation goes through the gate; the state is updated and saved. Returns the cycle's decisions
+        (sample_id, dice, accepted, cost, pixels), in the order of ``requests``."""
+        if self.oracle is None:
+            raise RuntimeError("the coordinator was built without an oracle")
+        annotations = self.oracle.annotate(requests)
         by_id = {a.sample_id: a for a in annotations}
         if sorted(by_id) != sorted(r.sample_id for r in requests):
             raise ValueError(f"cycle {cycle}: the oracle annotated {sorted(by_id)}, expected {sorted(r.sample_id for r in requests)}")
         ids = [r.sample_id for r in requests]
+        oracle = self.oracle.name
         dice = dice_per_image(ids, [r.prediction for r in requests], [by_id[i].label for i in ids],
                               self.label_set.num_classes)
         decision = dice_gate(ids, dice, self.al.theta)
@@ -124,7 +142,14 @@ class Coordinator:
             self.state = self.state.return_to_pool(list(decision.returned), cycle, oracle, list(decision.returned_dice),
                                                    [cost[i] for i in decision.returned])
         self.save()
-        return decision
+        dice_of = dict(zip(decision.accepted + decision.returned, decision.accepted_dice + decision.returned_dice))
+        return pa.table({
+            "sample_id": pa.array(ids, pa.string()),
+            "dice": pa.array([dice_of[i] for i in ids], pa.float64()),
+            "accepted": pa.array([i in set(decision.accepted) for i in ids]),
+            "cost": pa.array([cost[i] for i in ids], pa.float64()),
+            "pixels": pa.array([by_id[i].pixels for i in ids], pa.int64()),
+        })
 
     def _write_annotation(self, cycle: int, sample_id: str, label: np.ndarray) -> Path:
         """The re-annotation in the dataset's own label encoding at the image's native size, so the

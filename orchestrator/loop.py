@@ -22,12 +22,12 @@ from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from orchestrator.coordinator import Coordinator, cycle_dir, cycle_name
-from orchestrator.oracles import AnnotationRequest, Oracle
-from orchestrator.pool_state import LABELLED, UNLABELLED
-from orchestrator.strategies import Scorer
+from orchestrator.oracles import AnnotationRequest
+from orchestrator.strategies import Scorer, StrategySpec
 
 log = logging.getLogger(__name__)
 PROGRESS_FILE = "progress.json"
@@ -92,7 +92,8 @@ CycleCallback = Callable[[int, dict[str, float], list[Path]], None]
 def run_cycles(
     coordinator: Coordinator,
     backend: CycleBackend,
-    oracle: Oracle,
+    strategy: StrategySpec,
+    run_dir: Path,
     progress: Progress,
     cycles: int,
     on_cycle: CycleCallback = lambda cycle, metrics, artifacts: None,
@@ -100,8 +101,10 @@ def run_cycles(
     panels: int = 0,
     progress_bar: Callable[[Iterable[int]], Iterable[int]] = lambda it: it,
 ) -> list[dict[str, float]]:
-    """Run cycles ``progress.completed_cycle + 1 .. cycles``; returns each cycle's metrics."""
-    run_dir = coordinator.run_dir
+    """Run cycles ``progress.completed_cycle + 1 .. cycles``; returns each cycle's metrics.
+
+    ``coordinator``: a :class:`Coordinator` or a handle with the same methods (a Ray actor's proxy)."""
+    run_dir = Path(run_dir)
     history = []
     for cycle in progress_bar(range(progress.completed_cycle + 1, cycles + 1)):
         timer = StageTimer()
@@ -109,72 +112,57 @@ def run_cycles(
         artifacts: list[Path] = []
         previous = None if progress.checkpoint is None else Path(progress.checkpoint)
         if cycle > 0:
-            metrics.update(query_and_annotate(cycle, coordinator, backend, oracle, previous, timer, panels, artifacts))
+            metrics.update(query_and_annotate(cycle, coordinator, backend, strategy, run_dir, previous, timer, panels,
+                                              artifacts))
         with timer("train"):
             outcome = backend.train(cycle, coordinator.training_manifest(), coordinator.validation_manifest(),
                                     previous if warm_start else None)
         model_path = cycle_dir(run_dir, cycle) / "model.pt"
         model_path.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(outcome.checkpoint, model_path)
-        state = coordinator.state
         metrics.update(outcome.metrics)
-        metrics.update({
-            "pool/labelled_fraction": state.labelled_fraction,
-            "pool/labelled": state.count(LABELLED),
-            "pool/unlabelled": state.count(UNLABELLED),
-            "oracle/total_cost": state.total_annotation_cost,
-        })
+        metrics.update(coordinator.pool_metrics())
         metrics.update(timer.seconds)
         artifacts.append(coordinator.snapshot(cycle))
         on_cycle(cycle, metrics, artifacts)
         progress.completed_cycle, progress.checkpoint = cycle, str(model_path)
         progress.save(run_dir)
         log.info("cycle %d: mIoU %.4f, labelled %.1f %%", cycle, metrics.get("val/miou", float("nan")),
-                 100 * state.labelled_fraction)
+                 100 * metrics["pool/labelled_fraction"])
         history.append(metrics)
     return history
 
 
-def query_and_annotate(cycle: int, coordinator: Coordinator, backend: CycleBackend, oracle: Oracle,
+def query_and_annotate(cycle: int, coordinator: Coordinator, backend: CycleBackend, spec: StrategySpec, run_dir: Path,
                        checkpoint: Path, timer: StageTimer, panels: int, artifacts: list[Path]) -> dict[str, float]:
-    spec = coordinator.strategy
-    cycle_dir(coordinator.run_dir, cycle).mkdir(parents=True, exist_ok=True)
+    folder = cycle_dir(run_dir, cycle)
+    folder.mkdir(parents=True, exist_ok=True)
     with timer("score"):
         candidates = coordinator.candidates(cycle)
         scored = ScoreOutcome(None)
         if spec.scorer is not Scorer.NONE:
             labelled = coordinator.training_manifest() if spec.needs_labelled_features else None
             scored = backend.score(cycle, checkpoint, candidates, labelled)
-            pq.write_table(scored.scores, cycle_dir(coordinator.run_dir, cycle) / "scores.parquet")
+            pq.write_table(scored.scores, folder / "scores.parquet")
     with timer("select"):
         selected = coordinator.select(cycle, candidates, scored.scores, scored.labelled_features)
-    panel_dir = coordinator.run_dir / "panels" / cycle_name(cycle)
+    panel_dir = run_dir / "panels" / cycle_name(cycle)
+    panel_dir.mkdir(parents=True, exist_ok=True)
     with timer("explain"):
         requests = backend.explain(cycle, checkpoint, coordinator.unlabelled_manifest(selected), panel_dir, panels)
     with timer("annotate"):
-        annotations = oracle.annotate(requests)
-    with timer("gate"):
-        decision = coordinator.apply(cycle, requests, annotations, oracle.name)
-    by_id = {a.sample_id: a for a in annotations}
-    accepted = set(decision.accepted)
-    pq.write_table(pa.table({
-        "sample_id": pa.array(selected, pa.string()),
-        "dice": pa.array([dict(zip(decision.accepted + decision.returned, decision.accepted_dice + decision.returned_dice))[i]
-                          for i in selected], pa.float64()),
-        "accepted": pa.array([i in accepted for i in selected]),
-        "cost": pa.array([by_id[i].cost for i in selected], pa.float64()),
-        "pixels": pa.array([by_id[i].pixels for i in selected], pa.int64()),
-    }), cycle_dir(coordinator.run_dir, cycle) / "decisions.parquet")
-    panel_dir.parent.mkdir(parents=True, exist_ok=True)
-    regions_file = coordinator.run_dir / "panels" / f"{cycle_name(cycle)}_regions.json"
+        decisions = coordinator.annotate(cycle, requests)
+    pq.write_table(decisions, folder / "decisions.parquet")
+    regions_file = run_dir / "panels" / f"{cycle_name(cycle)}_regions.json"
     regions_file.write_text(json.dumps({r.sample_id: r.regions for r in requests}, indent=1))
     artifacts.extend([regions_file, *sorted(panel_dir.glob("*.png"))])
-    dice = np.array(decision.accepted_dice + decision.returned_dice, dtype=float)
+    accepted = decisions["accepted"].to_numpy(zero_copy_only=False)
+    dice = decisions["dice"].to_numpy(zero_copy_only=False)
     return {
         "gate/selected": len(selected),
-        "gate/accepted": len(decision.accepted),
-        "gate/returned": len(decision.returned),
+        "gate/accepted": int(accepted.sum()),
+        "gate/returned": int((~accepted).sum()),
         "gate/mean_dice": float(np.nanmean(dice)) if np.isfinite(dice).any() else float("nan"),
-        "oracle/cost": float(sum(a.cost for a in annotations)),
-        "oracle/pixels": float(sum(a.pixels for a in annotations)),
+        "oracle/cost": float(pc.sum(decisions["cost"]).as_py() or 0.0),
+        "oracle/pixels": float(pc.sum(decisions["pixels"]).as_py() or 0),
     }

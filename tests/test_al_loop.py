@@ -15,6 +15,7 @@ from orchestrator.coordinator import Coordinator, snapshot_path
 from orchestrator.loop import Progress, ScoreOutcome, TrainOutcome, run_cycles
 from orchestrator.oracles import AnnotationRequest, SimulatedOracle
 from orchestrator.pool_state import LABELLED, UNLABELLED, PoolState
+from orchestrator.strategies import get_strategy
 from segxal.data.cityscapes import cityscapes_manifest
 from segxal.data.dataset import SampleTransform, SegmentationDataset
 from segxal.data.labels import CITYSCAPES
@@ -71,9 +72,9 @@ def pool(synthetic_root):
 
 def run(run_dir, state, truth, cycles, al, progress=None):
     run_dir.mkdir(parents=True, exist_ok=True)
-    coordinator = Coordinator(run_dir, state, al, CITYSCAPES, seed=3)
+    coordinator = Coordinator(run_dir, state, al, CITYSCAPES, seed=3, oracle=SimulatedOracle(truth))
     backend = FakeBackend(truth, run_dir)
-    history = run_cycles(coordinator, backend, SimulatedOracle(truth), progress or Progress(), cycles)
+    history = run_cycles(coordinator, backend, get_strategy(al.strategy), run_dir, progress or Progress(), cycles)
     return coordinator, backend, history
 
 
