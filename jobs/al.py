@@ -69,7 +69,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
     show = show_progress(config, args)
     progress = Progress.load(run_dir)
-    label_set, local = prepare(config, run_dir, progress, show)
+    try:
+        label_set, local = prepare(config, run_dir, progress, show)
+    except ValueError as error:  # bad data, pool or budget: nothing has started yet
+        raise SystemExit(f"error: {error}") from error
     local.save()
     init_ray()
     from actors.al_backend import RayCycleBackend  # imports ray; after the input checks
