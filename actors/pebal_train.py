@@ -1,8 +1,9 @@
 """PEBAL fine-tuning on Ray Train (``TorchTrainer``; DDP across workers when ``scaling.num_workers`` > 1).
 
 Every worker starts from the trained segmenter, adds the abstention channel and freezes all but
-``pebal.trainable`` (:func:`segxal.pebal.model.prepare_pebal_model`; frozen BatchNorm layers keep their
-running statistics through ``model.train()`` and DDP's forward, see ``test_frozen_batchnorm_survives_ray``).
+``pebal.trainable`` (:func:`segxal.pebal.model.prepare_pebal_model`: its forward pre-hooks keep frozen
+BatchNorm layers in eval mode through ``model.train()`` and Ray's ``prepare_model``, whose DDP wrapper
+calls the same module forward; tests/test_pebal_train.py checks the statistics after a Ray run).
 Per batch: AnomalyMix on the inlier training images (a numpy generator seeded by seed, rank and epoch)
 → :func:`segxal.pebal.losses.pebal_loss` → :func:`segxal.pebal.losses.check_finite`, which stops the run
 with the step and the batch in the error. Rank 0 evaluates PEBAL's score on the AnomalyMix'd validation
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from actors.ray_train import torch_trainer
 from orchestrator.config import ExperimentConfig, ScalingConfig
 from orchestrator.datasets import datasets_for, label_set_for, manifest_for
 from segxal.checkpoint import load_checkpoint, save_checkpoint
@@ -36,7 +38,7 @@ from segxal.data.dataset import SegmentationDataset
 from segxal.models.unet import UNet
 from segxal.pebal.anomalymix import AnomalyMix
 from segxal.pebal.config import PebalConfig
-from segxal.pebal.evaluate import PEBAL, Method, MixedValidationSet, calibrate_margins, evaluate_anomaly, split_outliers
+from segxal.pebal.evaluate import PEBAL, Method, MixedValidationSet, calibrate_margins, evaluate_anomaly
 from segxal.pebal.losses import TERMS, check_finite, pebal_loss
 from segxal.pebal.model import prepare_pebal_model
 from segxal.training import make_optimizer
@@ -160,32 +162,11 @@ def pebal_loop_per_worker(loop_config: dict) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
-def torch_trainer(loop, loop_config: dict, scaling: ScalingConfig, storage_path: str | Path, name: str,
-                  score_attribute: str, callbacks: Sequence = ()):
-    """A ``TorchTrainer`` for ``loop`` with the project's scaling, keeping the two best checkpoints by
-    ``score_attribute`` (max) and the latest. (The same construction as ``actors.ray_train.train_on_ray``;
-    that module could use this helper.)"""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
-
-    return TorchTrainer(
-        loop,
-        train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-            resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}),
-        run_config=RunConfig(
-            name=name, storage_path=str(Path(storage_path).resolve()), callbacks=list(callbacks),
-            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=score_attribute,
-                                               checkpoint_score_order="max"),
-            failure_config=FailureConfig(max_failures=scaling.max_failures)),
-    )
-
-
 @dataclass(frozen=True)
 class FinetuneResult:
     best_checkpoint: Path  # a checkpoint.pt file (segxal.checkpoint format), best val/ap
     best_metrics: dict
+    last_checkpoint: Path  # the last epoch's
     history: list[dict]  # rank 0's metrics of every epoch
 
 
@@ -230,8 +211,8 @@ def finetune_on_ray(job: PebalJob, scaling: ScalingConfig, storage_path: str | P
         where = f"last good checkpoint: {last}" if last else "no epoch completed, no checkpoint"
         raise PebalTrainingError(f"PEBAL fine-tuning failed: {cause} ({where})", cause, last) from error
     checkpoint, metrics = max(result.best_checkpoints, key=lambda pair: pair[1][OBJECTIVE])
-    history = load_checkpoint(Path(result.checkpoint.path) / CHECKPOINT_FILE)["history"]
-    return FinetuneResult(Path(checkpoint.path) / CHECKPOINT_FILE, metrics, history)
+    last = Path(result.checkpoint.path) / CHECKPOINT_FILE
+    return FinetuneResult(Path(checkpoint.path) / CHECKPOINT_FILE, metrics, last, load_checkpoint(last)["history"])
 
 
 def load_finetuned(path: str | Path) -> UNet:
@@ -262,5 +243,5 @@ def prepare_pebal_job(config: ExperimentConfig, pretrained: dict, outliers: tupl
                  config.pebal.margin_quantiles, pebal.m_in, pebal.m_out)
     mixed_val = MixedValidationSet(val_set, pebal.anomalymix, label_set.num_classes, config.seed, outliers[1],
                                    name=f"{label_set.name}_anomalymix_val")
-    return PebalJob(train_set, mixed_val, pretrained, pebal, config.seed, outliers[0])
+    return PebalJob(train_set, mixed_val, pretrained, pebal, config.seed, outliers[0], pebal.finetune.batch_size)
 

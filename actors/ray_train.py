@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,22 +96,30 @@ class TrainingResult:
     last_metrics: dict
 
 
-def train_on_ray(job: TrainingJob, scaling: ScalingConfig, storage_path: str | Path, name: str) -> TrainingResult:
-    """Run ``job`` on the connected Ray cluster; checkpoints persist under ``storage_path/name``."""
+def torch_trainer(loop, loop_config: dict, scaling: ScalingConfig, storage_path: str | Path, name: str,
+                  score_attribute: str, callbacks: Sequence = ()):
+    """A ``TorchTrainer`` for ``loop`` with the project's scaling, keeping the two best checkpoints by
+    ``score_attribute`` (max) and the latest; workers that fail restart from it (``max_failures``)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"job": job},
+    return TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
             resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}),
         run_config=RunConfig(
-            name=name, storage_path=str(Path(storage_path).resolve()),
-            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val/miou", checkpoint_score_order="max"),
+            name=name, storage_path=str(Path(storage_path).resolve()), callbacks=list(callbacks),
+            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=score_attribute,
+                                               checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=scaling.max_failures)),
     )
-    result = trainer.fit()
+
+
+
+def train_on_ray(job: TrainingJob, scaling: ScalingConfig, storage_path: str | Path, name: str) -> TrainingResult:
+    """Run ``job`` on the connected Ray cluster; checkpoints persist under ``storage_path/name``."""
+    result = torch_trainer(train_loop_per_worker, {"job": job}, scaling, storage_path, name, "val/miou").fit()
     checkpoint, metrics = max(result.best_checkpoints, key=lambda pair: pair[1]["val/miou"])
     return TrainingResult(Path(checkpoint.path) / CHECKPOINT_FILE, metrics, result.metrics)

@@ -73,7 +73,9 @@ def trial_experiment(config: ExperimentConfig, params: dict) -> ExperimentConfig
 
 class MlflowTrialCallback(ray.tune.Callback):
     """One MLflow run per trial, nested under ``parent_run_id``, with the flattened experiment config of
-    the trial (:func:`trial_experiment`) and the sampled ``margin_gap`` as params."""
+    the trial (:func:`trial_experiment`) and the sampled ``margin_gap`` as params, ``val/*`` and
+    ``train/loss`` per epoch, and at the end ``best/*`` (the epoch with the highest AP) and a
+    ``stopped_early`` tag (ASHA stopped it before ``pebal.finetune.epochs``)."""
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, config: ExperimentConfig) -> None:
         self.client = MlflowClient(tracking_uri)
@@ -81,6 +83,7 @@ class MlflowTrialCallback(ray.tune.Callback):
         self.parent_run_id = parent_run_id
         self.config = config
         self.run_ids: dict[str, str] = {}
+        self.best: dict[str, dict] = {}
 
     def trial_params(self, params: dict) -> dict:
         return {**flatten(trial_experiment(self.config, params)), "sweep.sampled.margin_gap": params["margin_gap"]}
@@ -98,19 +101,27 @@ class MlflowTrialCallback(ray.tune.Callback):
             self.client.log_batch(run.info.run_id, params=params[start:start + 100])
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        step = int(result.get("epoch", result.get("training_iteration", 0)))
-        timestamp = int(result.get("timestamp", 0) * 1000)
-        metrics = [Metric(key, float(result[key]), timestamp, step) for key in REPORTED[1:]
-                   if isinstance(result.get(key), (int, float)) and math.isfinite(result[key])]
-        self.client.log_batch(self.run_ids[trial.trial_id], metrics=metrics)
+        values = {key: float(result[key]) for key in REPORTED
+                  if isinstance(result.get(key), (int, float)) and math.isfinite(result[key])}
+        step, timestamp = int(values.pop("epoch", result.get("training_iteration", 0))), int(result.get("timestamp", 0) * 1000)
+        self.client.log_batch(self.run_ids[trial.trial_id],
+                              metrics=[Metric(key, value, timestamp, step) for key, value in values.items()])
+        if OBJECTIVE in values and values[OBJECTIVE] > self.best.get(trial.trial_id, {}).get(OBJECTIVE, -math.inf):
+            self.best[trial.trial_id] = {**values, "epoch": step}
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self.client.set_terminated(self.run_ids[trial.trial_id], "FINISHED")
+        run_id, best = self.run_ids[trial.trial_id], self.best.get(trial.trial_id, {})
+        last_epoch = (trial.last_result or {}).get("epoch", -1)
+        self.client.log_batch(
+            run_id, metrics=[Metric(f"best/{key.split('/')[-1]}", value, 0, 0) for key, value in best.items()],
+            tags=[RunTag("stopped_early", str(last_epoch < self.config.pebal.finetune.epochs - 1).lower())])
+        self.client.set_terminated(run_id, "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         run_id = self.run_ids.get(trial.trial_id)
         if run_id is not None:
-            error = str(trial.error_file or "see the Tune trial folder")
+            error_file = Path(trial.error_file) if trial.error_file else None
+            error = error_file.read_text() if error_file and error_file.is_file() else f"see {trial.local_path}"
             self.client.log_batch(run_id, tags=[RunTag("error", error[:5000])])
             self.client.set_terminated(run_id, "FAILED")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 from collections.abc import Callable
 
@@ -41,16 +42,30 @@ def setup_logging(level: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
 
 
-def init_ray() -> None:
-    """Connect to the cluster in ``RAY_ADDRESS`` (as under ``ray job submit``), else start a local Ray
-    bound to loopback."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read when ray is imported: loopback only
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster in ``RAY_ADDRESS`` (as under ``ray job submit``); otherwise start a local Ray of
+    our own (``address="local"``: never a ``ray start`` cluster that happens to run here), bound to
+    loopback, with its dashboard on a free loopback port announced in ``RAY_API_SERVER_ADDRESS``.
+
+    Why the dashboard: Ray Train V2 starts a PlacementGroupCleaner with every run, which frees the run's
+    worker placement group if the run's controller dies; it asks the State API (served by the dashboard)
+    whether the controller is alive. When ASHA stops a Tune trial, its Train controller goes down with it;
+    without a dashboard the placement group leaks and the next trials wait forever for its CPUs.
+    """
     import ray
 
     if ray.is_initialized():
         return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init(include_dashboard=False, configure_logging=False)
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # inherited by the Ray processes
+    # Loopback only: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 does that, but Ray reads it when it is imported,
+    # which may have happened already; set the constant it was read into as well.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray._private.ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] != "0"
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=port, configure_logging=False)

@@ -6,8 +6,10 @@ Starts from ``pebal.pretrained`` (a segxal checkpoint of the trained segmenter);
 segmenter is first trained on Ray Train with the ``train`` section. The anomaly datasets
 (``pebal.benchmarks``), the COCO outliers and the checkpoint are checked before any training. After
 fine-tuning, PEBAL's smoothed energy and the baselines of the original model (energy, smoothed energy,
-MSP, max-logit, entropy) are scored on every benchmark and on the AnomalyMix'd validation split; the
-table is printed and logged with ROC / PR curves, anomaly-map panels and the fine-tuned checkpoint.
+MSP, max-logit, entropy) are scored on every benchmark and on the AnomalyMix'd validation split, with
+the fine-tuned checkpoint of the best validation AP (the epoch objective); the table is printed and
+logged with ROC / PR curves, anomaly-map panels, the per-epoch metrics and that checkpoint. A
+non-finite loss ends the run FAILED with the step and batch, the last good checkpoint logged.
 Connects to the cluster in ``RAY_ADDRESS`` (as ``ray job submit`` sets it), else starts a local Ray.
 """
 
@@ -33,12 +35,14 @@ from segxal.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from segxal.data.anomaly import AnomalyBenchmark, anomaly_benchmark
 from segxal.data.dataset import SampleTransform
 from segxal.data.io import DataError
+from segxal.data.synthetic import generate_synthetic
 from segxal.models.unet import UNet, UNetConfig
 from segxal.pebal.evaluate import (
     ORIGINAL, PEBAL, DatasetResult, evaluate_anomaly, flat_metrics, plot_curves, plot_panels, split_outliers,
     table_csv, table_markdown,
 )
 from segxal.pebal.model import parameter_counts, prepare_pebal_model
+from segxal.training import resolve_device
 
 log = logging.getLogger("jobs.pebal")
 
@@ -52,8 +56,13 @@ class Inputs:
     pretrained: dict | None  # UNet.to_checkpoint() of pebal.pretrained, None to train one
 
 
-def check_inputs(config: ExperimentConfig) -> Inputs:
-    """Load the anomaly benchmarks, the COCO outliers and the pre-trained checkpoint; errors name the file."""
+def check_inputs(config: ExperimentConfig, progress: bool = False) -> Inputs:
+    """Load the anomaly benchmarks, the COCO outliers and the pre-trained checkpoint; errors name the file.
+
+    Synthetic data is generated first (if not on disk yet): its anomaly split may be a benchmark.
+    """
+    if config.data.dataset == "synthetic":
+        generate_synthetic(config.data.root, config.data.synthetic, progress=progress)
     benchmarks = tuple(anomaly_benchmark(path) for path in config.pebal.benchmarks)
     for benchmark in benchmarks:
         if benchmark.manifest.num_rows == 0:
@@ -66,19 +75,22 @@ def check_inputs(config: ExperimentConfig) -> Inputs:
             raise CheckpointError(f"{config.pebal.pretrained}: not a segmenter checkpoint (no 'model' entry "
                                   "written by UNet.to_checkpoint(); jobs.train and Ray Train write such files)")
         pretrained = state["model"]
-        classes = UNet.from_checkpoint(pretrained).num_classes
+        model = UNet.from_checkpoint(pretrained)
         expected = label_set_for(config.data).num_classes
-        if classes != expected:
-            raise CheckpointError(f"{config.pebal.pretrained}: the segmenter has {classes} classes, "
+        if model.num_classes != expected:
+            raise CheckpointError(f"{config.pebal.pretrained}: the segmenter has {model.num_classes} classes, "
                                   f"data.dataset {config.data.dataset!r} has {expected}")
+        prepare_pebal_model(model, config.pebal.trainable)  # pebal.trainable must name modules of this model
     return Inputs(benchmarks, outliers, pretrained)
 
 
-def inputs_or_exit(config: ExperimentConfig) -> Inputs:
+def inputs_or_exit(config: ExperimentConfig, progress: bool = False) -> Inputs:
     try:
-        return check_inputs(config)
+        return check_inputs(config, progress)
     except (DataError, CheckpointError) as error:
         sys.exit(f"input error: {error}")
+    except KeyError as error:  # a pebal.trainable module the segmenter lacks
+        sys.exit(f"config error: pebal.trainable: {error.args[0]}")
 
 
 def train_segmenter(config: ExperimentConfig, storage: Path, name: str, progress: bool = False) -> tuple[dict, dict]:
@@ -115,9 +127,15 @@ def evaluation_sets(config: ExperimentConfig, benchmarks: tuple[AnomalyBenchmark
 
 
 def evaluate_models(config: ExperimentConfig, original: UNet, finetuned: UNet, sets: list,
-                    device: torch.device | str = "cpu") -> list[DatasetResult]:
+                    progress: bool = False) -> list[DatasetResult]:
+    """PEBAL and the baselines on every (name, dataset), on the driver (``pebal.finetune.device``)."""
+    device = resolve_device(config.pebal.finetune.device)
     models = {ORIGINAL: original.to(device).eval(), PEBAL: finetuned.to(device).eval()}
     smoothing = (config.pebal.smoothing_kernel, config.pebal.smoothing_sigma)
+    if progress:
+        from tqdm import tqdm
+
+        sets = tqdm(sets, desc="anomaly evaluation", unit="dataset")
     return [evaluate_anomaly(models, dataset, name, smoothing=smoothing, device=device,
                              batch_size=config.pebal.finetune.batch_size, panel_images=config.pebal.panel_images)
             for name, dataset in sets]
@@ -141,7 +159,7 @@ def main(argv: list[str] | None = None) -> list[DatasetResult]:
     args, config = parse_job_args(__doc__, argv=argv)
     progress = show_progress(config, args)
     torch.manual_seed(config.seed)
-    inputs = inputs_or_exit(config)
+    inputs = inputs_or_exit(config, progress)
     run_dir = Path(config.output_dir) / config.name
     init_ray()
     with experiment_run(config.tracking.tracking_uri, config.tracking.experiment,
@@ -165,7 +183,7 @@ def main(argv: list[str] | None = None) -> list[DatasetResult]:
         shutil.copyfile(result.best_checkpoint, checkpoint)
         log_artifact(checkpoint, "model")
         results = evaluate_models(config, UNet.from_checkpoint(pretrained), load_finetuned(checkpoint),
-                                  evaluation_sets(config, inputs.benchmarks, job.val_set))
+                                  evaluation_sets(config, inputs.benchmarks, job.val_set), progress)
         log_metrics(flat_metrics(results))
         for path, artifact_path in write_report(results, run_dir / "evaluation"):
             log_artifact(path, artifact_path)

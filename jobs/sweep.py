@@ -21,7 +21,8 @@ import yaml
 
 from actors.pebal_train import prepare_pebal_job
 from actors.tune_pebal import MlflowTrialCallback, SweepResult, run_sweep, trial_experiment
-from jobs.common import init_ray, parse_job_args, show_progress
+from jobs.common import parse_job_args, show_progress
+from jobs.common import init_ray
 from jobs.pebal import inputs_or_exit, pretrained_segmenter
 from orchestrator.tracking import experiment_run, log_artifact, log_metrics
 from orchestrator.typed_config import to_dict
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> SweepResult:
     if config.pebal.margin_quantiles is not None:
         log.warning("pebal.margin_quantiles is ignored by the sweep: the margins are sampled")
         config = replace(config, pebal=replace(config.pebal, margin_quantiles=None))
-    inputs = inputs_or_exit(config)
+    inputs = inputs_or_exit(config, progress)
     run_dir = Path(config.output_dir) / config.name / "sweep"
     init_ray()
     with experiment_run(config.tracking.tracking_uri, config.tracking.experiment,

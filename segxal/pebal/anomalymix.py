@@ -147,7 +147,7 @@ class AnomalyMix:
             patch, mask = patch[:, ::-1], mask[:, ::-1]
         top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
         patch_t = normalize(to_tensor(patch)).to(device=image.device, dtype=image.dtype)
-        mask_t = torch.from_numpy(np.ascontiguousarray(mask)).to(image.device)
+        mask_t = torch.from_numpy(mask.copy()).to(image.device)
         region = (slice(top, top + h), slice(left, left + w))
         image[(slice(None), *region)] = torch.where(mask_t, patch_t, image[(slice(None), *region)])
         label[region] = torch.where(mask_t, torch.full_like(label[region], self.anomaly_index), label[region])

@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import Literal
 
+from segxal.training import TrainConfig
+
 Variant = Literal["paper", "reference"]
 VARIANTS = ("paper", "reference")
 
@@ -89,6 +91,15 @@ class AnomalyMixConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneConfig(TrainConfig):
+    """The optimiser settings of PEBAL fine-tuning: :class:`TrainConfig` with PEBAL's defaults (a
+    subclass, not an instance default, so that overriding one key keeps the others' PEBAL values)."""
+
+    epochs: int = 5
+    lr: float = 5e-3
+
+
+@dataclass(frozen=True)
 class PebalConfig:
     """Losses, model surgery, AnomalyMix and scoring settings (names follow DESIGN.md §2).
 
@@ -101,6 +112,18 @@ class PebalConfig:
     the PAL loss unbounded below (1.0, as in Deep Gamblers' reward o > 1; 0 disables it).
     ``trainable``: UNet submodules that train (``head`` = the 1x1 classifier; e.g. ``decoder.3`` too).
     ``smoothing_kernel``/``smoothing_sigma``: the Gaussian applied to energy anomaly maps.
+
+    Fine-tuning and evaluation (``jobs.pebal``, ``jobs.sweep``): ``finetune`` holds the optimiser settings of
+    the last-block fine-tuning (the helper study found Adam at 5e-3 for ~5 epochs right for this project's
+    small U-Nets). ``pretrained``: a segxal checkpoint of the trained segmenter (``model`` =
+    ``UNet.to_checkpoint()``, as ``jobs.train`` and Ray Train write them); without it the job first trains
+    the segmenter with the ``train`` section. ``benchmarks``: anomaly dataset folders (any layout of
+    :func:`segxal.data.anomaly.anomaly_benchmark`) evaluated after fine-tuning, besides the AnomalyMix'd
+    validation split. ``margin_quantiles``: (q_in, q_out) to calibrate the margins from the pre-trained
+    model instead of taking ``m_in``/``m_out`` as given: m_in and m_out become those quantiles of its free
+    energy on inlier training pixels. The paper's -12/-6 fit a WideResNet38 whose inlier energy sits far
+    below; a small U-Net's sits near -3, where those margins are never active. ``panel_images``: images
+    per dataset drawn as anomaly-map panels.
     """
 
     variant: Variant = "paper"
@@ -115,6 +138,11 @@ class PebalConfig:
     smoothing_kernel: int = 7
     smoothing_sigma: float = 1.0
     anomalymix: AnomalyMixConfig = AnomalyMixConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    pretrained: str | None = None
+    benchmarks: tuple[str, ...] = ()
+    margin_quantiles: tuple[float, float] | None = None
+    panel_images: int = 3
 
     def __post_init__(self) -> None:
         _check_finite_floats(self)
@@ -142,6 +170,17 @@ class PebalConfig:
             isinstance(self.anomalymix, AnomalyMixConfig),
             f"PebalConfig.anomalymix must be an AnomalyMixConfig, got {type(self.anomalymix).__name__}",
         )
+        _require(
+            isinstance(self.finetune, TrainConfig),
+            f"PebalConfig.finetune must be a TrainConfig, got {type(self.finetune).__name__}",
+        )
+        if self.margin_quantiles is not None:
+            q_in, q_out = self.margin_quantiles
+            _require(
+                0.0 <= q_in < q_out <= 1.0,
+                f"PebalConfig.margin_quantiles must be (q_in, q_out) with 0 <= q_in < q_out <= 1, got {self.margin_quantiles}",
+            )
+        _require(self.panel_images >= 0, f"PebalConfig.panel_images must be >= 0, got {self.panel_images}")
 
     @property
     def smoothness_weight(self) -> float:
