@@ -128,3 +128,25 @@ def test_follows_dtype_and_rejects_bad_shapes():
         mix(images[0], labels, np.random.default_rng(0))
     with pytest.raises(ValueError, match="anomaly_index"):
         AnomalyMix(AnomalyMixConfig(), 0)
+
+
+class ThinPole:
+    """A tall object one pixel wide: it stays one pixel wide after scaling and flipping."""
+
+    def sample(self, rng):
+        from segxal.pebal.anomalymix import OutlierObject
+
+        image = np.zeros((20, 1, 3), np.uint8)
+        image[..., 0] = 255
+        return OutlierObject(image, np.ones((20, 1), bool), "thin")
+
+
+def test_flipped_one_pixel_wide_object_is_pasted():
+    mix = AnomalyMix(AnomalyMixConfig(fraction=1.0, max_objects=1, flip_probability=1.0, scale_min=0.5, scale_max=0.5),
+                     Y, outliers=ThinPole())
+    images, labels = torch.zeros(2, 3, 16, 16), torch.zeros(2, 16, 16, dtype=torch.long)
+    _, mixed_labels, mixed = mix(images, labels, np.random.default_rng(0))
+    assert mixed.all()
+    for label in mixed_labels:
+        columns = (label == Y).any(0).nonzero().flatten()
+        assert len(columns) == 1 and (label == Y).sum() == 8  # one column, half the image tall
