@@ -57,12 +57,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args, config = parse_job_args(__doc__, lambda p: p.add_argument("--resume", metavar="RUN_DIR",
                                                                     help="continue the run in RUN_DIR"), argv)
     if args.resume:
-        run_dir = Path(args.resume)
+        run_dir = Path(args.resume).absolute()
         if not (run_dir / CONFIG_FILE).is_file():
             raise SystemExit(f"--resume {run_dir}: no {CONFIG_FILE} there; is it a jobs.al run folder?")
         config = load_experiment(run_dir / CONFIG_FILE, args.overrides)
     else:
-        run_dir = Path(config.output_dir) / config.name
+        run_dir = (Path(config.output_dir) / config.name).absolute()  # actors write there from other cwds
         if (run_dir / "progress.json").is_file():
             raise SystemExit(f"{run_dir} holds a run already: continue it with --resume {run_dir}, or set another name")
         run_dir.mkdir(parents=True, exist_ok=True)

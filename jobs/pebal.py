@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> list[DatasetResult]:
     progress = show_progress(config, args)
     torch.manual_seed(config.seed)
     inputs = inputs_or_exit(config, progress)
-    run_dir = Path(config.output_dir) / config.name
+    run_dir = (Path(config.output_dir) / config.name).absolute()
     init_ray()
     with experiment_run(config.tracking.tracking_uri, config.tracking.experiment,
                         config.tracking.run_name or f"pebal-{config.name}", config) as run:

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> SweepResult:
         log.warning("pebal.margin_quantiles is ignored by the sweep: the margins are sampled")
         config = replace(config, pebal=replace(config.pebal, margin_quantiles=None))
     inputs = inputs_or_exit(config, progress)
-    run_dir = Path(config.output_dir) / config.name / "sweep"
+    run_dir = (Path(config.output_dir) / config.name / "sweep").absolute()
     init_ray()
     with experiment_run(config.tracking.tracking_uri, config.tracking.experiment,
                         config.tracking.run_name or f"sweep-{config.name}", config) as run:

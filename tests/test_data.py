@@ -144,3 +144,12 @@ def test_raw_ids_round_trip(label_set):
     assert label_set.to_train_ids(raw, "x").tolist() == train_ids.tolist()
     with pytest.raises(ValueError, match="train ids \\[40\\]"):
         label_set.to_raw_ids(np.array([40], np.uint8))
+
+
+def test_manifest_paths_are_absolute_for_relative_roots(tmp_path, monkeypatch):
+    png(tmp_path / "cv" / "val" / "a.png", np.zeros((4, 4, 3), np.uint8))
+    png(tmp_path / "cv" / "valannot" / "a.png", np.zeros((4, 4), np.uint8))
+    monkeypatch.chdir(tmp_path)
+    manifest = camvid_manifest("cv", "val")
+    assert manifest["image_path"][0].as_py() == str(tmp_path / "cv" / "val" / "a.png")
+    assert manifest["label_path"][0].as_py() == str(tmp_path / "cv" / "valannot" / "a.png")

@@ -34,7 +34,8 @@ class SampleFiles:
 def build_manifest(samples: list[SampleFiles], source: str) -> pa.Table:
     """Check that every file exists and label/depth sizes match the image; return a sorted manifest.
 
-    ``source`` names the dataset folder in the error raised when there are no samples.
+    Paths are stored absolute: Ray workers read them from another working directory. ``source`` names the
+    dataset folder in the error raised when there are no samples.
     """
     if not samples:
         raise DataError(f"{source}: no images found")
@@ -50,9 +51,9 @@ def build_manifest(samples: list[SampleFiles], source: str) -> pa.Table:
             {
                 "sample_id": sample.sample_id,
                 "split": sample.split,
-                "image_path": str(sample.image_path),
-                "label_path": None if sample.label_path is None else str(sample.label_path),
-                "depth_path": None if sample.depth_path is None else str(sample.depth_path),
+                "image_path": str(sample.image_path.absolute()),
+                "label_path": None if sample.label_path is None else str(sample.label_path.absolute()),
+                "depth_path": None if sample.depth_path is None else str(sample.depth_path.absolute()),
                 "height": height,
                 "width": width,
             }

@@ -91,7 +91,7 @@ def coco_instances(
     under ``<split>/`` and ``images/<split>/`` with the split from ``instances_<split>.json`` (the COCO
     and the coco128 layouts)."""
     annotations = Path(annotations)
-    root = Path(image_root)
+    root = Path(image_root).absolute()  # instances are cropped later, possibly on a Ray worker
     data = load_instances_json(annotations)
     categories = {c["id"]: c["name"] for c in data["categories"]}
     unknown = sorted(set(excluded_classes) - set(categories.values()))
