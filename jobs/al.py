@@ -14,7 +14,7 @@ from pathlib import Path
 import mlflow
 import yaml
 
-from jobs.common import init_ray, parse_job_args, show_progress
+from jobs.common import init_ray, parse_job_args, print_results_hint, show_progress
 from orchestrator.config import ExperimentConfig, load_experiment
 from orchestrator.coordinator import Coordinator, cycle_name, snapshot_path
 from orchestrator.datasets import label_set_for, manifest_for
@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         coordinator.shutdown()
     for cycle, metrics in enumerate(history, start=config.al.cycles + 1 - len(history)):
         print(f"cycle {cycle}: mIoU {metrics['val/miou']:.4f}  labelled {100 * metrics['pool/labelled_fraction']:.1f} %")
+    print_results_hint(tracking.tracking_uri, run_dir)
     return history
 
 

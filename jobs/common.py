@@ -38,6 +38,12 @@ def show_progress(config: ExperimentConfig, args: argparse.Namespace) -> bool:
     return config.progress and not args.quiet and sys.stderr.isatty()
 
 
+def print_results_hint(tracking_uri: str, run_dir=None) -> None:
+    """How to look at what a job logged."""
+    where = f"run folder: {run_dir}\n" if run_dir is not None else ""
+    print(f"{where}open the results: mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1")
+
+
 def setup_logging(level: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from jobs.common import parse_job_args, show_progress
+from jobs.common import parse_job_args, print_results_hint, show_progress
 from orchestrator.datasets import datasets_for, label_set_for
 from orchestrator.tracking import experiment_run, log_artifact, log_metrics
 from segxal.models.unet import UNet, UNetConfig
@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         log_artifact(run_dir / "checkpoints" / "best.pt", "model")
         log_artifact(run_dir / "metrics.json")
     print(f"validation mIoU: {metrics['val/miou']:.4f}  (pixel accuracy {metrics['val/pixel_accuracy']:.4f})")
+    print_results_hint(config.tracking.tracking_uri, run_dir)
     return metrics
 
 

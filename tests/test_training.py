@@ -82,8 +82,8 @@ def test_train_job_logs_to_mlflow(synthetic_root, tmp_path, tracking_uri, capsys
         "--set", "model.width=4", "--set", "model.depth=2", "--set", "train.epochs=2",
         "--set", f"output_dir={tmp_path / 'runs'}", "--set", f"tracking.tracking_uri={tracking_uri}",
     ])
-    assert "validation mIoU:" in capsys.readouterr().out
-    runs = mlflow.search_runs(experiment_names=["segxal-demo"], output_format="list")
+    out = capsys.readouterr().out
+    assert "validation mIoU:" in out and f"mlflow ui --backend-store-uri {tracking_uri}" in out
     mlflow.set_tracking_uri(tracking_uri)
     runs = mlflow.search_runs(experiment_names=["segxal-demo"], output_format="list")
     assert len(runs) == 1
