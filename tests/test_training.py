@@ -13,10 +13,12 @@ from segxal.data.labels import CITYSCAPES
 from segxal.models.unet import UNet, UNetConfig
 from segxal.training import TrainConfig, evaluate, fit
 
+from conftest import TINY_SYNTHETIC
+
 
 @pytest.fixture
 def loaders(synthetic_root):
-    data = DataConfig(root=str(synthetic_root), image_size=(32, 64))
+    data = DataConfig(root=str(synthetic_root), image_size=(32, 64), synthetic=TINY_SYNTHETIC)
     train_set, val_set = datasets_for(data)
     torch.manual_seed(0)
     return DataLoader(train_set, batch_size=4, shuffle=True), DataLoader(val_set, batch_size=4)
