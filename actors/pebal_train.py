@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -30,10 +29,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from actors.ray_train import torch_trainer
+from actors.ray_train import CHECKPOINT_FILE, report_with_checkpoint, restored_state, torch_trainer
 from orchestrator.config import ExperimentConfig, ScalingConfig
 from orchestrator.datasets import datasets_for, label_set_for, manifest_for
-from segxal.checkpoint import load_checkpoint, save_checkpoint
+from segxal.checkpoint import load_checkpoint
 from segxal.data.dataset import SegmentationDataset
 from segxal.models.unet import UNet
 from segxal.pebal.anomalymix import AnomalyMix
@@ -41,10 +40,9 @@ from segxal.pebal.config import PebalConfig
 from segxal.pebal.evaluate import PEBAL, Method, MixedValidationSet, calibrate_margins, evaluate_anomaly
 from segxal.pebal.losses import TERMS, check_finite, pebal_loss
 from segxal.pebal.model import prepare_pebal_model
-from segxal.training import make_optimizer
+from segxal.training import make_optimizer, restore_training_state, training_state
 
 log = logging.getLogger(__name__)
-CHECKPOINT_FILE = "checkpoint.pt"
 OBJECTIVE = "val/ap"
 
 
@@ -130,13 +128,9 @@ def pebal_loop_per_worker(loop_config: dict) -> None:
     trained_model = ray.train.torch.prepare_model(model)  # moves to the device, wraps in DDP if world > 1
     optimizer = make_optimizer(model.parameters(), job.pebal.finetune)
     first_epoch, step, history = 0, 0, []
-    resume = ray.train.get_checkpoint()
-    if resume is not None:
-        with resume.as_directory() as folder:
-            state = load_checkpoint(Path(folder) / CHECKPOINT_FILE, map_location=device)
-        model.load_state_dict(state["model"]["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        first_epoch, step, history = state["epoch"] + 1, state["step"], state["history"]
+    state = restored_state(device)
+    if state is not None:
+        first_epoch, step, history = restore_training_state(model, optimizer, state), state["step"], state["history"]
     batch_size = job.pebal.finetune.batch_size
     loader = DataLoader(job.train_set, batch_size=batch_size, shuffle=True,
                         drop_last=len(job.train_set) > batch_size * world,
@@ -155,11 +149,8 @@ def pebal_loop_per_worker(loop_config: dict) -> None:
             continue
         metrics.update(validation_metrics(model, job, device))  # the unwrapped model: no DDP collective
         history.append(metrics)
-        with tempfile.TemporaryDirectory() as folder:
-            save_checkpoint(Path(folder) / CHECKPOINT_FILE, {
-                "model": model.to_checkpoint(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                "step": step, "metrics": metrics, "history": history, "pebal": dataclasses.asdict(job.pebal)})
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        report_with_checkpoint(metrics, training_state(model, optimizer, epoch, step=step, metrics=metrics, history=history,
+                                                       pebal=dataclasses.asdict(job.pebal)))
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,8 @@ from segxal.checkpoint import load_checkpoint, save_checkpoint
 from segxal.data.dataset import SampleTransform, SegmentationDataset
 from segxal.data.labels import LABEL_SETS
 from segxal.models.unet import UNet, UNetConfig
-from segxal.training import TrainConfig, evaluate, make_optimizer, train_one_epoch
+from segxal.training import (TrainConfig, make_optimizer, restore_training_state, train_one_epoch, training_state,
+                             validation_metrics)
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -45,6 +46,22 @@ class TrainingJob:
     init_checkpoint: str | None = None  # warm start from a best.pt-style file
 
 
+def restored_state(device: torch.device) -> dict | None:
+    """The checkpoint Ray Train restarted this run from (after a worker failure), if any."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        return load_checkpoint(Path(folder) / CHECKPOINT_FILE, map_location=device)
+
+
+def report_with_checkpoint(metrics: dict, state: dict) -> None:
+    """Report rank 0's ``metrics`` with ``state`` as the checkpoint Ray persists and keeps."""
+    with tempfile.TemporaryDirectory() as folder:
+        save_checkpoint(Path(folder) / CHECKPOINT_FILE, state)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     job: TrainingJob = loop_config["job"]
     context = ray.train.get_context()
@@ -56,21 +73,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
         model.load_state_dict(load_checkpoint(job.init_checkpoint)["model"]["state_dict"])
     trained_model = ray.train.torch.prepare_model(model)  # moves to the device, wraps in DDP if world > 1
     optimizer = make_optimizer(model.parameters(), job.train)
+    device = ray.train.torch.get_device()
     first_epoch, best_miou = 0, float("-inf")
-    resume = ray.train.get_checkpoint()
-    if resume is not None:
-        with resume.as_directory() as folder:
-            state = load_checkpoint(Path(folder) / CHECKPOINT_FILE, map_location=ray.train.torch.get_device())
-        model.load_state_dict(state["model"]["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        first_epoch, best_miou = state["epoch"] + 1, state["best_miou"]
+    state = restored_state(device)
+    if state is not None:
+        first_epoch, best_miou = restore_training_state(model, optimizer, state), state["best_miou"]
     train_set = SegmentationDataset(job.train_manifest, label_set, job.train_transform)
     loader = DataLoader(train_set, batch_size=job.train.batch_size, shuffle=True,
                         drop_last=len(train_set) > job.train.batch_size * world,
                         generator=torch.Generator().manual_seed(job.seed))
     loader = ray.train.torch.prepare_data_loader(loader)
     val_loader = DataLoader(SegmentationDataset(job.val_manifest, label_set, job.val_transform), batch_size=job.train.batch_size)
-    device = ray.train.torch.get_device()
     for epoch in range(first_epoch, job.train.epochs):
         if world > 1:
             loader.sampler.set_epoch(epoch)
@@ -80,13 +93,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ray.train.report(metrics)
             continue
         # the unwrapped model: DDP's forward would wait for the other ranks
-        metrics.update({f"val/{k}": v for k, v in evaluate(model, val_loader, label_set.num_classes, device).summary(label_set.class_names).items()})
+        metrics.update(validation_metrics(model, val_loader, label_set.class_names, device))
         best_miou = max(best_miou, metrics["val/miou"])
-        with tempfile.TemporaryDirectory() as folder:
-            save_checkpoint(Path(folder) / CHECKPOINT_FILE, {
-                "model": model.to_checkpoint(), "optimizer": optimizer.state_dict(),
-                "epoch": epoch, "best_miou": best_miou, "metrics": metrics})
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        report_with_checkpoint(metrics, training_state(model, optimizer, epoch, best_miou=best_miou, metrics=metrics))
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from segxal.eem.pipeline import score_batch
 from segxal.eem.regions import region_map
 from segxal.models.depth import build_depth_backend
 from segxal.models.unet import UNet
+from segxal.training import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,7 @@ class PoolScorer:
         self.label_set = LABEL_SETS[label_set]
         self.transform = SampleTransform(size=None if size is None else tuple(size))
         self.batch_size = batch_size
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                   ("cpu" if device == "auto" else device))
+        self.device = resolve_device(device)
         self.depth_backend = build_depth_backend(eem.depth, self.device)
         self.model: UNet | None = None
 

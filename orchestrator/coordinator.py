@@ -143,10 +143,11 @@ class Coordinator:
                                                    [cost[i] for i in decision.returned])
         self.save()
         dice_of = dict(zip(decision.accepted + decision.returned, decision.accepted_dice + decision.returned_dice))
+        accepted = set(decision.accepted)
         return pa.table({
             "sample_id": pa.array(ids, pa.string()),
             "dice": pa.array([dice_of[i] for i in ids], pa.float64()),
-            "accepted": pa.array([i in set(decision.accepted) for i in ids]),
+            "accepted": pa.array([i in accepted for i in ids]),
             "cost": pa.array([cost[i] for i in ids], pa.float64()),
             "pixels": pa.array([by_id[i].pixels for i in ids], pa.int64()),
         })

@@ -92,7 +92,7 @@ def _pooled(scores, labels, ignore_index: int) -> tuple[np.ndarray, np.ndarray]:
     return scores, labels.astype(bool)
 
 
-def _roc_points(scores: np.ndarray, positives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def roc_points(scores: np.ndarray, positives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Cumulative true and false positives at each distinct threshold, highest score first."""
     order = np.argsort(-scores, kind="mergesort")
     scores, positives = scores[order], positives[order]
@@ -112,7 +112,7 @@ def anomaly_metrics(scores, labels, ignore_index: int = IGNORE_INDEX) -> dict[st
     n_pos, n_neg = int(positives.sum()), int((~positives).sum())
     if n_pos == 0 or n_neg == 0:
         raise ValueError(f"need both anomaly and inlier pixels, got {n_pos} anomaly and {n_neg} inlier")
-    tps, fps = _roc_points(scores, positives)
+    tps, fps = roc_points(scores, positives)
     tpr = np.r_[0.0, tps / n_pos]
     fpr = np.r_[0.0, fps / n_neg]
     precision = tps / (tps + fps)

@@ -86,6 +86,25 @@ def evaluate(model: nn.Module, loader: Iterable[dict], num_classes: int, device:
     return confusion
 
 
+def validation_metrics(model: nn.Module, loader: Iterable[dict], class_names: tuple[str, ...],
+                       device: torch.device) -> dict[str, float]:
+    """``val/miou``, ``val/pixel_accuracy`` and ``val/iou/<class>`` of ``model`` on ``loader``."""
+    summary = evaluate(model, loader, len(class_names), device).summary(class_names)
+    return {f"val/{k}": v for k, v in summary.items()}
+
+
+def training_state(model: UNet, optimizer: torch.optim.Optimizer, epoch: int, **extra) -> dict:
+    """A resumable checkpoint: model, optimizer, the epoch just finished and ``extra`` (metrics, counters)."""
+    return {"model": model.to_checkpoint(), "optimizer": optimizer.state_dict(), "epoch": epoch, **extra}
+
+
+def restore_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> int:
+    """Load model and optimizer from a :func:`training_state`; returns the epoch to continue from."""
+    model.load_state_dict(state["model"]["state_dict"])
+    optimizer.load_state_dict(state["optimizer"])
+    return state["epoch"] + 1
+
+
 def fit(
     model: UNet,
     train_loader: Iterable[dict],
@@ -108,9 +127,7 @@ def fit(
     last_path = Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None
     if last_path is not None and last_path.is_file():
         state = load_checkpoint(last_path, map_location=device)
-        model.load_state_dict(state["model"]["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        first_epoch, best_miou = state["epoch"] + 1, state["best_miou"]
+        first_epoch, best_miou = restore_training_state(model, optimizer, state), state["best_miou"]
         log.info("resuming from %s at epoch %d", last_path, first_epoch)
     epochs = range(first_epoch, config.epochs)
     if progress:
@@ -119,14 +136,12 @@ def fit(
         epochs = tqdm(epochs, total=config.epochs, initial=first_epoch, desc="epochs", unit="epoch")
     for epoch in epochs:
         train_stats = train_one_epoch(model, train_loader, optimizer, device)
-        confusion = evaluate(model, val_loader, len(class_names), device)
         metrics = {f"train/{k}": v for k, v in train_stats.items()}
-        metrics.update({f"val/{k}": v for k, v in confusion.summary(class_names).items()})
+        metrics.update(validation_metrics(model, val_loader, class_names, device))
         log.info("epoch %d: loss %.4f, val mIoU %.4f", epoch, train_stats["loss"], metrics["val/miou"])
         if checkpoint_dir is not None:
             best_miou = max(best_miou, metrics["val/miou"])
-            state = {"model": model.to_checkpoint(), "optimizer": optimizer.state_dict(),
-                     "epoch": epoch, "best_miou": best_miou, "metrics": metrics}
+            state = training_state(model, optimizer, epoch, best_miou=best_miou, metrics=metrics)
             if metrics["val/miou"] >= best_miou:
                 save_checkpoint(Path(checkpoint_dir) / "best.pt", state)
             save_checkpoint(last_path, state)

@@ -74,12 +74,6 @@ def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _require_label(label: Path, image: Path) -> Path:
-    if not label.is_file():
-        raise DataError(f"{label}: label not found for image {image}")
-    return label
-
-
 def original_labels_benchmark(root: str | Path) -> AnomalyBenchmark:
     """``original/`` + ``labels/`` (Fishyscapes validation, the synthetic split, preprocessed Road Anomaly)."""
     root = Path(root)
@@ -87,7 +81,7 @@ def original_labels_benchmark(root: str | Path) -> AnomalyBenchmark:
     name = ORIGINAL_LABELS_NAMES.get(folder.lower(), folder.lower())
     label_set = ANOMALY if name == "synthetic" else FISHYSCAPES
     samples = [
-        SampleFiles(f"{name}/{image.stem}", name, image, _require_label(root / "labels" / f"{image.stem}.png", image))
+        SampleFiles(f"{name}/{image.stem}", name, image, root / "labels" / f"{image.stem}.png")
         for image in _images(root / "original")
     ]
     return AnomalyBenchmark(name, "original_labels", root, build_manifest(samples, str(root / "original")), label_set)
@@ -119,7 +113,7 @@ def road_anomaly_benchmark(root: str | Path) -> AnomalyBenchmark:
             f"road_anomaly/{image.stem}",
             "road_anomaly",
             image,
-            _require_label(frames / f"{image.stem}.labels" / "labels_semantic.png", image),
+            frames / f"{image.stem}.labels" / "labels_semantic.png",
         )
         for image in _images(frames)
     ]
@@ -140,7 +134,7 @@ def lost_and_found_benchmark(root: str | Path, split: str | None = None) -> Anom
     for image in sorted(p for p in image_dir.glob(f"*/*{LAF_IMAGE_SUFFIX}.*") if p.suffix.lower() in IMAGE_SUFFIXES):
         fid = image.stem[: -len(LAF_IMAGE_SUFFIX)]
         label = root / "gtCoarse" / split / image.parent.name / f"{fid}{LAF_LABEL_SUFFIX}"
-        samples.append(SampleFiles(f"{split}/{fid}", split, image, _require_label(label, image)))
+        samples.append(SampleFiles(f"{split}/{fid}", split, image, label))
     return AnomalyBenchmark("lost_and_found", "lost_and_found", root, build_manifest(samples, str(image_dir)), LOST_AND_FOUND)
 
 

@@ -27,8 +27,6 @@ def cityscapes_manifest(root: str | Path, split: str, with_labels: bool = True) 
         city = image_path.parent.name
         stem = image_path.name[: -len(IMAGE_SUFFIX)]
         label_path = root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png"
-        if with_labels and not label_path.is_file():
-            raise DataError(f"{label_path}: label not found for image {image_path}")
         depth_path = root / "disparity" / split / city / f"{stem}_disparity.png"
         samples.append(
             SampleFiles(

@@ -42,10 +42,10 @@ def build_manifest(samples: list[SampleFiles], source: str) -> pa.Table:
     rows = []
     for sample in sorted(samples, key=lambda s: s.sample_id):
         height, width = image_size(sample.image_path)
-        for other in (sample.label_path, sample.depth_path):
+        for kind, other in (("label", sample.label_path), ("depth", sample.depth_path)):
             if other is not None:
                 if not other.is_file():
-                    raise DataError(f"{other}: file not found (expected for image {sample.image_path})")
+                    raise DataError(f"{other}: {kind} not found for image {sample.image_path}")
                 check_same_size(str(sample.image_path), (height, width), str(other), image_size(other))
         rows.append(
             {

@@ -15,6 +15,7 @@ Each image depends only on (seed, split, index), so generation is deterministic 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -347,6 +348,10 @@ def _write_scene(root: Path, seed: int, split: str, index: int, height: int, wid
     (root / "camera" / split / CITY / f"{stem}_camera.json").write_text(json.dumps(scene.camera))
 
 
+def _write_job(job: tuple) -> None:
+    _write_scene(*job)
+
+
 def generate_synthetic(root: str | Path, config: SyntheticConfig = SyntheticConfig(), progress: bool = False) -> Path:
     """Write the dataset under ``root`` unless a marker says it was already written with ``config``.
 
@@ -363,25 +368,18 @@ def generate_synthetic(root: str | Path, config: SyntheticConfig = SyntheticConf
     for sub in ("original", "labels"):
         (root / "anomaly" / sub).mkdir(parents=True, exist_ok=True)
     jobs = [
-        (split, index)
+        (root, config.seed, split, index, config.height, config.width)
         for split, count in zip(SPLITS, (config.num_train, config.num_val, config.num_anomaly))
         for index in range(count)
     ]
-    workers = config.workers or os.cpu_count() or 1
-    args = ([root] * len(jobs), [config.seed] * len(jobs), [s for s, _ in jobs], [i for _, i in jobs],
-            [config.height] * len(jobs), [config.width] * len(jobs))
-    if workers == 1:
-        results = map(_write_scene, *args)
-    else:
-        executor = ProcessPoolExecutor(workers)
-        results = executor.map(_write_scene, *args, chunksize=4)
-    if progress:
-        from tqdm import tqdm
+    workers = min(config.workers or os.cpu_count() or 1, max(len(jobs), 1))
+    with ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as executor:
+        results = executor.map(_write_job, jobs, chunksize=4) if executor else map(_write_job, jobs)
+        if progress:
+            from tqdm import tqdm
 
-        results = tqdm(results, total=len(jobs), desc="synthetic scenes", unit="img")
-    for _ in results:
-        pass
-    if workers != 1:
-        executor.shutdown()
+            results = tqdm(results, total=len(jobs), desc="synthetic scenes", unit="img")
+        for _ in results:
+            pass
     marker.write_text(json.dumps(settings))
     return root

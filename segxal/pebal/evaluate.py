@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from segxal.data.labels import IGNORE_INDEX
 from segxal.data.transforms import denormalize
-from segxal.metrics import _roc_points, anomaly_metrics
+from segxal.metrics import anomaly_metrics, roc_points
 from segxal.pebal.anomalymix import AnomalyMix, CocoOutliers
 from segxal.pebal.config import AnomalyMixConfig, PebalConfig
 from segxal.pebal.scores import anomaly_score, free_energy
@@ -266,7 +266,7 @@ def _thinned(x: np.ndarray, y: np.ndarray, resolution: int = 1000) -> tuple[np.n
 
 def _curves(scores: np.ndarray, labels: np.ndarray):
     """((fpr, tpr), (recall, precision)) over every threshold, thinned for plotting."""
-    tps, fps = _roc_points(scores.astype(np.float64), labels.astype(bool))
+    tps, fps = roc_points(scores.astype(np.float64), labels.astype(bool))
     positives, negatives = max(int(labels.sum()), 1), max(int(labels.size - labels.sum()), 1)
     roc = _thinned(np.r_[0.0, fps / negatives], np.r_[0.0, tps / positives])
     pr = _thinned(tps / positives, tps / np.maximum(tps + fps, 1))
