@@ -68,7 +68,11 @@ def dice_gate(ids: Sequence[str], dice: Sequence[float], theta: float) -> GateDe
 
 
 def _as_label_tensor(x) -> torch.Tensor:
-    return x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+    """A read-only array (one that came through Ray's object store) is copied rather than aliased."""
+    if isinstance(x, torch.Tensor):
+        return x
+    x = np.asarray(x)
+    return torch.from_numpy(x if x.flags.writeable else x.copy())
 
 
 def image_dice(prediction, annotation, num_classes: int, ignore_index: int = IGNORE_INDEX) -> float:
