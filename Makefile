@@ -5,6 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# tracking.experiment of jobs/configs/demo.yaml, compared at the end of `make demo`
+DEMO_EXPERIMENT := segxal-demo
 
 .PHONY: demo test install bench-train clean
 
@@ -19,6 +21,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(PY) -m jobs.al --config jobs/configs/demo.yaml --set name=demo-$$(date +%Y%m%d-%H%M%S)
+	$(PY) -m jobs.compare --experiment $(DEMO_EXPERIMENT)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

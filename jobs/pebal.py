@@ -164,6 +164,7 @@ def main(argv: list[str] | None = None) -> list[DatasetResult]:
     init_ray()
     with experiment_run(config.tracking.tracking_uri, config.tracking.experiment,
                         config.tracking.run_name or f"pebal-{config.name}", config) as run:
+        mlflow.set_tag("job", "pebal")
         pretrained = pretrained_segmenter(config, inputs, run_dir, progress)
         job = prepare_pebal_job(config, pretrained, inputs.outliers, progress)
         trainable, total = parameter_counts(prepare_pebal_model(UNet.from_checkpoint(pretrained), job.pebal.trainable))

@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> SweepResult:
     init_ray()
     with experiment_run(config.tracking.tracking_uri, config.tracking.experiment,
                         config.tracking.run_name or f"sweep-{config.name}", config) as run:
+        mlflow.set_tag("job", "sweep")
         pretrained = pretrained_segmenter(config, inputs, run_dir, progress)
         job = prepare_pebal_job(config, pretrained, inputs.outliers, progress)
         callback = MlflowTrialCallback(config.tracking.tracking_uri, run.info.experiment_id, run.info.run_id, config)

@@ -1,0 +1,68 @@
+"""Plots of a run comparison (:mod:`orchestrator.compare`), written as PNG with matplotlib's Agg backend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from orchestrator.compare import GROUP
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return path
+
+
+def plot_miou(curves: pd.DataFrame, path: Path) -> Path:
+    """mIoU against the labelled fraction: per (strategy, oracle, depth backend) the mean over its runs
+    (seeds) at every cycle, with the min-max band over those runs."""
+    plt = _pyplot()
+    fig, axis = plt.subplots(figsize=(7, 4.5))
+    for key, group in curves.dropna(subset=["labelled_fraction"]).groupby(GROUP, sort=True):
+        by_cycle = group.groupby("cycle").agg(x=("labelled_fraction", "mean"), mean=("miou", "mean"),
+                                              low=("miou", "min"), high=("miou", "max"),
+                                              runs=("run_id", "nunique"))
+        line, = axis.plot(100 * by_cycle["x"], 100 * by_cycle["mean"], marker="o",
+                          label=f"{' / '.join(key)} ({by_cycle['runs'].max()} runs)")
+        axis.fill_between(100 * by_cycle["x"], 100 * by_cycle["low"], 100 * by_cycle["high"],
+                          color=line.get_color(), alpha=0.2, linewidth=0)
+    axis.set(xlabel="labelled fraction of the training pool (%)", ylabel="validation mIoU (%)",
+             title="mIoU against labelled data (mean, min-max band over seeds)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_anomaly_ap(anomaly: pd.DataFrame, path: Path) -> Path:
+    """AP per method, one panel per dataset, one bar per PEBAL run within each method."""
+    plt = _pyplot()
+    datasets = list(dict.fromkeys(anomaly["dataset"]))
+    runs = list(dict.fromkeys(anomaly["run"]))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5 + 2 * len(datasets), 4.5), squeeze=False)
+    width = 0.8 / len(runs)
+    for axis, dataset in zip(axes[0], datasets):
+        rows = anomaly[anomaly["dataset"] == dataset]
+        methods = list(dict.fromkeys(rows["method"]))
+        positions = np.arange(len(methods))
+        for i, run in enumerate(runs):
+            ap = rows[rows["run"] == run].set_index("method")["ap"].reindex(methods)
+            axis.bar(positions + (i - (len(runs) - 1) / 2) * width, 100 * ap.to_numpy(), width, label=run)
+        axis.set_xticks(positions, methods, rotation=30, ha="right")
+        axis.set(ylabel="AP (%)", title=dataset, ylim=(0, 100))
+        axis.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    return _save(fig, path)

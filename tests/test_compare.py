@@ -1,0 +1,141 @@
+"""jobs.compare on a temporary SQLite MLflow store holding runs shaped like those of jobs.al and jobs.pebal."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from PIL import Image
+
+from jobs.compare import main
+
+EXPERIMENT = "segxal-test"
+LABELLED = [0.2, 0.25, 0.3]
+MIOU = {  # (strategy, seed) -> val/miou at cycles 0, 1, 2
+    ("eem", 0): [0.40, 0.50, 0.60],
+    ("eem", 1): [0.42, 0.54, 0.62],
+    ("random", 0): [0.40, 0.45, 0.48],
+    ("random", 1): [0.38, 0.43, 0.50],
+}
+ANOMALY = {  # run -> (variant, {method: (ap, fpr95, auroc)}) on the dataset "fs_lf"
+    "pebal-paper": ("paper", {"pebal": (0.60, 0.05, 0.97), "energy": (0.16, 0.42, 0.88)}),
+    "pebal-reference": ("reference", {"pebal": (0.55, 0.07, 0.96), "energy": (0.16, 0.42, 0.88)}),
+}
+
+
+def log_run(client: MlflowClient, experiment_id: str, name: str, tags: dict, params: dict,
+            metrics: list[Metric]) -> str:
+    run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+    client.log_batch(run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()])
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+@pytest.fixture
+def store(tracking_uri):
+    """The runs above, a jobs.train-like run (val/miou, no strategy tag) and an experiment with no run."""
+    client = MlflowClient(tracking_uri)
+    experiment_id = client.create_experiment(EXPERIMENT)
+    client.create_experiment("empty")
+    for (strategy, seed), values in MIOU.items():
+        metrics = [Metric("val/miou", v, 1000 + cycle, cycle) for cycle, v in enumerate(values)]
+        metrics += [Metric("pool/labelled_fraction", f, 1000 + cycle, cycle) for cycle, f in enumerate(LABELLED)]
+        if (strategy, seed) == ("eem", 0):  # cycle 1 logged twice (a resumed run): the later value counts
+            metrics.append(Metric("val/miou", 0.99, 900, 1))
+        log_run(client, experiment_id, f"al-{strategy}-s{seed}",
+                {"strategy": strategy, "oracle": "simulated", "depth_backend": "dataset", "dataset": "synthetic"},
+                {"seed": seed, "al.strategy": strategy}, metrics)
+    for name, (variant, methods) in ANOMALY.items():
+        metrics = [Metric(f"anomaly/fs_lf/{method}/{key}", value, 0, 0)
+                   for method, values in methods.items() for key, value in zip(("ap", "fpr95", "auroc"), values)]
+        log_run(client, experiment_id, name, {}, {"seed": 0, "pebal.variant": variant}, metrics)
+    log_run(client, experiment_id, "train-demo", {}, {"seed": 0}, [Metric("val/miou", 0.7, 0, 0)])
+    return client
+
+
+def run_compare(tracking_uri, out, *extra):
+    return main(["--experiment", EXPERIMENT, "--tracking-uri", tracking_uri, "--out", str(out), "--quiet", *extra])
+
+
+def test_tables_values(store, tracking_uri, tmp_path, capsys):
+    run_compare(tracking_uri, tmp_path / "out", "--no-log")
+    runs = pd.read_csv(tmp_path / "out" / "al_runs.csv")
+    assert list(runs["run"]) == ["al-eem-s0", "al-eem-s1", "al-random-s0", "al-random-s1"]  # not train-demo
+    assert list(runs.columns[-4:]) == ["cycle_0", "cycle_1", "cycle_2", "final"]
+    for _, row in runs.iterrows():
+        values = MIOU[(row["strategy"], row["seed"])]
+        assert [row["cycle_0"], row["cycle_1"], row["cycle_2"]] == pytest.approx(values)
+        assert row["final"] == pytest.approx(values[-1])
+
+    summary = pd.read_csv(tmp_path / "out" / "al_summary.csv").set_index("strategy")
+    assert list(summary["runs"]) == [2, 2]
+    # sample std of two values a, b: |a - b| / sqrt(2)
+    assert summary.loc["eem", "cycle_0_mean"] == pytest.approx(0.41)
+    assert summary.loc["eem", "cycle_0_std"] == pytest.approx(0.02 / math.sqrt(2))
+    assert summary.loc["eem", "cycle_1_mean"] == pytest.approx(0.52)
+    assert summary.loc["eem", "cycle_1_std"] == pytest.approx(0.04 / math.sqrt(2))
+    assert summary.loc["random", "final_mean"] == pytest.approx(0.49)
+    assert summary.loc["random", "final_std"] == pytest.approx(0.02 / math.sqrt(2))
+
+    anomaly = pd.read_csv(tmp_path / "out" / "anomaly.csv").set_index(["run", "method"])
+    assert len(anomaly) == 4
+    assert anomaly.loc[("pebal-paper", "pebal"), ["ap", "fpr95", "auroc"]].tolist() == pytest.approx([0.60, 0.05, 0.97])
+    assert anomaly.loc[("pebal-reference", "pebal"), "variant"] == "reference"
+    assert anomaly.loc[("pebal-reference", "energy"), "ap"] == pytest.approx(0.16)
+
+    markdown = (tmp_path / "out" / "comparison.md").read_text()
+    assert markdown in capsys.readouterr().out
+    assert "| eem | simulated | dataset | 2 | 41.00 ± 1.41 | 52.00 ± 2.83 | 61.00 ± 1.41 | 61.00 ± 1.41 |" in markdown
+    assert "| al-random-s1 | random | simulated | dataset | 1 | FINISHED | 38.00 | 43.00 | 50.00 | 50.00 |" in markdown
+    assert "| pebal-paper | paper | fs_lf | pebal | 60.00 | 5.00 | 97.00 |" in markdown
+
+
+def test_plots_are_images(store, tracking_uri, tmp_path):
+    run_compare(tracking_uri, tmp_path, "--no-log")
+    for name in ("miou_vs_labelled.png", "anomaly_ap.png"):
+        with Image.open(tmp_path / name) as image:
+            image.verify()
+            assert image.format == "PNG" and image.size[0] > 300
+
+
+def test_filter(store, tracking_uri, tmp_path):
+    comparison = run_compare(tracking_uri, tmp_path, "--no-log", "--filter", "tags.strategy = 'eem'")
+    assert sorted(comparison.al_runs["run"]) == ["al-eem-s0", "al-eem-s1"]
+    assert comparison.anomaly.empty
+    assert not (tmp_path / "anomaly.csv").exists() and not (tmp_path / "anomaly_ap.png").exists()
+    summary = pd.read_csv(tmp_path / "al_summary.csv")
+    assert list(summary["strategy"]) == ["eem"]
+
+    pebal_only = run_compare(tracking_uri, tmp_path / "pebal", "--no-log", "--filter", "params.`pebal.variant` = 'paper'")
+    assert pebal_only.al_runs.empty and set(pebal_only.anomaly["run"]) == {"pebal-paper"}
+    assert sorted(p.name for p in (tmp_path / "pebal").iterdir()) == ["anomaly.csv", "anomaly_ap.png", "comparison.md"]
+
+
+def test_logs_a_compare_run_and_leaves_it_out(store, tracking_uri, tmp_path):
+    run_compare(tracking_uri, tmp_path)
+    experiment_id = store.get_experiment_by_name(EXPERIMENT).experiment_id
+    compare_runs = store.search_runs([experiment_id], "tags.job = 'compare'")
+    assert len(compare_runs) == 1 and compare_runs[0].info.run_name == "compare"
+    assert compare_runs[0].info.status == "FINISHED"
+    logged = {f.path for f in store.list_artifacts(compare_runs[0].info.run_id, "compare")}
+    assert logged == {f"compare/{name}" for name in ("al_runs.csv", "al_summary.csv", "anomaly.csv", "comparison.md",
+                                                     "miou_vs_labelled.png", "anomaly_ap.png")}
+    again = run_compare(tracking_uri, tmp_path / "again", "--no-log")
+    assert len(again.al_runs) == 4 and len(again.anomaly) == 4
+
+
+def test_errors(store, tracking_uri, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=r"no MLflow experiment named 'nope'.*experiments there: Default, empty, segxal-test"):
+        main(["--experiment", "nope", "--tracking-uri", tracking_uri, "--out", str(out)])
+    with pytest.raises(SystemExit, match=r"no SegXAL or PEBAL run in experiment 'segxal-test' matches the filter "
+                                         r"\"tags.strategy = 'coreset'\""):
+        run_compare(tracking_uri, out, "--filter", "tags.strategy = 'coreset'")
+    with pytest.raises(SystemExit, match="experiment 'empty' holds no SegXAL or PEBAL run"):
+        main(["--experiment", "empty", "--tracking-uri", tracking_uri, "--out", str(out)])
+    with pytest.raises(SystemExit, match="bad filter 'tags.strategy =='"):
+        run_compare(tracking_uri, out, "--filter", "tags.strategy ==")
+    assert not out.exists()  # nothing written on an error
