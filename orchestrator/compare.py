@@ -2,8 +2,9 @@
 and PEBAL runs (anomaly AP / FPR95 / AUROC per dataset and method).
 
 A SegXAL run is one with a ``strategy`` tag and a ``val/miou`` history (``jobs.al``); a PEBAL run is one
-with ``anomaly/<dataset>/<method>/<metric>`` metrics (``jobs.pebal``). Other runs (``jobs.train``, sweep
-trials, earlier comparisons) are left out. Plots are in :mod:`orchestrator.compare_plots`.
+with ``anomaly/<dataset>/<method>/<metric>`` metrics (``jobs.pebal``); a ``jobs.train`` run (tag
+job=train) is the fully-supervised reference, its best epoch's ``val/miou``. Other runs (sweep trials,
+earlier comparisons) are left out. Plots are in :mod:`orchestrator.compare_plots`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ ANOMALY_METRICS = ("ap", "fpr95", "auroc")
 GROUP = ["strategy", "oracle", "depth_backend"]  # one summary row and one plotted line per group
 JOB_TAG = "job"
 COMPARE_JOB = "compare"  # the JOB_TAG of the runs this module logs; never part of a comparison
+SUPERVISED_JOB = "train"  # the JOB_TAG of jobs.train: full supervision, the reference of the curves
 PAGE_SIZE = 1000
 
 
@@ -38,13 +40,14 @@ class CompareError(ValueError):
 class Comparison:
     """``curves``: one row per (SegXAL run, cycle); ``al_runs``: one row per SegXAL run with its mIoU per
     cycle (``cycle_<k>``) and at its last cycle (``final``); ``anomaly``: one row per (PEBAL run, dataset,
-    method)."""
+    method); ``supervised``: one row per fully-supervised run with its best ``miou``."""
 
     experiment: str
     experiment_id: str
     curves: pd.DataFrame
     al_runs: pd.DataFrame
     anomaly: pd.DataFrame
+    supervised: pd.DataFrame
 
 
 def find_experiment(client: MlflowClient, name: str) -> Experiment:
@@ -93,6 +96,14 @@ def al_curves(client: MlflowClient, runs: list[Run]) -> pd.DataFrame:
                          "cycle": cycle, "miou": miou, "labelled_fraction": labelled.get(cycle, math.nan)})
     columns = ["run", "run_id", "status", *GROUP, "seed", "cycle", "miou", "labelled_fraction"]
     return pd.DataFrame(rows, columns=columns).astype({"seed": "Int64"})
+
+
+def supervised_table(client: MlflowClient, runs: list[Run]) -> pd.DataFrame:
+    """One row per ``jobs.train`` run: its best epoch's validation mIoU (the checkpoint it keeps)."""
+    rows = [{"run": run.info.run_name, "run_id": run.info.run_id, "seed": _seed(run),
+             "miou": max(metric_by_step(client, run.info.run_id, MIOU).values())} for run in runs]
+    table = pd.DataFrame(rows, columns=["run", "run_id", "seed", "miou"]).astype({"seed": "Int64"})
+    return table.sort_values(["seed", "run"], ignore_index=True)
 
 
 def al_run_table(curves: pd.DataFrame) -> pd.DataFrame:
@@ -146,19 +157,26 @@ def is_pebal_run(run: Run) -> bool:
     return any(key.startswith(ANOMALY_PREFIX) for key in run.data.metrics)
 
 
+def is_supervised_run(run: Run) -> bool:
+    return run.data.tags.get(JOB_TAG) == SUPERVISED_JOB and MIOU in run.data.metrics
+
+
 def fetch(client: MlflowClient, experiment: str, filter_string: str = "") -> Comparison:
     """The SegXAL and PEBAL runs of ``experiment`` that match the MLflow ``filter_string``."""
     found = find_experiment(client, experiment)
     runs = [run for run in search_all_runs(client, found.experiment_id, filter_string)
             if run.data.tags.get(JOB_TAG) != COMPARE_JOB]
     al, pebal = [r for r in runs if is_al_run(r)], [r for r in runs if is_pebal_run(r)]
-    if not al and not pebal:
-        raise CompareError(f"no SegXAL or PEBAL run in experiment {experiment!r} matches the filter "
+    supervised = [r for r in runs if is_supervised_run(r)]
+    if not al and not pebal and not supervised:
+        raise CompareError(f"no SegXAL, PEBAL or jobs.train run in experiment {experiment!r} matches the filter "
                            f"{filter_string!r}" if filter_string else
-                           f"experiment {experiment!r} holds no SegXAL or PEBAL run")
-    log.info("%s: %d SegXAL and %d PEBAL runs of %d matched", experiment, len(al), len(pebal), len(runs))
+                           f"experiment {experiment!r} holds no SegXAL, PEBAL or jobs.train run")
+    log.info("%s: %d SegXAL, %d PEBAL and %d jobs.train runs of %d matched", experiment, len(al), len(pebal),
+             len(supervised), len(runs))
     curves = al_curves(client, al)
-    return Comparison(experiment, found.experiment_id, curves, al_run_table(curves), anomaly_table(pebal))
+    return Comparison(experiment, found.experiment_id, curves, al_run_table(curves), anomaly_table(pebal),
+                      supervised_table(client, supervised))
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -193,6 +211,12 @@ def report_markdown(comparison: Comparison, summary: pd.DataFrame | None) -> str
             ["run", *GROUP, "seed", "status", *columns],
             [[row["run"], *(str(row[k]) for k in GROUP), _text(row["seed"]), row["status"],
               *(percent(row[c]) for c in columns)] for _, row in runs.iterrows()]))
+    supervised = comparison.supervised
+    if not supervised.empty:
+        sections.append("## Full supervision (jobs.train): best validation mIoU (%)\n")
+        rows = [[row["run"], _text(row["seed"]), percent(row["miou"])] for _, row in supervised.iterrows()]
+        rows.append([f"mean of {len(supervised)}", "-", percent(supervised["miou"].mean(), supervised["miou"].std())])
+        sections.append(markdown_table(["run", "seed", "mIoU"], rows))
     if not comparison.anomaly.empty:
         sections.append("## PEBAL: anomaly segmentation (%)\n")
         sections.append(markdown_table(
@@ -209,7 +233,8 @@ def write_report(comparison: Comparison, out_dir: Path) -> tuple[str, list[Path]
     out_dir.mkdir(parents=True, exist_ok=True)
     files = []
     summary = al_summary(comparison.al_runs) if not comparison.al_runs.empty else None
-    tables = {"al_runs.csv": comparison.al_runs, "al_summary.csv": summary, "anomaly.csv": comparison.anomaly}
+    tables = {"al_runs.csv": comparison.al_runs, "al_summary.csv": summary, "anomaly.csv": comparison.anomaly,
+              "supervised.csv": comparison.supervised}
     for name, frame in tables.items():
         if frame is not None and not frame.empty:
             frame.to_csv(out_dir / name, index=False)
@@ -218,7 +243,7 @@ def write_report(comparison: Comparison, out_dir: Path) -> tuple[str, list[Path]
     (out_dir / "comparison.md").write_text(markdown)
     files.append(out_dir / "comparison.md")
     if not comparison.curves.empty:
-        files.append(plot_miou(comparison.curves, out_dir / "miou_vs_labelled.png"))
+        files.append(plot_miou(comparison.curves, out_dir / "miou_vs_labelled.png", comparison.supervised))
     if not comparison.anomaly.empty:
         files.append(plot_anomaly_ap(comparison.anomaly, out_dir / "anomaly_ap.png"))
     return markdown, files

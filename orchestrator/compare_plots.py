@@ -27,9 +27,10 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_miou(curves: pd.DataFrame, path: Path) -> Path:
+def plot_miou(curves: pd.DataFrame, path: Path, supervised: pd.DataFrame | None = None) -> Path:
     """mIoU against the labelled fraction: per (strategy, oracle, depth backend) the mean over its runs
-    (seeds) at every cycle, with the min-max band over those runs."""
+    (seeds) at every cycle, with the min-max band over those runs; the mean of the fully-supervised runs
+    as a dashed line."""
     plt = _pyplot()
     fig, axis = plt.subplots(figsize=(7, 4.5))
     for key, group in curves.dropna(subset=["labelled_fraction"]).groupby(GROUP, sort=True):
@@ -40,6 +41,9 @@ def plot_miou(curves: pd.DataFrame, path: Path) -> Path:
                           label=f"{' / '.join(key)} ({by_cycle['runs'].max()} runs)")
         axis.fill_between(100 * by_cycle["x"], 100 * by_cycle["low"], 100 * by_cycle["high"],
                           color=line.get_color(), alpha=0.2, linewidth=0)
+    if supervised is not None and not supervised.empty:
+        axis.axhline(100 * supervised["miou"].mean(), color="black", linestyle="--", linewidth=1,
+                     label=f"full supervision ({len(supervised)} runs)")
     axis.set(xlabel="labelled fraction of the training pool (%)", ylabel="validation mIoU (%)",
              title="mIoU against labelled data (mean, min-max band over seeds)")
     axis.grid(alpha=0.3)

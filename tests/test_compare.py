@@ -24,6 +24,7 @@ ANOMALY = {  # run -> (variant, {method: (ap, fpr95, auroc)}) on the dataset "fs
     "pebal-paper": ("paper", {"pebal": (0.60, 0.05, 0.97), "energy": (0.16, 0.42, 0.88)}),
     "pebal-reference": ("reference", {"pebal": (0.55, 0.07, 0.96), "energy": (0.16, 0.42, 0.88)}),
 }
+SUPERVISED = {0: [0.5, 0.8, 0.7], 1: [0.6, 0.76, 0.74]}  # jobs.train runs: val/miou per epoch; best 0.8, 0.76
 
 
 def log_run(client: MlflowClient, experiment_id: str, name: str, tags: dict, params: dict,
@@ -36,7 +37,7 @@ def log_run(client: MlflowClient, experiment_id: str, name: str, tags: dict, par
 
 @pytest.fixture
 def store(tracking_uri):
-    """The runs above, a jobs.train-like run (val/miou, no strategy tag) and an experiment with no run."""
+    """The runs above, jobs.train runs, an untagged run with val/miou only, and an experiment with no run."""
     client = MlflowClient(tracking_uri)
     experiment_id = client.create_experiment(EXPERIMENT)
     client.create_experiment("empty")
@@ -53,6 +54,9 @@ def store(tracking_uri):
                    for method, values in methods.items() for key, value in zip(("ap", "fpr95", "auroc"), values)]
         log_run(client, experiment_id, name, {}, {"seed": 0, "pebal.variant": variant}, metrics)
     log_run(client, experiment_id, "train-demo", {}, {"seed": 0}, [Metric("val/miou", 0.7, 0, 0)])
+    for seed, history in SUPERVISED.items():
+        log_run(client, experiment_id, f"train-s{seed}", {"job": "train"}, {"seed": seed},
+                [Metric("val/miou", v, 0, epoch) for epoch, v in enumerate(history)])
     return client
 
 
@@ -121,8 +125,8 @@ def test_logs_a_compare_run_and_leaves_it_out(store, tracking_uri, tmp_path):
     assert len(compare_runs) == 1 and compare_runs[0].info.run_name == "compare"
     assert compare_runs[0].info.status == "FINISHED"
     logged = {f.path for f in store.list_artifacts(compare_runs[0].info.run_id, "compare")}
-    assert logged == {f"compare/{name}" for name in ("al_runs.csv", "al_summary.csv", "anomaly.csv", "comparison.md",
-                                                     "miou_vs_labelled.png", "anomaly_ap.png")}
+    assert logged == {f"compare/{name}" for name in ("al_runs.csv", "al_summary.csv", "anomaly.csv", "supervised.csv",
+                                                     "comparison.md", "miou_vs_labelled.png", "anomaly_ap.png")}
     again = run_compare(tracking_uri, tmp_path / "again", "--no-log")
     assert len(again.al_runs) == 4 and len(again.anomaly) == 4
 
@@ -131,11 +135,20 @@ def test_errors(store, tracking_uri, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(SystemExit, match=r"no MLflow experiment named 'nope'.*experiments there: Default, empty, segxal-test"):
         main(["--experiment", "nope", "--tracking-uri", tracking_uri, "--out", str(out)])
-    with pytest.raises(SystemExit, match=r"no SegXAL or PEBAL run in experiment 'segxal-test' matches the filter "
+    with pytest.raises(SystemExit, match=r"no SegXAL, PEBAL or jobs.train run in experiment 'segxal-test' matches the filter "
                                          r"\"tags.strategy = 'coreset'\""):
         run_compare(tracking_uri, out, "--filter", "tags.strategy = 'coreset'")
-    with pytest.raises(SystemExit, match="experiment 'empty' holds no SegXAL or PEBAL run"):
+    with pytest.raises(SystemExit, match="experiment 'empty' holds no SegXAL, PEBAL or jobs.train run"):
         main(["--experiment", "empty", "--tracking-uri", tracking_uri, "--out", str(out)])
     with pytest.raises(SystemExit, match="bad filter 'tags.strategy =='"):
         run_compare(tracking_uri, out, "--filter", "tags.strategy ==")
     assert not out.exists()  # nothing written on an error
+
+
+def test_fully_supervised_runs_are_the_reference(store, tracking_uri, tmp_path, capsys):
+    comparison = run_compare(tracking_uri, tmp_path / "out", "--no-log")
+    supervised = pd.read_csv(tmp_path / "out" / "supervised.csv")
+    assert list(supervised["run"]) == ["train-s0", "train-s1"]  # not train-demo: no job=train tag
+    assert list(supervised["miou"]) == pytest.approx([0.8, 0.76])  # the best epoch of each
+    assert list(comparison.supervised["seed"]) == [0, 1]
+    assert "| mean of 2 | - | 78.00 ± 2.83 |" in capsys.readouterr().out  # std of 0.80, 0.76: 0.04 / sqrt(2)
