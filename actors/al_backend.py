@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from actors.ray_train import TrainingJob, train_on_ray
 from actors.scoring import ScorerPool
 from orchestrator.config import ExperimentConfig
 from orchestrator.coordinator import cycle_name
-from orchestrator.loop import ScoreOutcome, TrainOutcome
-from orchestrator.oracles import AnnotationRequest
+from orchestrator.loop import Explained, ScoreOutcome, TrainOutcome
 from segxal.checkpoint import load_checkpoint
 from segxal.data.dataset import SampleTransform
 from segxal.data.labels import LabelSet
@@ -34,7 +34,7 @@ def check_fits_cluster(config: ExperimentConfig) -> None:
 
 
 class RayCycleBackend:
-    def __init__(self, config: ExperimentConfig, run_dir: Path, label_set: LabelSet) -> None:
+    def __init__(self, config: ExperimentConfig, run_dir: Path, label_set: LabelSet, progress: bool = False) -> None:
         self.config = config
         self.run_dir = Path(run_dir)
         self.label_set = label_set
@@ -47,8 +47,9 @@ class RayCycleBackend:
         self.scorers = ScorerPool(
             al.num_scorers,
             {"eem": config.eem, "label_set": label_set.name, "size": size, "batch_size": al.scorer_batch_size},
-            cpus=al.scorer_cpus, gpus=al.scorer_gpus,
+            cpus=al.scorer_cpus, gpus=al.scorer_gpus, progress=progress,
         )
+        self.progress = progress
         self.loaded: Path | None = None
 
     def train(self, cycle: int, train: pa.Table, val: pa.Table, init_checkpoint: Path | None) -> TrainOutcome:
@@ -61,7 +62,7 @@ class RayCycleBackend:
             train=self.config.train, train_transform=self.train_transform, val_transform=self.val_transform,
             seed=self.config.seed + cycle, init_checkpoint=None if init_checkpoint is None else str(init_checkpoint),
         )
-        result = train_on_ray(job, self.config.scaling, self.run_dir / "ray", name)
+        result = train_on_ray(job, self.config.scaling, self.run_dir / "ray", name, self.progress)
         metrics = {k: v for k, v in result.best_metrics.items() if k.startswith("val/")}
         metrics["train/best_epoch"] = result.best_metrics["epoch"]
         return TrainOutcome(result.best_checkpoint, metrics)
@@ -75,12 +76,13 @@ class RayCycleBackend:
         self._load(checkpoint)
         scores = self.scorers.score(candidates, self.config.al.strategy)
         features = None
-        if labelled is not None:
+        if labelled is not None:  # core-set: the labelled pool's embeddings (its unreadable images have none)
             embedded = self.scorers.score(labelled, self.config.al.strategy)
+            embedded = embedded.filter(pc.is_valid(embedded["embedding"]))
             features = np.asarray(embedded["embedding"].to_pylist(), dtype=np.float32)
         return ScoreOutcome(scores, features)
 
-    def explain(self, cycle: int, checkpoint: Path, selected: pa.Table, panel_dir: Path, panels: int) -> list[AnnotationRequest]:
+    def explain(self, cycle: int, checkpoint: Path, selected: pa.Table, panel_dir: Path, panels: int) -> Explained:
         self._load(checkpoint)
         return self.scorers.explain(selected, self.config.al.strategy, str(panel_dir), panels)
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from actors.ray_train import CHECKPOINT_FILE, report_with_checkpoint, restored_state, torch_trainer
+from actors.ray_train import CHECKPOINT_FILE, epochs_with_progress, report_with_checkpoint, restored_state, torch_trainer
 from orchestrator.config import ExperimentConfig, ScalingConfig
 from orchestrator.datasets import datasets_for, label_set_for, manifest_for
 from segxal.checkpoint import load_checkpoint
@@ -137,7 +137,8 @@ def pebal_loop_per_worker(loop_config: dict) -> None:
                         generator=torch.Generator().manual_seed(job.seed))
     loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)  # mixing happens on the CPU
     mixer = AnomalyMix(job.pebal.anomalymix, model.num_classes - 1, job.train_outliers)
-    for epoch in range(first_epoch, job.pebal.finetune.epochs):
+    show = loop_config.get("progress", False) and rank == 0
+    for epoch in epochs_with_progress(first_epoch, job.pebal.finetune.epochs, "PEBAL epochs", show):
         if world > 1:
             loader.sampler.set_epoch(epoch)
         rng = np.random.default_rng([job.seed, rank, epoch])
@@ -180,7 +181,7 @@ def _root_cause(error: BaseException) -> BaseException:
 
 
 def finetune_on_ray(job: PebalJob, scaling: ScalingConfig, storage_path: str | Path, name: str,
-                    callbacks: Sequence = ()) -> FinetuneResult:
+                    callbacks: Sequence = (), progress: bool = False) -> FinetuneResult:
     """Fine-tune on the connected Ray cluster; checkpoints persist under ``storage_path/name``.
 
     ``callbacks``: Ray Train callbacks (e.g. Tune's ``TuneReportCallback`` inside a trial).
@@ -188,7 +189,8 @@ def finetune_on_ray(job: PebalJob, scaling: ScalingConfig, storage_path: str | P
     """
     from ray.train import Result, TrainingFailedError
 
-    trainer = torch_trainer(pebal_loop_per_worker, {"job": job}, scaling, storage_path, name, OBJECTIVE, callbacks)
+    loop_config = {"job": job, "progress": progress}
+    trainer = torch_trainer(pebal_loop_per_worker, loop_config, scaling, storage_path, name, OBJECTIVE, callbacks)
     try:
         result = trainer.fit()
     except TrainingFailedError as error:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +62,24 @@ def report_with_checkpoint(metrics: dict, state: dict) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
+def epochs_with_progress(first: int, total: int, desc: str, enabled: bool) -> Iterator[int]:
+    """``range(first, total)``; when ``enabled`` (rank 0 of a job run from a terminal), with a bar that
+    advances as each epoch ends, drawn on the driver by Ray's ``tqdm_ray``."""
+    if not enabled:
+        yield from range(first, total)
+        return
+    from ray.experimental.tqdm_ray import tqdm
+
+    bar = tqdm(desc=desc, total=total, unit="epoch")
+    bar.update(first)
+    try:
+        for epoch in range(first, total):
+            yield epoch
+            bar.update(1)
+    finally:
+        bar.close()
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     job: TrainingJob = loop_config["job"]
     context = ray.train.get_context()
@@ -84,7 +102,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                         generator=torch.Generator().manual_seed(job.seed))
     loader = ray.train.torch.prepare_data_loader(loader)
     val_loader = DataLoader(SegmentationDataset(job.val_manifest, label_set, job.val_transform), batch_size=job.train.batch_size)
-    for epoch in range(first_epoch, job.train.epochs):
+    show = loop_config.get("progress", False) and rank == 0
+    for epoch in epochs_with_progress(first_epoch, job.train.epochs, "train epochs", show):
         if world > 1:
             loader.sampler.set_epoch(epoch)
         stats = train_one_epoch(trained_model, loader, optimizer, device)
@@ -126,9 +145,10 @@ def torch_trainer(loop, loop_config: dict, scaling: ScalingConfig, storage_path:
     )
 
 
-
-def train_on_ray(job: TrainingJob, scaling: ScalingConfig, storage_path: str | Path, name: str) -> TrainingResult:
+def train_on_ray(job: TrainingJob, scaling: ScalingConfig, storage_path: str | Path, name: str,
+                 progress: bool = False) -> TrainingResult:
     """Run ``job`` on the connected Ray cluster; checkpoints persist under ``storage_path/name``."""
-    result = torch_trainer(train_loop_per_worker, {"job": job}, scaling, storage_path, name, "val/miou").fit()
+    loop_config = {"job": job, "progress": progress}
+    result = torch_trainer(train_loop_per_worker, loop_config, scaling, storage_path, name, "val/miou").fit()
     checkpoint, metrics = max(result.best_checkpoints, key=lambda pair: pair[1]["val/miou"])
     return TrainingResult(Path(checkpoint.path) / CHECKPOINT_FILE, metrics, result.metrics)

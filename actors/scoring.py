@@ -4,13 +4,15 @@ and panels only for the images sent to the oracle.
 
 ``PoolScorer`` is a plain class (tests call it directly); ``ScorerPool`` runs it as Ray actors that
 restart after a crash and retry the shard they were working on, so a pass always scores every id once.
+An image that cannot be read is not scored: it comes back with its reason in ``unreadable`` (scoring) or
+in ``Explained.unreadable`` (explaining), for the coordinator to quarantine.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +20,13 @@ import pyarrow as pa
 import ray
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import default_collate
 
 from orchestrator.coordinator import file_name
+from orchestrator.loop import UNREADABLE, Explained
 from orchestrator.oracles import AnnotationRequest
 from orchestrator.strategies import Scorer, StrategySpec, get_strategy
-from segxal.data.dataset import SampleTransform, SegmentationDataset
+from segxal.data.dataset import DataError, SampleTransform, SegmentationDataset
 from segxal.data.labels import LABEL_SETS
 from segxal.eem.config import EEMConfig
 from segxal.eem.entropy import normalized_entropy
@@ -61,19 +64,34 @@ class PoolScorer:
         """``checkpoint``: ``UNet.to_checkpoint()``; sent once per cycle through the object store."""
         self.model = UNet.from_checkpoint(checkpoint).to(self.device).eval()
 
-    def _batches(self, rows: pa.Table):
+    def _batches(self, rows: pa.Table, unreadable: dict[str, str]) -> Iterator[dict]:
+        """Batches of the readable rows, in order; each unreadable one goes into ``unreadable`` instead."""
         dataset = SegmentationDataset(rows, self.label_set, self.transform, load_depth=self.eem.depth.backend == "dataset")
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False)
+        samples = []
+        for index in range(len(dataset)):
+            try:
+                samples.append(dataset[index])
+            except DataError as error:
+                sample_id = rows["sample_id"][index].as_py()
+                log.warning("%s cannot be read and is left out: %s", sample_id, error)
+                unreadable[sample_id] = str(error)
+                continue
+            if len(samples) == self.batch_size:
+                yield default_collate(samples)
+                samples = []
+        if samples:
+            yield default_collate(samples)
 
     def score(self, rows: pa.Table, strategy: str) -> pa.Table:
         """One row per input row: ``sample_id`` and ``score`` (higher = more informative), or
-        ``embedding`` for core-set."""
+        ``embedding`` for core-set; the rows of unreadable images (last) have a reason in ``unreadable``
+        and a null score or embedding."""
         if self.model is None:
             raise RuntimeError("load_model must be called before score")
         spec = get_strategy(strategy)
         config = strategy_eem(self.eem, spec)
-        ids, scores, embeddings = [], [], []
-        for batch in self._batches(rows):
+        ids, scores, embeddings, unreadable = [], [], [], {}
+        for batch in self._batches(rows, unreadable):
             images = batch["image"].to(self.device)
             ids.extend(batch["sample_id"])
             if spec.scorer is Scorer.EMBEDDING:
@@ -87,21 +105,23 @@ class PoolScorer:
                 result = score_batch(self.model, images, config, self.depth_backend,
                                      None if depth is None else depth.to(self.device))
                 scores.extend(result.score.tolist())
-        columns = {"sample_id": pa.array(ids, pa.string())}
+        missing = [None] * len(unreadable)
+        columns = {"sample_id": pa.array(ids + list(unreadable), pa.string())}
         if spec.scorer is Scorer.EMBEDDING:
-            columns["embedding"] = pa.array([e.tolist() for e in embeddings], pa.list_(pa.float32()))
+            columns["embedding"] = pa.array([e.tolist() for e in embeddings] + missing, pa.list_(pa.float32()))
         else:
-            columns["score"] = pa.array(scores, pa.float64())
+            columns["score"] = pa.array(scores + missing, pa.float64())
+        columns[UNREADABLE] = pa.array([None] * len(ids) + list(unreadable.values()), pa.string())
         return pa.table(columns)
 
-    def explain(self, rows: pa.Table, strategy: str, panel_dir: str | None = None, panels: int = 0) -> list[AnnotationRequest]:
+    def explain(self, rows: pa.Table, strategy: str, panel_dir: str | None = None, panels: int = 0) -> Explained:
         """Full EEM maps, prompts and flip-TTA predictions of the selected images; the first ``panels``
         also get a PNG panel in ``panel_dir``."""
         if self.model is None:
             raise RuntimeError("load_model must be called before explain")
         config = strategy_eem(self.eem, get_strategy(strategy))
-        requests = []
-        for batch in self._batches(rows):
+        requests, unreadable = [], {}
+        for batch in self._batches(rows, unreadable):
             images = batch["image"].to(self.device)
             depth = batch.get("depth")
             result = score_batch(self.model, images, config, self.depth_backend,
@@ -124,7 +144,7 @@ class PoolScorer:
                     save_panel(Path(panel_dir) / (file_name(sample_id) + ".png"), images[i].cpu(),
                                maps.prediction[i].cpu(), maps.entropy[i].cpu(), maps.proximity[i].cpu(),
                                maps.proxgradcam[i].cpu(), eem, regions[i], self.label_set, title=sample_id)
-        return requests
+        return Explained(requests, unreadable)
 
 
 def shards(table: pa.Table, count: int) -> list[pa.Table]:
@@ -132,6 +152,18 @@ def shards(table: pa.Table, count: int) -> list[pa.Table]:
     count = max(1, min(count, len(table)))
     bounds = np.linspace(0, len(table), count + 1).astype(int)
     return [table.slice(start, stop - start) for start, stop in zip(bounds[:-1], bounds[1:]) if stop > start]
+
+
+def show_shards_done(refs: list, sizes: list[int], desc: str) -> None:
+    """A bar of images done, advanced as each shard's task finishes (or fails: ``ray.get`` raises later)."""
+    from tqdm import tqdm
+
+    size_of = dict(zip(refs, sizes))
+    pending = list(refs)
+    with tqdm(total=sum(sizes), desc=desc, unit="image") as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            bar.update(size_of[done[0]])
 
 
 class ScoringActor(PoolScorer):
@@ -150,20 +182,22 @@ class ScoringActor(PoolScorer):
         return self.score(rows, strategy)
 
     def explain_with(self, version: int, model_box: list, rows: pa.Table, strategy: str, panel_dir: str | None,
-                     panels: int) -> list[AnnotationRequest]:
+                     panels: int) -> Explained:
         self._ensure(version, model_box)
         return self.explain(rows, strategy, panel_dir, panels)
 
 
 class ScorerPool:
     """``num_actors`` restartable scoring actors; a pass splits the rows into shards and gathers one
-    result per shard, in order. A crashed actor restarts and its shard is retried."""
+    result per shard, in order. A crashed actor restarts and its shard is retried. With ``progress``,
+    a bar on the driver counts the images scored."""
 
     def __init__(self, num_actors: int, scorer_args: dict, cpus: float = 1.0, gpus: float = 0.0,
-                 shards_per_actor: int = 4) -> None:
+                 shards_per_actor: int = 4, progress: bool = False) -> None:
         actor = ray.remote(ScoringActor).options(num_cpus=cpus, num_gpus=gpus, max_restarts=-1, max_task_retries=-1)
         self.actors = [actor.remote(**scorer_args) for _ in range(num_actors)]
         self.shards_per_actor = shards_per_actor
+        self.progress = progress
         self.version = 0
         self.model_box: list = []
 
@@ -175,9 +209,11 @@ class ScorerPool:
         parts = shards(rows, len(self.actors) * self.shards_per_actor)
         refs = [self.actors[i % len(self.actors)].score_with.remote(self.version, self.model_box, part, strategy)
                 for i, part in enumerate(parts)]
+        if self.progress:
+            show_shards_done(refs, [len(part) for part in parts], f"scoring ({strategy})")
         return pa.concat_tables(ray.get(refs)) if refs else pa.table({"sample_id": pa.array([], pa.string())})
 
-    def explain(self, rows: pa.Table, strategy: str, panel_dir: str | None, panels: int) -> list[AnnotationRequest]:
+    def explain(self, rows: pa.Table, strategy: str, panel_dir: str | None, panels: int) -> Explained:
         return ray.get(self.actors[0].explain_with.remote(self.version, self.model_box, rows, strategy, panel_dir, panels))
 
     def shutdown(self) -> None:

@@ -3,23 +3,31 @@
     python -m jobs.al --config jobs/configs/demo.yaml [--set al.strategy=entropy ...]
     python -m jobs.al --resume runs/demo            # continue an interrupted run
 
+With ``al.oracle: labelstudio`` people annotate: the run stops once a cycle's images are exported for
+Label Studio (``--stage export``, the default) and continues from there with Label Studio's JSON export:
+
+    python -m jobs.al --resume runs/demo --stage import export.json
+
 Locally this starts an embedded Ray; under ``ray job submit`` it joins the cluster.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 from pathlib import Path
 
 import mlflow
 import yaml
 
-from jobs.common import init_ray, parse_job_args, print_results_hint, show_progress
+from jobs.common import check_tracking_or_exit, init_ray, parse_job_args, print_results_hint, show_progress
 from orchestrator.config import ExperimentConfig, load_experiment
 from orchestrator.coordinator import Coordinator, cycle_name, snapshot_path
 from orchestrator.datasets import label_set_for, manifest_for
+from orchestrator.labelstudio.handoff import LabelStudioHandoff, import_cycle, instructions, is_exported
+from orchestrator.labelstudio.tasks import ImageReferences
 from orchestrator.loop import Progress, run_cycles
-from orchestrator.oracles import PseudoLabelOracle, SimulatedOracle
+from orchestrator.oracles import LabelStudioOracle, Oracle, PseudoLabelOracle, SimulatedOracle
 from orchestrator.pool_state import PoolState
 from orchestrator.tracking import experiment_run, log_artifact, log_metrics
 from orchestrator.typed_config import to_dict
@@ -37,8 +45,42 @@ def ground_truth_loader(config: ExperimentConfig, manifest, label_set):
     return lambda sample_id: dataset[index[sample_id]]["label"].numpy().astype("uint8")
 
 
-def prepare(config: ExperimentConfig, run_dir: Path, progress: Progress, show: bool):
-    """Everything that can fail on bad input, checked before Ray starts: data, pool, budget, oracle."""
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    parser.add_argument("--stage", nargs="+", metavar="STAGE",
+                        help="al.oracle=labelstudio only: 'export' (the default) runs until a cycle's images are "
+                             "exported for Label Studio; 'import FILE' (with --resume) continues with Label "
+                             "Studio's JSON export FILE")
+
+
+def export_file_of(args: argparse.Namespace, config: ExperimentConfig) -> Path | None:
+    """The Label Studio export that ``--stage import FILE`` continues with; None for the export stage and
+    for machine oracles. A misused ``--stage`` exits with a message."""
+    if args.stage is None:
+        return None
+    if config.al.oracle != "labelstudio":
+        raise SystemExit(f"--stage is for al.oracle=labelstudio; this run's oracle is {config.al.oracle}")
+    if args.stage == ["export"]:
+        return None
+    if args.stage[0] != "import" or len(args.stage) != 2:
+        raise SystemExit(f"--stage {' '.join(args.stage)}: expected 'export' or 'import FILE'")
+    if not args.resume:
+        raise SystemExit("--stage import FILE continues a run: add --resume RUN_DIR")
+    return Path(args.stage[1])
+
+
+def labelstudio_oracle(config: ExperimentConfig, run_dir: Path, cycle: int, label_set,
+                       export_file: Path | None) -> tuple[Oracle, LabelStudioHandoff]:
+    """People in Label Studio; with an export file, its annotations of ``cycle``, checked in full here."""
+    images = ImageReferences.from_config(config.data.root, config.al.labelstudio)
+    imported = None if export_file is None else import_cycle(run_dir, cycle, export_file, images, label_set)
+    handoff = LabelStudioHandoff(run_dir, images, label_set, config.eem.max_regions, imported)
+    return LabelStudioOracle({} if imported is None else imported.labels), handoff
+
+
+def prepare(config: ExperimentConfig, run_dir: Path, progress: Progress, show: bool, export_file: Path | None = None):
+    """Everything that can fail on bad input, checked before Ray starts: data, pool, budget, oracle, and a
+    Label Studio export. Returns the label set, a local coordinator and the Label Studio handoff (or None)."""
     label_set = label_set_for(config.data)
     train = manifest_for(config.data, config.data.train_split, config.data.max_train_images, show)
     val = manifest_for(config.data, config.data.val_split, config.data.max_val_images)
@@ -46,39 +88,48 @@ def prepare(config: ExperimentConfig, run_dir: Path, progress: Progress, show: b
         state = PoolState.load(snapshot_path(run_dir, progress.completed_cycle))
     else:
         state = PoolState.from_manifest(train, config.al.initial_labelled, config.seed, validation=val)
-    if config.al.oracle == "pseudo":
+    handoff = None
+    if config.al.oracle == "labelstudio":
+        oracle, handoff = labelstudio_oracle(config, run_dir, progress.completed_cycle + 1, label_set, export_file)
+    elif config.al.oracle == "pseudo":
         oracle = PseudoLabelOracle(config.al.pseudo_confidence)
     else:
         oracle = SimulatedOracle(ground_truth_loader(config, train, label_set))
-    return label_set, Coordinator(run_dir, state, config.al, label_set, config.seed, oracle)
+    return label_set, Coordinator(run_dir, state, config.al, label_set, config.seed, oracle), handoff
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    args, config = parse_job_args(__doc__, lambda p: p.add_argument("--resume", metavar="RUN_DIR",
-                                                                    help="continue the run in RUN_DIR"), argv)
+    args, config = parse_job_args(__doc__, add_arguments, argv)
     if args.resume:
         run_dir = Path(args.resume).absolute()
         if not (run_dir / CONFIG_FILE).is_file():
             raise SystemExit(f"--resume {run_dir}: no {CONFIG_FILE} there; is it a jobs.al run folder?")
         config = load_experiment(run_dir / CONFIG_FILE, args.overrides)
+        export_file = export_file_of(args, config)
     else:
+        export_file = export_file_of(args, config)
         run_dir = (Path(config.output_dir) / config.name).absolute()  # actors write there from other cwds
         if (run_dir / "progress.json").is_file():
             raise SystemExit(f"{run_dir} holds a run already: continue it with --resume {run_dir}, or set another name")
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    check_tracking_or_exit(config.tracking.tracking_uri)
     show = show_progress(config, args)
     progress = Progress.load(run_dir)
+    first_cycle = progress.completed_cycle + 1
     try:
-        label_set, local = prepare(config, run_dir, progress, show)
-    except ValueError as error:  # bad data, pool or budget: nothing has started yet
+        label_set, local, handoff = prepare(config, run_dir, progress, show, export_file)
+    except ValueError as error:  # bad data, pool, budget or export: nothing has started yet
         raise SystemExit(f"error: {error}") from error
+    if handoff is not None and export_file is None and is_exported(run_dir, first_cycle):
+        print(instructions(run_dir, first_cycle))  # still waiting for the people
+        return []
     local.save()
     init_ray()
     from actors.al_backend import RayCycleBackend  # imports ray; after the input checks
     from actors.coordinator import start_coordinator
 
-    backend = RayCycleBackend(config, run_dir, label_set)
+    backend = RayCycleBackend(config, run_dir, label_set, progress=show)
     coordinator = start_coordinator(run_dir, local.state, config.al, label_set, config.seed, local.oracle)
 
     def on_cycle(cycle: int, metrics: dict, artifacts: list[Path]) -> None:
@@ -99,16 +150,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if progress.tracking_run_id is None:
                 progress.tracking_run_id = run.info.run_id
                 progress.save(run_dir)
-                mlflow.set_tags({"strategy": config.al.strategy, "oracle": config.al.oracle,
+                mlflow.set_tags({"job": "al", "strategy": config.al.strategy, "oracle": config.al.oracle,
                                  "depth_backend": config.eem.depth.backend, "dataset": config.data.dataset})
             history = run_cycles(coordinator, backend, local.strategy, run_dir, progress, config.al.cycles, on_cycle,
-                                 config.al.warm_start, config.al.panels, **({"progress_bar": bar} if bar else {}))
-            log_artifact(progress.checkpoint, "model")
+                                 config.al.warm_start, config.al.panels, **({"progress_bar": bar} if bar else {}),
+                                 handoff=handoff)
+            waiting = handoff is not None and handoff.handed_over is not None
+            if not waiting:
+                log_artifact(progress.checkpoint, "model")
     finally:
         backend.shutdown()
         coordinator.shutdown()
-    for cycle, metrics in enumerate(history, start=config.al.cycles + 1 - len(history)):
+    for cycle, metrics in enumerate(history, start=first_cycle):
         print(f"cycle {cycle}: mIoU {metrics['val/miou']:.4f}  labelled {100 * metrics['pool/labelled_fraction']:.1f} %")
+    if waiting:
+        print(instructions(run_dir, handoff.handed_over))
     print_results_hint(tracking.tracking_uri, run_dir)
     return history
 

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 
 from orchestrator.config import ExperimentConfig, load_experiment
+from orchestrator.tracking import TrackingError, check_tracking_reachable
 from orchestrator.typed_config import ConfigError
 
 
@@ -36,6 +37,14 @@ def parse_job_args(
 def show_progress(config: ExperimentConfig, args: argparse.Namespace) -> bool:
     """Progress bars only on a terminal, unless the config or ``--quiet`` turns them off."""
     return config.progress and not args.quiet and sys.stderr.isatty()
+
+
+def check_tracking_or_exit(tracking_uri: str) -> None:
+    """Stop before any work (and before Ray starts) when the MLflow store cannot be reached."""
+    try:
+        check_tracking_reachable(tracking_uri)
+    except TrackingError as error:
+        raise SystemExit(f"error: {error}") from error
 
 
 def print_results_hint(tracking_uri: str, run_dir=None) -> None:

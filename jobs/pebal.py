@@ -27,7 +27,7 @@ import torch
 
 from actors.pebal_train import PebalTrainingError, finetune_on_ray, load_finetuned, prepare_pebal_job
 from actors.ray_train import TrainingJob, train_on_ray
-from jobs.common import init_ray, parse_job_args, show_progress
+from jobs.common import check_tracking_or_exit, init_ray, parse_job_args, show_progress
 from orchestrator.config import ExperimentConfig
 from orchestrator.datasets import datasets_for, label_set_for, manifest_for
 from orchestrator.tracking import experiment_run, log_artifact, log_metrics
@@ -103,7 +103,7 @@ def train_segmenter(config: ExperimentConfig, storage: Path, name: str, progress
         label_set=label_set.name,
         unet=UNetConfig(num_classes=label_set.num_classes, width=config.model.width, depth=config.model.depth),
         train=config.train, train_transform=train_set.transform, val_transform=val_set.transform, seed=config.seed)
-    result = train_on_ray(job, config.scaling, storage, name)
+    result = train_on_ray(job, config.scaling, storage, name, progress)
     return load_checkpoint(result.best_checkpoint)["model"], result.best_metrics
 
 
@@ -157,6 +157,7 @@ def write_report(results: list[DatasetResult], folder: Path) -> list[tuple[Path,
 
 def main(argv: list[str] | None = None) -> list[DatasetResult]:
     args, config = parse_job_args(__doc__, argv=argv)
+    check_tracking_or_exit(config.tracking.tracking_uri)
     progress = show_progress(config, args)
     torch.manual_seed(config.seed)
     inputs = inputs_or_exit(config, progress)
@@ -173,7 +174,8 @@ def main(argv: list[str] | None = None) -> list[DatasetResult]:
         log.info("fine-tuning %s (%d of %d parameters), m_in %.3f, m_out %.3f",
                  ", ".join(job.pebal.trainable), trainable, total, job.pebal.m_in, job.pebal.m_out)
         try:
-            result = finetune_on_ray(job, config.scaling, run_dir / "ray", f"pebal-{run.info.run_id[:8]}")
+            result = finetune_on_ray(job, config.scaling, run_dir / "ray", f"pebal-{run.info.run_id[:8]}",
+                                     progress=progress)
         except PebalTrainingError as error:
             if error.last_checkpoint is not None:
                 log_artifact(error.last_checkpoint, "model/last_good")

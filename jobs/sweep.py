@@ -21,8 +21,7 @@ import yaml
 
 from actors.pebal_train import prepare_pebal_job
 from actors.tune_pebal import MlflowTrialCallback, SweepResult, run_sweep, trial_experiment
-from jobs.common import parse_job_args, show_progress
-from jobs.common import init_ray
+from jobs.common import check_tracking_or_exit, init_ray, parse_job_args, show_progress
 from jobs.pebal import inputs_or_exit, pretrained_segmenter
 from orchestrator.tracking import experiment_run, log_artifact, log_metrics
 from orchestrator.typed_config import to_dict
@@ -46,6 +45,7 @@ def trials_table(result: SweepResult) -> str:
 
 def main(argv: list[str] | None = None) -> SweepResult:
     args, config = parse_job_args(__doc__, argv=argv)
+    check_tracking_or_exit(config.tracking.tracking_uri)
     progress = show_progress(config, args)
     if config.pebal.margin_quantiles is not None:
         log.warning("pebal.margin_quantiles is ignored by the sweep: the margins are sampled")

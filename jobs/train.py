@@ -15,7 +15,7 @@ import mlflow
 import torch
 from torch.utils.data import DataLoader
 
-from jobs.common import parse_job_args, print_results_hint, show_progress
+from jobs.common import check_tracking_or_exit, parse_job_args, print_results_hint, show_progress
 from orchestrator.datasets import datasets_for, label_set_for
 from orchestrator.tracking import experiment_run, log_artifact, log_metrics
 from segxal.models.unet import UNet, UNetConfig
@@ -26,6 +26,7 @@ log = logging.getLogger("jobs.train")
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args, config = parse_job_args(__doc__, argv=argv)
+    check_tracking_or_exit(config.tracking.tracking_uri)
     progress = show_progress(config, args)
     torch.manual_seed(config.seed)
     label_set = label_set_for(config.data)

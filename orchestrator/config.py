@@ -57,13 +57,29 @@ class ScalingConfig:
 
 
 @dataclass(frozen=True)
+class LabelStudioConfig:
+    """How Label Studio reaches the images of ``al.oracle: labelstudio``: as local files below
+    ``document_root`` (Label Studio's ``LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT``; null: the dataset root),
+    or, with ``url_prefix`` set, at ``<url_prefix>/<path relative to the dataset root>``."""
+
+    document_root: str | None = None
+    url_prefix: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.document_root is not None and self.url_prefix is not None:
+            raise ValueError("set document_root or url_prefix, not both")
+        if self.url_prefix is not None and not self.url_prefix.strip("/"):
+            raise ValueError("url_prefix must not be empty")
+
+
+@dataclass(frozen=True)
 class ActiveLearningConfig:
     """The SegXAL cycle. Budgets are a fraction (float) of the training pool or a count (int):
     ``initial_labelled`` (D^L at the start), ``budget`` (n, images sent to the oracle per cycle) and
     ``subset`` (D^S, the random share of the unlabelled pool that is scored each cycle)."""
 
     strategy: str = "eem"
-    oracle: Literal["simulated", "pseudo"] = "simulated"
+    oracle: Literal["simulated", "pseudo", "labelstudio"] = "simulated"
     cycles: int = 5
     initial_labelled: int | float = 0.4
     budget: int | float = 0.05
@@ -76,6 +92,7 @@ class ActiveLearningConfig:
     scorer_gpus: float = 0.0  # fractional GPUs per scoring actor
     scorer_batch_size: int = 4
     panels: int = 4  # EEM panels of selected images logged per cycle
+    labelstudio: LabelStudioConfig = field(default_factory=LabelStudioConfig)
 
     def __post_init__(self) -> None:
         get_strategy(self.strategy)

@@ -16,7 +16,7 @@ from PIL import Image
 from orchestrator.config import ActiveLearningConfig
 from orchestrator.gate import dice_gate, dice_per_image
 from orchestrator.oracles import AnnotationRequest, Oracle
-from orchestrator.pool_state import LABELLED, UNLABELLED, VALIDATION, PoolState
+from orchestrator.pool_state import LABELLED, QUARANTINED, UNLABELLED, VALIDATION, PoolState
 from orchestrator.strategies import budget_count, cycle_rng, draw_subset, get_strategy, select
 from segxal.data.io import image_size
 from segxal.data.labels import LabelSet
@@ -115,8 +115,18 @@ class Coordinator:
             "pool/labelled_fraction": self.state.labelled_fraction,
             "pool/labelled": self.state.count(LABELLED),
             "pool/unlabelled": self.state.count(UNLABELLED),
+            "pool/quarantined": self.state.count(QUARANTINED),
             "oracle/total_cost": self.state.total_annotation_cost,
         }
+
+    def quarantine(self, cycle: int, reasons: dict[str, str]) -> None:
+        """Take unreadable images (sample id -> why) out of the pools for good, their reason recorded in the
+        pool state; the run goes on without them."""
+        for sample_id, reason in reasons.items():
+            log.warning("cycle %d: %s quarantined: %s", cycle, sample_id, reason)
+            self.state = self.state.quarantine(sample_id, f"cycle {cycle}: {reason}")
+        if reasons:
+            self.save()
 
     def annotate(self, cycle: int, requests: Sequence[AnnotationRequest]) -> pa.Table:
         """The oracle re-annotates the selected images; the Dice of each re-annotation against the model's

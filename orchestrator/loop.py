@@ -5,10 +5,14 @@ explain them (EEM maps, prompts, panels), the oracle re-annotates, the Dice gate
 retrain, evaluate. The pool state is saved after every step; at the end of a cycle it is snapshot and
 ``progress.json`` records the cycle, so a resumed run restarts an interrupted cycle from the state it
 began with and, every draw being a function of (seed, cycle), ends as an uninterrupted run would.
+
+A cycle's query (score, select, explain) and its annotation (oracle, gate) are separate halves, so that
+a run can stop between them while people annotate (a :class:`Handoff`) and a later run finish the cycle.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -16,7 +20,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -39,10 +43,21 @@ class TrainOutcome:
     metrics: dict[str, float]  # validation metrics of that checkpoint: val/miou, val/iou/<class>, ...
 
 
+UNREADABLE = "unreadable"  # scores column: why an image could not be read (null for the scored ones)
+
+
 @dataclass(frozen=True)
 class ScoreOutcome:
-    scores: pa.Table | None  # sample_id, score and/or embedding, one row per candidate
+    scores: pa.Table | None  # sample_id, score and/or embedding [, unreadable], one row per candidate
     labelled_features: np.ndarray | None = None  # core-set: embeddings of the labelled pool
+
+
+@dataclass(frozen=True)
+class Explained:
+    """A request per readable selected image, and why each other one could not be read."""
+
+    requests: list[AnnotationRequest]
+    unreadable: dict[str, str] = field(default_factory=dict)
 
 
 class CycleBackend(Protocol):
@@ -52,7 +67,25 @@ class CycleBackend(Protocol):
 
     def score(self, cycle: int, checkpoint: Path, candidates: pa.Table, labelled: pa.Table | None) -> ScoreOutcome: ...
 
-    def explain(self, cycle: int, checkpoint: Path, selected: pa.Table, panel_dir: Path, panels: int) -> list[AnnotationRequest]: ...
+    def explain(self, cycle: int, checkpoint: Path, selected: pa.Table, panel_dir: Path, panels: int) -> Explained: ...
+
+
+@dataclass(frozen=True)
+class Query:
+    """The first half of a cycle: what the oracle is asked."""
+
+    requests: list[AnnotationRequest]  # the selected images, best first
+    metrics: dict[str, float]  # time/score_s, time/select_s, time/explain_s
+    artifacts: list[Path]  # the prompt regions (JSON) and EEM panels
+
+
+class Handoff(Protocol):
+    """An oracle the run waits for (people in Label Studio): the loop hands a cycle's query over and stops;
+    a later run takes it back, its oracle holding the people's annotations by then."""
+
+    def hand_over(self, cycle: int, query: Query) -> None: ...
+
+    def take_back(self, cycle: int) -> Query | None: ...
 
 
 @dataclass
@@ -100,8 +133,10 @@ def run_cycles(
     warm_start: bool = True,
     panels: int = 0,
     progress_bar: Callable[[Iterable[int]], Iterable[int]] = lambda it: it,
+    handoff: Handoff | None = None,
 ) -> list[dict[str, float]]:
-    """Run cycles ``progress.completed_cycle + 1 .. cycles``; returns each cycle's metrics.
+    """Run cycles ``progress.completed_cycle + 1 .. cycles``; returns each cycle's metrics. With a
+    ``handoff``, a cycle whose query it does not give back is handed over to it and the run stops there.
 
     ``coordinator``: a :class:`Coordinator` or a handle with the same methods (a Ray actor's proxy)."""
     run_dir = Path(run_dir)
@@ -112,8 +147,16 @@ def run_cycles(
         artifacts: list[Path] = []
         previous = None if progress.checkpoint is None else Path(progress.checkpoint)
         if cycle > 0:
-            metrics.update(query_and_annotate(cycle, coordinator, backend, strategy, run_dir, previous, timer, panels,
-                                              artifacts))
+            query = None if handoff is None else handoff.take_back(cycle)
+            if query is None:
+                query = query_cycle(cycle, coordinator, backend, strategy, run_dir, previous, panels)
+                if handoff is not None:
+                    handoff.hand_over(cycle, query)
+                    break  # people annotate now; a later run takes the query back
+            metrics.update(query.metrics)
+            artifacts.extend(query.artifacts)
+            with timer("annotate"):
+                metrics.update(annotate_cycle(cycle, coordinator, query.requests, run_dir))
         with timer("train"):
             outcome = backend.train(cycle, coordinator.training_manifest(), coordinator.validation_manifest(),
                                     previous if warm_start else None)
@@ -133,8 +176,10 @@ def run_cycles(
     return history
 
 
-def query_and_annotate(cycle: int, coordinator: Coordinator, backend: CycleBackend, spec: StrategySpec, run_dir: Path,
-                       checkpoint: Path, timer: StageTimer, panels: int, artifacts: list[Path]) -> dict[str, float]:
+def query_cycle(cycle: int, coordinator: Coordinator, backend: CycleBackend, spec: StrategySpec, run_dir: Path,
+                checkpoint: Path, panels: int) -> Query:
+    """Score D^S, select the top n and explain them (EEM maps, prompts, panels)."""
+    timer = StageTimer()
     folder = cycle_dir(run_dir, cycle)
     folder.mkdir(parents=True, exist_ok=True)
     with timer("score"):
@@ -144,22 +189,42 @@ def query_and_annotate(cycle: int, coordinator: Coordinator, backend: CycleBacke
             labelled = coordinator.training_manifest() if spec.needs_labelled_features else None
             scored = backend.score(cycle, checkpoint, candidates, labelled)
             pq.write_table(scored.scores, folder / "scores.parquet")
+            scored, candidates = set_aside_unreadable(cycle, coordinator, scored, candidates)
     with timer("select"):
         selected = coordinator.select(cycle, candidates, scored.scores, scored.labelled_features)
     panel_dir = run_dir / "panels" / cycle_name(cycle)
     panel_dir.mkdir(parents=True, exist_ok=True)
     with timer("explain"):
-        requests = backend.explain(cycle, checkpoint, coordinator.unlabelled_manifest(selected), panel_dir, panels)
-    with timer("annotate"):
-        decisions = coordinator.annotate(cycle, requests)
-    pq.write_table(decisions, folder / "decisions.parquet")
+        explained = backend.explain(cycle, checkpoint, coordinator.unlabelled_manifest(selected), panel_dir, panels)
+    coordinator.quarantine(cycle, explained.unreadable)
+    requests = explained.requests
     regions_file = run_dir / "panels" / f"{cycle_name(cycle)}_regions.json"
     regions_file.write_text(json.dumps({r.sample_id: r.regions for r in requests}, indent=1))
-    artifacts.extend([regions_file, *sorted(panel_dir.glob("*.png"))])
+    return Query(requests, timer.seconds, [regions_file, *sorted(panel_dir.glob("*.png"))])
+
+
+def set_aside_unreadable(cycle: int, coordinator: Coordinator, scored: ScoreOutcome,
+                         candidates: pa.Table) -> tuple[ScoreOutcome, pa.Table]:
+    """Quarantine the candidates the scorers could not read; the rest, scored, go on to selection."""
+    scores = scored.scores
+    if UNREADABLE not in scores.column_names:
+        return scored, candidates
+    broken = scores.filter(pc.is_valid(scores[UNREADABLE]))
+    coordinator.quarantine(cycle, dict(zip(broken["sample_id"].to_pylist(), broken[UNREADABLE].to_pylist())))
+    readable = pc.invert(pc.is_in(candidates["sample_id"], broken["sample_id"]))
+    scores = scores.filter(pc.is_null(scores[UNREADABLE])).drop_columns([UNREADABLE])
+    return dataclasses.replace(scored, scores=scores), candidates.filter(readable)
+
+
+def annotate_cycle(cycle: int, coordinator: Coordinator, requests: list[AnnotationRequest],
+                   run_dir: Path) -> dict[str, float]:
+    """The oracle re-annotates, the Dice gate updates the pool; the cycle's gate and oracle metrics."""
+    decisions = coordinator.annotate(cycle, requests)
+    pq.write_table(decisions, cycle_dir(run_dir, cycle) / "decisions.parquet")
     accepted = decisions["accepted"].to_numpy(zero_copy_only=False)
     dice = decisions["dice"].to_numpy(zero_copy_only=False)
     return {
-        "gate/selected": len(selected),
+        "gate/selected": len(requests),
         "gate/accepted": int(accepted.sum()),
         "gate/returned": int((~accepted).sum()),
         "gate/mean_dice": float(np.nanmean(dice)) if np.isfinite(dice).any() else float("nan"),

@@ -5,6 +5,8 @@
 - ``simulated`` (benchmarks): an annotator who corrects the model's prediction with the ground truth,
   object by object, wherever an EEM region points; everything else keeps the prediction. It counts the
   objects and pixels it corrected. Manual-M / Manual-D are this oracle with ``midas`` / ``dinov2`` depth.
+- ``labelstudio`` (people): the annotations people made in Label Studio, guided by the EEM prompts
+  (``orchestrator/labelstudio/``); Manual-M / Manual-D with real annotators.
 
 Every oracle returns :class:`Annotation` s in train ids at the scoring resolution.
 """
@@ -12,13 +14,15 @@ Every oracle returns :class:`Annotation` s in train ids at the scoring resolutio
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from scipy import ndimage
 
 from segxal.data.labels import IGNORE_INDEX
+from segxal.data.transforms import resize_nearest
 
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
@@ -99,4 +103,30 @@ class SimulatedOracle(Oracle):
             label = np.where(touched, truth, request.prediction).astype(np.uint8)
             corrected = int((label != request.prediction).sum())
             annotations.append(Annotation(request.sample_id, label, float(count), corrected))
+        return annotations
+
+
+class LabelStudioOracle(Oracle):
+    """People in Label Studio. ``labels``: sample id -> (H, W) train ids at the image's native size, as
+    imported from Label Studio's export (``orchestrator.labelstudio``, which checks that size); they are
+    resized to the scoring resolution (the prediction's size) with the dataset loader's nearest neighbour.
+
+    Cost counts corrections as the simulated oracle does: the objects (8-connected areas of one class in
+    the annotation) holding a pixel whose class differs from the model's; pixels: those pixels. A person
+    who accepts the pre-annotation unchanged costs 0; pixels left unannotated are not corrections."""
+
+    name = "labelstudio"
+
+    def __init__(self, labels: Mapping[str, np.ndarray]) -> None:
+        self.labels = dict(labels)
+
+    def annotate(self, requests: Sequence[AnnotationRequest]) -> list[Annotation]:
+        annotations = []
+        for request in requests:
+            if request.sample_id not in self.labels:
+                raise ValueError(f"{request.sample_id}: no Label Studio annotation was imported for it")
+            label = resize_nearest(torch.tensor(self.labels[request.sample_id]), request.prediction.shape).numpy()
+            changed = (label != IGNORE_INDEX) & (label != request.prediction)
+            _, objects = objects_touching(label, changed)
+            annotations.append(Annotation(request.sample_id, label, float(objects), int(changed.sum())))
         return annotations

@@ -1,19 +1,100 @@
-"""MLflow tracking: one run per experiment, flattened config as params, names stable across runs."""
+"""MLflow tracking: one run per experiment, flattened config as params, names stable across runs.
+
+A store that cannot be reached is found at start (:func:`check_tracking_reachable`, seconds rather than
+MLflow's minutes of HTTP retries); a transient failure while logging is retried with backoff and the
+run goes on (:func:`retrying`).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import urlparse
 
 import mlflow
+from mlflow.exceptions import MlflowException
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 
 from orchestrator.typed_config import flatten
 
 log = logging.getLogger(__name__)
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+PROBE_TIMEOUT_S = 5.0
+RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0)  # waits between attempts of a logging call
+T = TypeVar("T")
+
+
+class TrackingError(RuntimeError):
+    """The MLflow store cannot be reached or written; the message names the tracking URI."""
+
+
+def check_tracking_reachable(tracking_uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """Raise :class:`TrackingError` when an ``http(s)`` tracking server does not answer within
+    ``timeout_s``, or a ``sqlite`` store's file cannot be created or written. Other schemes pass."""
+    scheme = urlparse(tracking_uri).scheme
+    if scheme in ("http", "https"):
+        _probe_server(tracking_uri, timeout_s)
+    elif scheme == "sqlite":
+        _check_sqlite_file(tracking_uri)
+
+
+def _probe_server(tracking_uri: str, timeout_s: float) -> None:
+    try:
+        urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return  # it answered: credentials and the like are MLflow's to report
+    except (OSError, ValueError) as error:
+        reason = getattr(error, "reason", error)
+        raise TrackingError(f"MLflow tracking server {tracking_uri} is unreachable ({reason}); start it or "
+                            "set tracking.tracking_uri") from error
+
+
+def _check_sqlite_file(tracking_uri: str) -> None:
+    database = make_url(tracking_uri).database
+    if database in (None, "", ":memory:"):
+        return
+    path = Path(database).absolute()
+    if path.exists():
+        if not path.is_file() or not os.access(path, os.R_OK | os.W_OK):
+            raise TrackingError(f"MLflow tracking URI {tracking_uri}: {path} is not a writable file")
+        return
+    folder = next(p for p in path.parents if p.exists())  # MLflow creates the missing folders
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise TrackingError(f"MLflow tracking URI {tracking_uri}: cannot create {path} ({folder} is not a "
+                            "writable folder)")
+
+
+def is_transient(error: BaseException) -> bool:
+    """Worth retrying: a connection or server-side failure, not a request MLflow refused as invalid."""
+    if isinstance(error, MlflowException):
+        status = error.get_http_status_code()
+        return status >= 500 or status == 429
+    return isinstance(error, (OSError, OperationalError))
+
+
+def retrying(call: Callable[[], T], what: str, delays: Sequence[float] | None = None) -> T:
+    """``call()``, retried after each of ``delays`` (default :data:`RETRY_DELAYS_S`) seconds while it
+    fails transiently, with a warning each time; gives up with a :class:`TrackingError`."""
+    delays = RETRY_DELAYS_S if delays is None else delays
+    for attempt, delay in enumerate([*delays, None], start=1):
+        try:
+            return call()
+        except Exception as error:
+            if not is_transient(error):
+                raise
+            if delay is None:
+                raise TrackingError(f"MLflow {what} at {mlflow.get_tracking_uri()} failed {attempt} times; "
+                                    f"last error: {error}") from error
+            log.warning("MLflow %s failed (%s); retry %d of %d in %.0f s", what, error, attempt, len(delays), delay)
+            time.sleep(delay)
 
 
 @contextlib.contextmanager
@@ -32,8 +113,9 @@ def experiment_run(tracking_uri: str, experiment: str, run_name: str | None, con
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     """Log finite metrics; metric names are used as given (``val/miou``, ``val/iou/<class>``)."""
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+    values = {k: float(v) for k, v in metrics.items()}
+    retrying(lambda: mlflow.log_metrics(values, step=step), "log_metrics")
 
 
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
-    mlflow.log_artifact(str(path), artifact_path=artifact_path)
+    retrying(lambda: mlflow.log_artifact(str(path), artifact_path=artifact_path), f"log_artifact {Path(path).name}")

@@ -12,9 +12,9 @@ import torch
 
 from orchestrator.config import ActiveLearningConfig
 from orchestrator.coordinator import Coordinator, snapshot_path
-from orchestrator.loop import Progress, ScoreOutcome, TrainOutcome, run_cycles
+from orchestrator.loop import UNREADABLE, Explained, Progress, ScoreOutcome, TrainOutcome, run_cycles
 from orchestrator.oracles import AnnotationRequest, SimulatedOracle
-from orchestrator.pool_state import LABELLED, UNLABELLED, PoolState
+from orchestrator.pool_state import LABELLED, QUARANTINED, UNLABELLED, PoolState
 from orchestrator.strategies import get_strategy
 from segxal.data.cityscapes import cityscapes_manifest
 from segxal.data.dataset import SampleTransform, SegmentationDataset
@@ -53,11 +53,30 @@ class FakeBackend:
         return wrong
 
     def explain(self, cycle, checkpoint, selected, panel_dir, panels):
-        return [
+        return Explained([
             AnnotationRequest(i, p, self.prediction(i), self.prediction(i), np.ones(SIZE, np.float32),
                               np.ones(SIZE, np.int32), [{"id": 1}])
             for i, p in zip(selected["sample_id"].to_pylist(), selected["image_path"].to_pylist())
-        ]
+        ])
+
+
+class DamagedPoolBackend(FakeBackend):
+    """``unreadable`` ids fail to load: scoring returns them with a reason, explaining leaves them out."""
+
+    def __init__(self, truth, tmp: Path, unreadable: set[str]):
+        super().__init__(truth, tmp)
+        self.unreadable = unreadable
+
+    def score(self, cycle, checkpoint, candidates, labelled):
+        ids = candidates["sample_id"].to_pylist()
+        return ScoreOutcome(pa.table({
+            "sample_id": ids, "score": [None if i in self.unreadable else score_of(i) for i in ids],
+            UNREADABLE: [f"{i}.png: truncated" if i in self.unreadable else None for i in ids]}))
+
+    def explain(self, cycle, checkpoint, selected, panel_dir, panels):
+        explained = super().explain(cycle, checkpoint, selected, panel_dir, panels)
+        return Explained([r for r in explained.requests if r.sample_id not in self.unreadable],
+                         {i: f"{i}.png: truncated" for i in selected["sample_id"].to_pylist() if i in self.unreadable})
 
 
 @pytest.fixture
@@ -70,10 +89,10 @@ def pool(synthetic_root):
     return PoolState.from_manifest(train, 4, seed=3, validation=val), truth
 
 
-def run(run_dir, state, truth, cycles, al, progress=None):
+def run(run_dir, state, truth, cycles, al, progress=None, backend=None):
     run_dir.mkdir(parents=True, exist_ok=True)
     coordinator = Coordinator(run_dir, state, al, CITYSCAPES, seed=3, oracle=SimulatedOracle(truth))
-    backend = FakeBackend(truth, run_dir)
+    backend = backend or FakeBackend(truth, run_dir)
     history = run_cycles(coordinator, backend, get_strategy(al.strategy), run_dir, progress or Progress(), cycles)
     return coordinator, backend, history
 
@@ -143,3 +162,28 @@ def test_budget_larger_than_pool_is_refused_before_work(pool, tmp_path):
     state, truth = pool
     with pytest.raises(ValueError, match="al.budget"):
         Coordinator(tmp_path, state, ActiveLearningConfig(budget=50), CITYSCAPES, seed=0)
+
+
+@pytest.mark.parametrize("strategy", ["entropy", "random"])  # found unreadable by scoring / by explaining
+def test_unreadable_images_are_quarantined_and_the_run_goes_on(pool, tmp_path, strategy):
+    state, truth = pool
+    al = ActiveLearningConfig(strategy=strategy, budget=3, subset=1.0, theta=0.0)
+    if strategy == "random":  # two of the images it picks in cycle 1, so that explaining meets them
+        run(tmp_path / "clean", state, truth, 1, al)
+        picked = pq.read_table(tmp_path / "clean" / "cycles" / "cycle_01" / "decisions.parquet")["sample_id"]
+        broken = set(picked.to_pylist()[:2])
+    else:  # every unlabelled image is a candidate (subset 1.0): scoring meets them
+        broken = set(state.ids(UNLABELLED).to_pylist()[:2])
+    coordinator, _, history = run(tmp_path / "run", state, truth, 2, al,
+                                  backend=DamagedPoolBackend(truth, tmp_path, broken))
+    final = coordinator.state
+    final.check_invariants()
+    assert set(final.ids(QUARANTINED).to_pylist()) == broken
+    for sample_id in broken:
+        assert final.record(sample_id)["quarantine_reason"] == f"cycle 1: {sample_id}.png: truncated"
+    decisions = [d["sample_id"] for c in (1, 2)
+                 for d in pq.read_table(tmp_path / "run" / "cycles" / f"cycle_{c:02d}" / "decisions.parquet").to_pylist()]
+    assert not broken & set(decisions)
+    assert history[1]["pool/quarantined"] == 2 and history[2]["pool/quarantined"] == 2
+    assert history[1]["gate/selected"] == (1 if strategy == "random" else 3)  # explaining lost 2 of the 3
+    assert PoolState.load(snapshot_path(tmp_path / "run", 1)).count(QUARANTINED) == 2

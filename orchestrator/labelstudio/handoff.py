@@ -1,0 +1,157 @@
+"""The Label Studio stage of a run: a cycle's query is handed over as files for people and the run stops;
+a later run imports Label Studio's export and takes the query back to finish the cycle.
+
+``run_dir/labelstudio/cycle_NN/`` holds
+- ``tasks.json``: the tasks to import into Label Studio;
+- ``labelling_config.xml``: the project's labelling interface;
+- ``requests.npz``: the requests' maps, so that the cycle continues exactly where it stopped;
+- ``manifest.json``: each task's sample, image reference and native size (what an export is checked
+  against), the requests' regions and the query's metrics and artifacts; written last, so its presence
+  means the export is complete;
+- ``export.json``: once imported, the Label Studio export the cycle used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from orchestrator.coordinator import cycle_name
+from orchestrator.labelstudio.imports import ExportedTask, LabelStudioImportError, read_export
+from orchestrator.labelstudio.tasks import ImageReferences, labelling_config, task
+from orchestrator.loop import Query
+from orchestrator.oracles import AnnotationRequest
+from segxal.data.io import image_size
+from segxal.data.labels import LabelSet
+
+TASKS, CONFIG, REQUESTS, MANIFEST, IMPORTED = (
+    "tasks.json", "labelling_config.xml", "requests.npz", "manifest.json", "export.json")
+MAPS = ("prediction", "tta_prediction", "tta_confidence", "region_map")
+
+
+def export_dir(run_dir: str | Path, cycle: int) -> Path:
+    return Path(run_dir) / "labelstudio" / cycle_name(cycle)
+
+
+def is_exported(run_dir: str | Path, cycle: int) -> bool:
+    """Whether ``cycle`` was exported to Label Studio (and waits for its annotations unless completed)."""
+    return (export_dir(run_dir, cycle) / MANIFEST).is_file()
+
+
+def write_export(folder: Path, cycle: int, query: Query, images: ImageReferences, label_set: LabelSet,
+                 max_prompts: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    model_version = f"segxal-{cycle_name(cycle - 1)}"  # the model trained in the previous cycle
+    tasks, exported = [], []
+    for number, request in enumerate(query.requests, start=1):
+        size = image_size(request.image_path)
+        reference = images.reference(request.image_path)
+        tasks.append(task(number, request, reference, size, label_set, model_version))
+        exported.append(ExportedTask(request.sample_id, request.image_path, reference, *size))
+    max_prompts = max([max_prompts, *(len(r.regions) for r in query.requests)])
+    (folder / TASKS).write_text(json.dumps(tasks))
+    (folder / CONFIG).write_text(labelling_config(label_set, max_prompts))
+    np.savez_compressed(folder / REQUESTS, **{f"{name}_{i}": getattr(request, name)
+                                              for i, request in enumerate(query.requests) for name in MAPS})
+    manifest = {
+        "cycle": cycle,
+        "tasks": [dataclasses.asdict(t) | {"regions": r.regions} for t, r in zip(exported, query.requests)],
+        "metrics": query.metrics,
+        "artifacts": [str(path) for path in query.artifacts],
+    }
+    temporary = folder / (MANIFEST + ".tmp")
+    temporary.write_text(json.dumps(manifest, indent=1))
+    os.replace(temporary, folder / MANIFEST)
+
+
+@dataclass(frozen=True)
+class PendingCycle:
+    """A cycle exported to Label Studio, waiting for its annotations."""
+
+    cycle: int
+    folder: Path
+    tasks: list[ExportedTask]
+    query: Query
+
+    @classmethod
+    def load(cls, run_dir: str | Path, cycle: int) -> "PendingCycle":
+        folder = export_dir(run_dir, cycle)
+        if not is_exported(run_dir, cycle):
+            raise LabelStudioImportError(f"{folder}: no Label Studio export of cycle {cycle} waits for annotations "
+                                         "(run jobs.al with --stage export first)")
+        manifest = json.loads((folder / MANIFEST).read_text())
+        names = [field.name for field in dataclasses.fields(ExportedTask)]
+        tasks = [ExportedTask(**{name: record[name] for name in names}) for record in manifest["tasks"]]
+        with np.load(folder / REQUESTS) as maps:
+            requests = [AnnotationRequest(record["sample_id"], record["image_path"],
+                                          *(maps[f"{name}_{i}"] for name in MAPS), record["regions"])
+                        for i, record in enumerate(manifest["tasks"])]
+        return cls(cycle, folder, tasks, Query(requests, manifest["metrics"], [Path(p) for p in manifest["artifacts"]]))
+
+
+@dataclass(frozen=True)
+class ImportedCycle:
+    pending: PendingCycle
+    labels: dict[str, np.ndarray]  # sample id -> (H, W) train ids at the image's native size
+
+    @property
+    def query(self) -> Query:
+        query = self.pending.query
+        return Query(query.requests, query.metrics, [*query.artifacts, self.pending.folder / IMPORTED])
+
+
+def import_cycle(run_dir: str | Path, cycle: int, export_file: str | Path, images: ImageReferences,
+                 label_set: LabelSet) -> ImportedCycle:
+    """Check Label Studio's export against the cycle's pending export and decode it. Nothing is written
+    unless all of it is valid; then the export is kept in the cycle's folder."""
+    pending = PendingCycle.load(run_dir, cycle)
+    labels = read_export(export_file, pending.tasks, images, label_set)
+    kept = pending.folder / IMPORTED
+    if Path(export_file).resolve() != kept.resolve():
+        shutil.copyfile(export_file, kept)
+    return ImportedCycle(pending, labels)
+
+
+class LabelStudioHandoff:
+    """The loop's :class:`~orchestrator.loop.Handoff` for people annotating in Label Studio."""
+
+    def __init__(self, run_dir: str | Path, images: ImageReferences, label_set: LabelSet, max_prompts: int,
+                 imported: ImportedCycle | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.images = images
+        self.label_set = label_set
+        self.max_prompts = max_prompts
+        self.imported = imported
+        self.handed_over: int | None = None  # the cycle exported by this run, if any
+
+    def hand_over(self, cycle: int, query: Query) -> None:
+        write_export(export_dir(self.run_dir, cycle), cycle, query, self.images, self.label_set, self.max_prompts)
+        self.handed_over = cycle
+
+    def take_back(self, cycle: int) -> Query | None:
+        if self.imported is None or self.imported.pending.cycle != cycle:
+            return None
+        return self.imported.query
+
+
+def instructions(run_dir: str | Path, cycle: int) -> str:
+    """What the person does next, with the exact command that continues the run."""
+    folder = export_dir(run_dir, cycle)
+    count = len(json.loads((folder / TASKS).read_text()))
+    return (
+        f"cycle {cycle} waits for people: {count} images to annotate in Label Studio, exported to {folder}\n"
+        f"  1. Create a Label Studio project for this cycle; Settings > Labeling Interface > Code: paste\n"
+        f"     {folder / CONFIG}\n"
+        f"  2. Import {folder / TASKS}: the model's segmentation comes as pre-annotations and the EEM prompts\n"
+        f"     as keypoints EEM 1, EEM 2, ... (EEM 1 marks the largest explainable error)\n"
+        f"  3. Correct each image, starting at the prompts, and submit it\n"
+        f"  4. Export the project as JSON, then continue the run:\n"
+        f"     python -m jobs.al --resume {run_dir} --stage import <the exported JSON file>\n"
+        f"(step by step: README, 'Annotating a cycle in Label Studio')"
+    )

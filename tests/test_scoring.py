@@ -1,0 +1,91 @@
+"""PoolScorer as a plain class: scores with known answers, and unreadable images kept aside with a reason."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+import torch
+
+from actors.scoring import UNREADABLE, PoolScorer
+from segxal.data.cityscapes import cityscapes_manifest
+from segxal.data.dataset import SampleTransform, SegmentationDataset
+from segxal.data.labels import CITYSCAPES
+from segxal.eem.config import DepthConfig, EEMConfig
+from segxal.eem.entropy import normalized_entropy
+from segxal.models.unet import UNet, UNetConfig
+
+SIZE = (32, 64)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return UNet(UNetConfig(num_classes=CITYSCAPES.num_classes, width=4, depth=2)).eval()
+
+
+@pytest.fixture(scope="module")
+def rows(synthetic_root):
+    return cityscapes_manifest(synthetic_root, "train").slice(0, 6)
+
+
+@pytest.fixture
+def scorer(model):
+    scorer = PoolScorer(EEMConfig(depth=DepthConfig(backend="geometric"), min_region_area=2), "cityscapes", SIZE,
+                        batch_size=4, device="cpu")
+    scorer.load_model(model.to_checkpoint())
+    return scorer
+
+
+def with_broken_image(rows: pa.Table, index: int, tmp_path) -> tuple[pa.Table, str]:
+    """``rows`` with the image of row ``index`` replaced by the first half of its PNG (a truncated file)."""
+    original = rows["image_path"][index].as_py()
+    broken = tmp_path / "truncated.png"
+    data = open(original, "rb").read()
+    broken.write_bytes(data[: len(data) // 2])
+    paths = rows["image_path"].to_pylist()
+    paths[index] = str(broken)
+    return rows.set_column(rows.schema.get_field_index("image_path"), "image_path", pa.array(paths)), str(broken)
+
+
+def test_entropy_scores_are_the_mean_normalised_entropy_of_each_image(scorer, model, rows):
+    scores = scorer.score(rows, "entropy")
+    dataset = SegmentationDataset(rows, CITYSCAPES, SampleTransform(size=SIZE))
+    with torch.no_grad():
+        expected = [normalized_entropy(model(dataset[i]["image"][None])).mean().item() for i in range(len(rows))]
+    assert scores["sample_id"].to_pylist() == rows["sample_id"].to_pylist()
+    np.testing.assert_allclose(scores["score"].to_numpy(), expected, rtol=1e-5)
+    assert scores[UNREADABLE].null_count == len(rows)
+
+
+def test_an_unreadable_image_is_set_aside_with_its_reason_and_the_rest_scored_as_before(scorer, rows, tmp_path):
+    clean = scorer.score(rows, "eem")
+    damaged, broken = with_broken_image(rows, 2, tmp_path)
+    scores = scorer.score(damaged, "eem")
+    bad_id = rows["sample_id"][2].as_py()
+    assert sorted(scores["sample_id"].to_pylist()) == sorted(rows["sample_id"].to_pylist())  # every id, once
+    reasons = {r["sample_id"]: r[UNREADABLE] for r in scores.to_pylist() if r[UNREADABLE] is not None}
+    assert list(reasons) == [bad_id] and broken in reasons[bad_id]
+    good = scores.filter(pc.is_null(scores[UNREADABLE]))
+    assert scores.filter(pc.is_valid(scores[UNREADABLE]))["score"].null_count == 1
+    expected = clean.filter(pc.not_equal(clean["sample_id"], bad_id))
+    assert good["sample_id"].to_pylist() == expected["sample_id"].to_pylist()
+    np.testing.assert_allclose(good["score"].to_numpy(), expected["score"].to_numpy(), rtol=1e-5)
+
+
+def test_core_set_embeddings_leave_an_unreadable_image_null(scorer, rows, tmp_path):
+    damaged, _ = with_broken_image(rows, 0, tmp_path)
+    table = scorer.score(damaged, "coreset")
+    embeddings = dict(zip(table["sample_id"].to_pylist(), table["embedding"].to_pylist()))
+    assert embeddings[rows["sample_id"][0].as_py()] is None
+    assert all(len(e) > 0 for i, e in embeddings.items() if i != rows["sample_id"][0].as_py())
+
+
+def test_explain_returns_requests_for_readable_images_only(scorer, rows, tmp_path):
+    damaged, broken = with_broken_image(rows.slice(0, 3), 1, tmp_path)
+    explained = scorer.explain(damaged, "eem", str(tmp_path), panels=1)
+    ids = rows["sample_id"].to_pylist()[:3]
+    assert [r.sample_id for r in explained.requests] == [ids[0], ids[2]]
+    assert list(explained.unreadable) == [ids[1]] and broken in explained.unreadable[ids[1]]
+    assert explained.requests[1].image_path == rows["image_path"][2].as_py()  # paths still match their ids
+    assert all(r.prediction.shape == SIZE for r in explained.requests)
+    assert len(list(tmp_path.glob("*.png"))) == 2  # the truncated file and one panel
