@@ -1,0 +1,107 @@
+"""Active-learning curves on CamVid: eem, entropy, random and core-set from 10 % to 40 % labelled in 5
+cycles, over seeds, against full supervision; the real jobs (jobs.al on Ray, jobs.train), one MLflow
+experiment, and jobs.compare's table and plot.
+
+    python bench/al_curves_camvid.py --root ../shared/data/camvid [--seeds 0 1] [--epochs 8] [--size 72 96]
+
+Resumable: a finished run is skipped, an interrupted one continues with ``jobs.al --resume``. Writes
+``--out`` (default bench/out/al_curves): runs/, mlflow.db, compare/ (CSV, Markdown, miou_vs_labelled.png)
+and timing.json (wall and CPU seconds of each run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from pathlib import Path
+
+from jobs import al as al_job
+from jobs import compare as compare_job
+from jobs import train as train_job
+from orchestrator.loop import Progress
+
+EXPERIMENT = "bench-al-camvid"
+STRATEGIES = ("eem", "entropy", "random", "coreset")
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children (Ray's workers are not children
+    of the driver, so this undercounts the distributed part: wall time is the figure to read)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def settings(args: argparse.Namespace, name: str, seed: int) -> list[str]:
+    values = {
+        "name": name, "seed": seed, "output_dir": args.out / "runs", "data.root": args.root,
+        "data.image_size": f"[{args.size[0]}, {args.size[1]}]", "model.width": args.width, "model.depth": 4,
+        "train.epochs": args.epochs, "train.batch_size": 8,
+        # the scoring actors reserve 2 x 0.5 CPU; two DDP workers of one thread each keep both cores busy
+        "scaling.num_workers": 2, "scaling.cpus_per_worker": 0.5,
+        "tracking.tracking_uri": f"sqlite:///{(args.out / 'mlflow.db').absolute()}", "tracking.experiment": EXPERIMENT,
+    }
+    return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
+
+
+def run_active_learning(args: argparse.Namespace, strategy: str, seed: int) -> None:
+    name = f"{strategy}-s{seed}"
+    run_dir = (args.out / "runs" / name).absolute()
+    if Progress.load(run_dir).completed_cycle == args.cycles:
+        print(f"{name}: done already")
+        return
+    common = ["--quiet", *settings(args, name, seed), "--set", f"al.strategy={strategy}",
+              "--set", f"al.cycles={args.cycles}", "--set", f"al.theta={args.theta}", "--set", "al.panels=2"]
+    if (run_dir / "progress.json").is_file():
+        al_job.main(["--resume", str(run_dir), *common])
+    else:
+        al_job.main(["--config", "jobs/configs/camvid.yaml", *common])
+
+
+def run_full_supervision(args: argparse.Namespace, seed: int) -> None:
+    name = f"full-s{seed}"
+    if (args.out / "runs" / name / "metrics.json").is_file():
+        print(f"{name}: done already")
+        return
+    train_job.main(["--config", "jobs/configs/camvid.yaml", *settings(args, name, seed), "--quiet"])
+
+
+def timed(timing: dict, path: Path, name: str, work) -> None:
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    work()
+    timing[name] = {"wall_s": round(time.perf_counter() - wall, 1), "driver_cpu_s": round(cpu_seconds() - cpu, 1)}
+    path.write_text(json.dumps(timing, indent=2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, required=True, help="CamVid (SegNet release) folder")
+    parser.add_argument("--out", type=Path, default=Path("bench/out/al_curves"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    parser.add_argument("--cycles", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=8, help="epochs per cycle (warm start from the last model)")
+    parser.add_argument("--size", type=int, nargs=2, default=(72, 96), metavar=("H", "W"))
+    parser.add_argument("--width", type=int, default=8, help="U-Net base width")
+    parser.add_argument("--theta", type=float, default=0.0,
+                        help="Dice gate; 0 (off) so every strategy labels the same fraction each cycle")
+    args = parser.parse_args()
+    args.root, args.out = args.root.absolute(), args.out.absolute()
+    args.out.mkdir(parents=True, exist_ok=True)
+    timing_path = args.out / "timing.json"
+    timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
+    start = time.perf_counter()
+    for seed in args.seeds:
+        timed(timing, timing_path, f"full-s{seed}", lambda: run_full_supervision(args, seed))
+        for strategy in args.strategies:
+            timed(timing, timing_path, f"{strategy}-s{seed}", lambda: run_active_learning(args, strategy, seed))
+    timing["total_wall_s"] = round(time.perf_counter() - start, 1)
+    timing_path.write_text(json.dumps(timing, indent=2))
+    compare_job.main(["--experiment", EXPERIMENT, "--tracking-uri", f"sqlite:///{args.out / 'mlflow.db'}",
+                      "--out", str(args.out / "compare"), "--no-log", "--quiet"])
+    print(f"wall time of this invocation: {timing['total_wall_s'] / 60:.1f} min; per run: {timing_path}")
+
+
+if __name__ == "__main__":
+    main()
