@@ -1,5 +1,8 @@
 """jobs.al end to end on a real local Ray: 2 scoring actors, Ray Train with 1 worker, SQLite MLflow."""
 
+import shutil
+from pathlib import Path
+
 import mlflow
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -8,7 +11,8 @@ import ray
 
 from jobs import al as al_job
 from orchestrator.coordinator import snapshot_path
-from orchestrator.pool_state import LABELLED, UNLABELLED, PoolState
+from orchestrator.pool_state import LABELLED, QUARANTINED, UNLABELLED, PoolState
+from segxal.data.cityscapes import cityscapes_manifest
 
 from conftest import TINY_SYNTHETIC
 
@@ -26,6 +30,13 @@ def tiny(synthetic_root, output_dir, tracking_uri, name, cycles):
         "al.num_scorers": 2, "al.panels": 1, "eem.min_region_area": 2,
     }
     return ["--config", "jobs/configs/demo.yaml", "--quiet"] + [a for k, v in settings.items() for a in ("--set", f"{k}={v}")]
+
+
+def comparable_pool_state(run_dir) -> pa.Table:
+    """A run's final pool state with its run folder in paths (accepted labels) written as RUN."""
+    table = PoolState.load(run_dir / "pool_state.parquet").table
+    sources = [None if s is None else s.replace(str(run_dir), "RUN") for s in table["label_source"].to_pylist()]
+    return table.set_column(table.schema.get_field_index("label_source"), "label_source", pa.array(sources, pa.string()))
 
 
 @pytest.fixture(scope="module")
@@ -88,15 +99,30 @@ def test_resume_after_cycle_one_matches_uninterrupted(straight_run, synthetic_ro
     with pytest.raises(SystemExit, match="--resume"):
         al_job.main(tiny(synthetic_root, tmp_path / "runs", uri, "stopped", 2))
     al_job.main(["--resume", str(run_dir), "--quiet", "--set", "al.cycles=2"])
-
-    def comparable(path, run_dir):
-        table = PoolState.load(path).table
-        sources = [None if s is None else s.replace(str(run_dir), "RUN") for s in table["label_source"].to_pylist()]
-        return table.set_column(table.schema.get_field_index("label_source"), "label_source", pa.array(sources, pa.string()))
-
-    assert comparable(run_dir / "pool_state.parquet", run_dir).equals(
-        comparable(straight_dir / "pool_state.parquet", straight_dir))
+    assert comparable_pool_state(run_dir).equals(comparable_pool_state(straight_dir))
     mlflow.set_tracking_uri(uri)
     (run,) = mlflow.search_runs(experiment_names=["al-test"], output_format="list")
     history = mlflow.MlflowClient(uri).get_metric_history(run.info.run_id, "val/miou")
     assert [m.step for m in history] == [0, 1, 2]  # the resumed run continued the same MLflow run
+
+
+def test_a_corrupt_unlabelled_image_is_quarantined_and_the_run_goes_on(local_ray, synthetic_root, tmp_path):
+    root = shutil.copytree(synthetic_root, tmp_path / "data")
+    pool = PoolState.from_manifest(cityscapes_manifest(root, "train"), 4, seed=0,  # as jobs.al draws it (seed 0)
+                                   validation=cityscapes_manifest(root, "val"))
+    victim = pool.ids(UNLABELLED)[0].as_py()
+    image = Path(pool.record(victim)["image_path"])
+    image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])  # the header survives: only decoding fails
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    history = al_job.main(tiny(root, tmp_path / "runs", uri, "damaged", 1))
+    state = PoolState.load(tmp_path / "runs" / "damaged" / "pool_state.parquet")
+    state.check_invariants()
+    record = state.record(victim)
+    assert record["role"] == QUARANTINED and str(image) in record["quarantine_reason"]
+    assert state.ids(QUARANTINED).to_pylist() == [victim]
+    assert [h["pool/quarantined"] for h in history] == [0, 1] and history[1]["gate/selected"] == 2
+    mlflow.set_tracking_uri(uri)
+    (run,) = mlflow.search_runs(experiment_names=["al-test"], output_format="list")
+    assert run.info.status == "FINISHED"
+    logged = mlflow.MlflowClient(uri).get_metric_history(run.info.run_id, "pool/quarantined")
+    assert [(m.step, m.value) for m in logged] == [(0, 0.0), (1, 1.0)]

@@ -22,16 +22,21 @@ def local_ray():
     ray.shutdown()
 
 
-def test_torch_trainer_reports_best_checkpoint(local_ray, synthetic_root, tmp_path):
-    job = TrainingJob(
+def tiny_training_job(synthetic_root, epochs: int) -> TrainingJob:
+    """A small U-Net on the tiny synthetic dataset at 32x64."""
+    return TrainingJob(
         train_manifest=cityscapes_manifest(synthetic_root, "train"),
         val_manifest=cityscapes_manifest(synthetic_root, "val"),
         label_set="cityscapes",
         unet=UNetConfig(num_classes=19, width=4, depth=2),
-        train=TrainConfig(epochs=3, batch_size=4, lr=0.01, device="cpu"),
+        train=TrainConfig(epochs=epochs, batch_size=4, lr=0.01, device="cpu"),
         train_transform=SampleTransform(size=(32, 64), augment=True),
         val_transform=SampleTransform(size=(32, 64)),
     )
+
+
+def test_torch_trainer_reports_best_checkpoint(local_ray, synthetic_root, tmp_path):
+    job = tiny_training_job(synthetic_root, epochs=3)
     result = train_on_ray(job, ScalingConfig(num_workers=1), tmp_path / "ray", "unit")
     assert result.last_metrics["epoch"] == 2
     state = load_checkpoint(result.best_checkpoint)
