@@ -17,7 +17,6 @@ import argparse
 import logging
 from pathlib import Path
 
-import mlflow
 import yaml
 
 from jobs.common import check_tracking_or_exit, init_ray, parse_job_args, print_results_hint, show_progress
@@ -29,7 +28,7 @@ from orchestrator.labelstudio.tasks import ImageReferences
 from orchestrator.loop import Progress, run_cycles
 from orchestrator.oracles import LabelStudioOracle, Oracle, PseudoLabelOracle, SimulatedOracle
 from orchestrator.pool_state import PoolState
-from orchestrator.tracking import experiment_run, log_artifact, log_metrics
+from orchestrator.tracking import experiment_run, log_artifact, log_metrics, set_tags
 from orchestrator.typed_config import to_dict
 from segxal.data.dataset import SampleTransform, SegmentationDataset
 
@@ -150,7 +149,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if progress.tracking_run_id is None:
                 progress.tracking_run_id = run.info.run_id
                 progress.save(run_dir)
-                mlflow.set_tags({"job": "al", "strategy": config.al.strategy, "oracle": config.al.oracle,
+                set_tags({"job": "al", "strategy": config.al.strategy, "oracle": config.al.oracle,
                                  "depth_backend": config.eem.depth.backend, "dataset": config.data.dataset})
             history = run_cycles(coordinator, backend, local.strategy, run_dir, progress, config.al.cycles, on_cycle,
                                  config.al.warm_start, config.al.panels, **({"progress_bar": bar} if bar else {}),

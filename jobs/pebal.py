@@ -30,7 +30,7 @@ from actors.ray_train import TrainingJob, train_on_ray
 from jobs.common import check_tracking_or_exit, init_ray, parse_job_args, show_progress
 from orchestrator.config import ExperimentConfig
 from orchestrator.datasets import datasets_for, label_set_for, manifest_for
-from orchestrator.tracking import experiment_run, log_artifact, log_metrics
+from orchestrator.tracking import experiment_run, log_artifact, log_metrics, log_params, set_tags
 from segxal.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from segxal.data.anomaly import AnomalyBenchmark, anomaly_benchmark
 from segxal.data.dataset import SampleTransform
@@ -165,11 +165,11 @@ def main(argv: list[str] | None = None) -> list[DatasetResult]:
     init_ray()
     with experiment_run(config.tracking.tracking_uri, config.tracking.experiment,
                         config.tracking.run_name or f"pebal-{config.name}", config) as run:
-        mlflow.set_tag("job", "pebal")
+        set_tags({"job": "pebal"})
         pretrained = pretrained_segmenter(config, inputs, run_dir, progress)
         job = prepare_pebal_job(config, pretrained, inputs.outliers, progress)
         trainable, total = parameter_counts(prepare_pebal_model(UNet.from_checkpoint(pretrained), job.pebal.trainable))
-        mlflow.log_params({"pebal.m_in_used": job.pebal.m_in, "pebal.m_out_used": job.pebal.m_out,
+        log_params({"pebal.m_in_used": job.pebal.m_in, "pebal.m_out_used": job.pebal.m_out,
                            "pebal.trainable_parameters": trainable, "pebal.total_parameters": total})
         log.info("fine-tuning %s (%d of %d parameters), m_in %.3f, m_out %.3f",
                  ", ".join(job.pebal.trainable), trainable, total, job.pebal.m_in, job.pebal.m_out)

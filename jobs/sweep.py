@@ -16,14 +16,13 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-import mlflow
 import yaml
 
 from actors.pebal_train import prepare_pebal_job
 from actors.tune_pebal import MlflowTrialCallback, SweepResult, run_sweep, trial_experiment
 from jobs.common import check_tracking_or_exit, init_ray, parse_job_args, show_progress
 from jobs.pebal import inputs_or_exit, pretrained_segmenter
-from orchestrator.tracking import experiment_run, log_artifact, log_metrics
+from orchestrator.tracking import experiment_run, log_artifact, log_metrics, log_params, set_tags
 from orchestrator.typed_config import to_dict
 
 log = logging.getLogger("jobs.sweep")
@@ -55,7 +54,7 @@ def main(argv: list[str] | None = None) -> SweepResult:
     init_ray()
     with experiment_run(config.tracking.tracking_uri, config.tracking.experiment,
                         config.tracking.run_name or f"sweep-{config.name}", config) as run:
-        mlflow.set_tag("job", "sweep")
+        set_tags({"job": "sweep"})
         pretrained = pretrained_segmenter(config, inputs, run_dir, progress)
         job = prepare_pebal_job(config, pretrained, inputs.outliers, progress)
         callback = MlflowTrialCallback(config.tracking.tracking_uri, run.info.experiment_id, run.info.run_id, config)
@@ -68,8 +67,8 @@ def main(argv: list[str] | None = None) -> SweepResult:
         (run_dir / "best_config.yaml").write_text(yaml.safe_dump(to_dict(best_config), sort_keys=False))
         shutil.copyfile(best.checkpoint, run_dir / "best_checkpoint.pt")
         (run_dir / "trials.md").write_text(trials_table(result))
-        mlflow.set_tags({"best_trial": best.trial_id})
-        mlflow.log_params({"best.m_in": best_config.pebal.m_in, "best.m_out": best_config.pebal.m_out,
+        set_tags({"best_trial": best.trial_id})
+        log_params({"best.m_in": best_config.pebal.m_in, "best.m_out": best_config.pebal.m_out,
                            "best.beta_smooth": best_config.pebal.beta_smooth,
                            "best.beta_sparse": best_config.pebal.beta_sparse, "best.lam": best_config.pebal.lam})
         log_metrics({f"best/{key.split('/')[-1]}": value for key, value in best.best_metrics.items() if key != "epoch"})

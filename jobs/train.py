@@ -11,13 +11,12 @@ import json
 import logging
 from pathlib import Path
 
-import mlflow
 import torch
 from torch.utils.data import DataLoader
 
 from jobs.common import check_tracking_or_exit, parse_job_args, print_results_hint, show_progress
 from orchestrator.datasets import datasets_for, label_set_for
-from orchestrator.tracking import experiment_run, log_artifact, log_metrics
+from orchestrator.tracking import experiment_run, log_artifact, log_metrics, set_tags
 from segxal.models.unet import UNet, UNetConfig
 from segxal.training import fit
 
@@ -41,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     log.info("training on %d images, validating on %d (%s)", len(train_set), len(val_set), config.data.dataset)
     with experiment_run(config.tracking.tracking_uri, config.tracking.experiment,
                         config.tracking.run_name or f"train-{config.name}", config):
-        mlflow.set_tag("job", "train")  # jobs.compare: the fully-supervised reference
+        set_tags({"job": "train"})  # jobs.compare: the fully-supervised reference
         metrics = fit(model, train_loader, val_loader, config.train, label_set.class_names,
                       checkpoint_dir=run_dir / "checkpoints", on_epoch=lambda e, m: log_metrics(m, step=e),
                       progress=progress)

@@ -106,7 +106,7 @@ def experiment_run(tracking_uri: str, experiment: str, run_name: str | None, con
     mlflow.set_experiment(experiment)
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name) as run:
         if run_id is None:
-            mlflow.log_params({key: str(value)[:MAX_PARAM_LENGTH] for key, value in flatten(config).items()})
+            log_params(flatten(config))
         log.info("MLflow run %s in experiment %r at %s", run.info.run_id, experiment, tracking_uri)
         yield run
 
@@ -115,6 +115,16 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     """Log finite metrics; metric names are used as given (``val/miou``, ``val/iou/<class>``)."""
     values = {k: float(v) for k, v in metrics.items()}
     retrying(lambda: mlflow.log_metrics(values, step=step), "log_metrics")
+
+
+def log_params(params: dict[str, Any]) -> None:
+    """Log params as text (cut to MLflow's limit on a value)."""
+    values = {key: str(value)[:MAX_PARAM_LENGTH] for key, value in params.items()}
+    retrying(lambda: mlflow.log_params(values), "log_params")
+
+
+def set_tags(tags: dict[str, Any]) -> None:
+    retrying(lambda: mlflow.set_tags(tags), "set_tags")
 
 
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:

@@ -16,11 +16,13 @@ import mlflow
 import pytest
 import ray
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 
 from jobs import al, pebal, sweep, train
 from orchestrator import tracking
 from orchestrator.config import ExperimentConfig
-from orchestrator.tracking import TrackingError, check_tracking_reachable, experiment_run, log_artifact, log_metrics
+from orchestrator.tracking import (TrackingError, check_tracking_reachable, experiment_run, log_artifact, log_metrics,
+                                   log_params, set_tags)
 
 from conftest import TINY_SYNTHETIC
 from procfs import listening_addresses
@@ -115,6 +117,19 @@ def test_transient_logging_failures_are_retried_and_the_run_goes_on(run, store, 
     client = mlflow.MlflowClient(store)
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val/miou")] == [(3, 0.5)]
     assert [a.path for a in client.list_artifacts(run.info.run_id, "notes")] == ["notes/note.txt"]
+
+
+def test_params_and_tags_are_retried_too(run, store, monkeypatch):
+    params = failing(1, ConnectionResetError("reset by peer"), mlflow.log_params)
+    tags = failing(2, MlflowException("API request failed", error_code=TEMPORARILY_UNAVAILABLE), mlflow.set_tags)
+    monkeypatch.setattr(mlflow, "log_params", params)
+    monkeypatch.setattr(mlflow, "set_tags", tags)
+    log_params({"pebal.m_in_used": -4.0, "long": "x" * (tracking.MAX_PARAM_LENGTH + 10)})
+    set_tags({"job": "al"})
+    assert params.count == 2 and tags.count == 3
+    logged = mlflow.MlflowClient(store).get_run(run.info.run_id).data
+    assert logged.params["pebal.m_in_used"] == "-4.0" and len(logged.params["long"]) == tracking.MAX_PARAM_LENGTH
+    assert logged.tags["job"] == "al"
 
 
 def test_a_lasting_failure_gives_up_naming_the_uri(run, store, monkeypatch):
