@@ -22,13 +22,12 @@ from pathlib import Path
 
 import ray.tune
 from mlflow.entities import Metric, Param, RunTag
-from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from actors.pebal_train import CHECKPOINT_FILE, OBJECTIVE, PebalJob, finetune_on_ray
 from orchestrator.config import ExperimentConfig, ScalingConfig
 from orchestrator.sweep_config import SweepConfig
-from orchestrator.tracking import MAX_PARAM_LENGTH
+from orchestrator.tracking import MAX_PARAM_LENGTH, RetryingClient
 from orchestrator.typed_config import flatten
 from segxal.pebal.config import PebalConfig
 
@@ -78,7 +77,7 @@ class MlflowTrialCallback(ray.tune.Callback):
     ``stopped_early`` tag (ASHA stopped it before ``pebal.finetune.epochs``)."""
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, config: ExperimentConfig) -> None:
-        self.client = MlflowClient(tracking_uri)
+        self.client = RetryingClient(tracking_uri)
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.config = config

@@ -111,6 +111,18 @@ def experiment_run(tracking_uri: str, experiment: str, run_name: str | None, con
         yield run
 
 
+class RetryingClient:
+    """An ``MlflowClient`` whose every call is :func:`retrying` (for code that logs to runs other than
+    the active one, such as a sweep's trials)."""
+
+    def __init__(self, tracking_uri: str) -> None:
+        self.client = mlflow.MlflowClient(tracking_uri)
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = getattr(self.client, name)
+        return lambda *args, **kwargs: retrying(lambda: method(*args, **kwargs), f"client.{name}")
+
+
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     """Log finite metrics; metric names are used as given (``val/miou``, ``val/iou/<class>``)."""
     values = {k: float(v) for k, v in metrics.items()}

@@ -21,8 +21,8 @@ from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 from jobs import al, pebal, sweep, train
 from orchestrator import tracking
 from orchestrator.config import ExperimentConfig
-from orchestrator.tracking import (TrackingError, check_tracking_reachable, experiment_run, log_artifact, log_metrics,
-                                   log_params, set_tags)
+from orchestrator.tracking import (RetryingClient, TrackingError, check_tracking_reachable, experiment_run,
+                                   log_artifact, log_metrics, log_params, set_tags)
 
 from conftest import TINY_SYNTHETIC
 from procfs import listening_addresses
@@ -130,6 +130,18 @@ def test_params_and_tags_are_retried_too(run, store, monkeypatch):
     logged = mlflow.MlflowClient(store).get_run(run.info.run_id).data
     assert logged.params["pebal.m_in_used"] == "-4.0" and len(logged.params["long"]) == tracking.MAX_PARAM_LENGTH
     assert logged.tags["job"] == "al"
+
+
+def test_a_retrying_client_retries_every_call(store, monkeypatch):
+    monkeypatch.setattr(tracking, "RETRY_DELAYS_S", (0.0, 0.0, 0.0))
+    client = RetryingClient(store)
+    create_run = failing(2, ConnectionResetError("reset by peer"), client.client.create_run)
+    monkeypatch.setattr(client.client, "create_run", create_run)
+    experiment_id = client.create_experiment("retrying-client")
+    run = client.create_run(experiment_id, run_name="trial-1")
+    client.set_terminated(run.info.run_id, "FINISHED")
+    assert create_run.count == 3
+    assert mlflow.MlflowClient(store).get_run(run.info.run_id).info.status == "FINISHED"
 
 
 def test_a_lasting_failure_gives_up_naming_the_uri(run, store, monkeypatch):
