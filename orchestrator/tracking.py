@@ -13,7 +13,7 @@ import os
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
@@ -80,10 +80,11 @@ def is_transient(error: BaseException) -> bool:
     return isinstance(error, (OSError, OperationalError))
 
 
-def retrying(call: Callable[[], T], what: str, delays: Sequence[float] | None = None) -> T:
-    """``call()``, retried after each of ``delays`` (default :data:`RETRY_DELAYS_S`) seconds while it
-    fails transiently, with a warning each time; gives up with a :class:`TrackingError`."""
-    delays = RETRY_DELAYS_S if delays is None else delays
+def retrying(call: Callable[[], T], what: str, tracking_uri: str | None = None) -> T:
+    """``call()``, retried after each of :data:`RETRY_DELAYS_S` seconds while it fails transiently, with a
+    warning each time; gives up with a :class:`TrackingError` naming ``tracking_uri`` (default: the
+    active one)."""
+    delays = RETRY_DELAYS_S
     for attempt, delay in enumerate([*delays, None], start=1):
         try:
             return call()
@@ -91,8 +92,8 @@ def retrying(call: Callable[[], T], what: str, delays: Sequence[float] | None = 
             if not is_transient(error):
                 raise
             if delay is None:
-                raise TrackingError(f"MLflow {what} at {mlflow.get_tracking_uri()} failed {attempt} times; "
-                                    f"last error: {error}") from error
+                uri = tracking_uri or mlflow.get_tracking_uri()
+                raise TrackingError(f"MLflow {what} at {uri} failed {attempt} times; last error: {error}") from error
             log.warning("MLflow %s failed (%s); retry %d of %d in %.0f s", what, error, attempt, len(delays), delay)
             time.sleep(delay)
 
@@ -116,11 +117,12 @@ class RetryingClient:
     the active one, such as a sweep's trials)."""
 
     def __init__(self, tracking_uri: str) -> None:
+        self.tracking_uri = tracking_uri
         self.client = mlflow.MlflowClient(tracking_uri)
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         method = getattr(self.client, name)
-        return lambda *args, **kwargs: retrying(lambda: method(*args, **kwargs), f"client.{name}")
+        return lambda *args, **kwargs: retrying(lambda: method(*args, **kwargs), f"client.{name}", self.tracking_uri)
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
