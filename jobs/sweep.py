@@ -24,22 +24,22 @@ from jobs.common import check_tracking_or_exit, init_ray, parse_job_args, show_p
 from jobs.pebal import inputs_or_exit, pretrained_segmenter
 from orchestrator.tracking import experiment_run, log_artifact, log_metrics, log_params, set_tags
 from orchestrator.typed_config import to_dict
+from segxal.markdown import markdown_table
 
 log = logging.getLogger("jobs.sweep")
 
 
 def trials_table(result: SweepResult) -> str:
     """Markdown: one row per trial with its sampled values and best epoch, best AP first."""
-    header = "| trial | m_in | m_out | β smooth | β sparse | λ | best epoch | AP | FPR95 | AUROC | status |"
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    ranked = sorted(result.trials, key=lambda t: -(t.best_metrics or {}).get("val/ap", -1.0))
-    for t in ranked:
+    header = ["trial", "m_in", "m_out", "β smooth", "β sparse", "λ", "best epoch", "AP", "FPR95", "AUROC", "status"]
+    rows = []
+    for t in sorted(result.trials, key=lambda t: -(t.best_metrics or {}).get("val/ap", -1.0)):
         p, m = t.params, t.best_metrics or {}
         values = [f"{p['m_in']:.3f}", f"{p['m_in'] + p['margin_gap']:.3f}", f"{p['beta_smooth']:.2e}",
                   f"{p['beta_sparse']:.2e}", f"{p['lam']:.3f}", str(int(m["epoch"])) if "epoch" in m else "-"]
         values += [f"{100 * m[k]:.2f}" if k in m else "-" for k in ("val/ap", "val/fpr95", "val/auroc")]
-        lines.append(f"| {t.trial_id} | " + " | ".join(values) + f" | {'failed' if t.error else 'ok'} |")
-    return "\n".join(lines) + "\n"
+        rows.append([t.trial_id, *values, "failed" if t.error else "ok"])
+    return markdown_table(header, rows)
 
 
 def main(argv: list[str] | None = None) -> SweepResult:

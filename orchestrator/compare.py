@@ -19,6 +19,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Experiment, Run
 from mlflow.exceptions import MlflowException
 
+from segxal.markdown import markdown_table
+
 log = logging.getLogger(__name__)
 
 MIOU = "val/miou"
@@ -177,11 +179,6 @@ def fetch(client: MlflowClient, experiment: str, filter_string: str = "") -> Com
     curves = al_curves(client, al)
     return Comparison(experiment, found.experiment_id, curves, al_run_table(curves), anomaly_table(pebal),
                       supervised_table(client, supervised))
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
 
 
 def percent(value: float, std: float = math.nan) -> str:

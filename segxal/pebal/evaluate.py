@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from segxal.data.labels import IGNORE_INDEX
 from segxal.data.transforms import denormalize
+from segxal.markdown import markdown_table
 from segxal.metrics import anomaly_metrics, roc_points
 from segxal.pebal.anomalymix import AnomalyMix, CocoOutliers
 from segxal.pebal.config import AnomalyMixConfig, PebalConfig
@@ -246,14 +247,14 @@ def table_markdown(results: Sequence[DatasetResult]) -> str:
     """Methods down, datasets across (AP / FPR95 / AUROC in %, side by side)."""
     methods = list(dict.fromkeys(m for r in results for m in r.metrics))
     header = ["method"] + [f"{r.name} {key.upper()}" for r in results for key in METRICS]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for method in methods:
         cells = [method]
         for r in results:
             values = r.metrics.get(method)
             cells += [f"{100 * values[key]:.2f}" if values else "-" for key in METRICS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append(cells)
+    return markdown_table(header, rows)
 
 
 def _thinned(x: np.ndarray, y: np.ndarray, resolution: int = 1000) -> tuple[np.ndarray, np.ndarray]:
