@@ -57,6 +57,13 @@ def setup_logging(level: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
 
 
+def free_loopback_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (the OS picks it)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def init_ray(num_cpus: int | None = None) -> None:
     """Join the cluster in ``RAY_ADDRESS`` (as under ``ray job submit``); otherwise start a local Ray of
     our own (``address="local"``: never a ``ray start`` cluster that happens to run here), bound to
@@ -74,9 +81,7 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
         return
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_loopback_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # inherited by the Ray processes
     # Loopback only: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 does that, but Ray reads it when it is imported,
     # which may have happened already; set the constant it was read into as well.

@@ -19,6 +19,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 
 from jobs import al, pebal, sweep, train
+from jobs.common import free_loopback_port
 from orchestrator import tracking
 from orchestrator.config import ExperimentConfig
 from orchestrator.tracking import (RetryingClient, TrackingError, check_tracking_reachable, experiment_run,
@@ -26,11 +27,10 @@ from orchestrator.tracking import (RetryingClient, TrackingError, check_tracking
 
 from conftest import TINY_SYNTHETIC
 from procfs import listening_addresses
-from test_job_submit import free_port
 
 
 def test_a_closed_port_fails_within_seconds_naming_the_uri():
-    uri = f"http://127.0.0.1:{free_port()}"
+    uri = f"http://127.0.0.1:{free_loopback_port()}"
     start = time.monotonic()
     with pytest.raises(TrackingError, match=re.escape(f"MLflow tracking server {uri} is unreachable")):
         check_tracking_reachable(uri)
@@ -62,7 +62,7 @@ def test_sqlite_store_that_cannot_be_created_names_the_uri(tmp_path):
 @pytest.mark.parametrize("job", [al, train, pebal, sweep], ids=lambda job: job.__name__)
 def test_jobs_stop_before_ray_and_before_work(job, synthetic_root, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # should the check be missed: fail, don't hang
-    uri = f"http://127.0.0.1:{free_port()}"
+    uri = f"http://127.0.0.1:{free_loopback_port()}"
     argv = ["--config", "jobs/configs/demo.yaml", "--quiet", "--set", f"tracking.tracking_uri={uri}",
             "--set", f"output_dir={tmp_path}", "--set", f"data.root={synthetic_root}"]
     for key, value in TINY_SYNTHETIC.__dict__.items():
@@ -199,7 +199,7 @@ class MlflowServer:
 
 @pytest.fixture
 def server(tmp_path):
-    server = MlflowServer(tmp_path, free_port())
+    server = MlflowServer(tmp_path, free_loopback_port())
     try:
         server.start()
         server.wait_healthy()

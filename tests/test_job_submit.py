@@ -11,7 +11,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from jobs.common import free_loopback_port
+
 from test_al_job import tiny
 from test_pebal_job import write_config
 
@@ -29,12 +30,6 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 JOB_TIMEOUT_S = 600
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def processes_mentioning(text: str) -> list[int]:
@@ -71,7 +66,7 @@ def head_node(tmp_path_factory):
     root = tmp_path_factory.mktemp("head")
     token = root / "auth_token"
     token.write_text(secrets.token_hex(32))
-    dashboard_port = free_port()
+    dashboard_port = free_loopback_port()
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # the job's `python`
@@ -85,8 +80,8 @@ def head_node(tmp_path_factory):
     log = root / "head.log"
     with log.open("w") as out:
         head = subprocess.Popen(
-            [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(free_port()),
-             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port), "--num-cpus", "2",
+            [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+             "--port", str(free_loopback_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port), "--num-cpus", "2",
              "--temp-dir", str(temp_dir), "--disable-usage-stats"],
             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard_port}"
