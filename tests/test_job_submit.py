@@ -22,6 +22,7 @@ import mlflow
 import pytest
 
 from jobs.common import free_loopback_port
+from procfs import processes_mentioning
 
 from test_al_job import tiny
 from test_pebal_job import write_config
@@ -30,18 +31,6 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 JOB_TIMEOUT_S = 600
-
-
-def processes_mentioning(text: str) -> list[int]:
-    """Pids whose command line contains ``text`` (the head's temp dir marks every process it started)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                pids.append(int(entry.name))
-        except OSError:  # the process ended while we looked
-            continue
-    return pids
 
 
 def wait_for_dashboard(url: str, head: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
