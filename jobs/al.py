@@ -21,7 +21,7 @@ import yaml
 
 from jobs.common import check_tracking_or_exit, init_ray, parse_job_args, print_results_hint, show_progress
 from orchestrator.config import ExperimentConfig, load_experiment
-from orchestrator.coordinator import Coordinator, cycle_name, snapshot_path
+from orchestrator.coordinator import STATE_FILE, Coordinator, cycle_name, snapshot_path
 from orchestrator.datasets import label_set_for, manifest_for
 from orchestrator.labelstudio.handoff import LabelStudioHandoff, import_cycle, instructions, is_exported
 from orchestrator.labelstudio.tasks import ImageReferences
@@ -86,7 +86,7 @@ def prepare(config: ExperimentConfig, run_dir: Path, progress: Progress, show: b
     if progress.completed_cycle >= 0:
         state = PoolState.load(snapshot_path(run_dir, progress.completed_cycle))
     else:
-        state = PoolState.from_manifest(train, config.al.initial_labelled, config.seed, validation=val)
+        state = PoolState.create(run_dir / STATE_FILE, train, config.al.initial_labelled, config.seed, validation=val)
     handoff = None
     if config.al.oracle == "labelstudio":
         oracle, handoff = labelstudio_oracle(config, run_dir, progress.completed_cycle + 1, label_set, export_file)
@@ -123,7 +123,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if handoff is not None and export_file is None and is_exported(run_dir, first_cycle):
         print(instructions(run_dir, first_cycle))  # still waiting for the people
         return []
-    local.save()
     init_ray()
     from actors.al_backend import RayCycleBackend  # imports ray; after the input checks
     from actors.coordinator import start_coordinator

@@ -1,11 +1,16 @@
 """The coordinator: the single writer of the pool state. It draws D^S, selects, calls the oracle, applies
 the Dice gate and persists the state after every step. A plain class; on Ray it runs as an actor
-(``actors/coordinator.py``) and the loop talks to it through its methods only."""
+(``actors/coordinator.py``) and the loop talks to it through its methods only.
+
+Its memory does not grow with the pool: the state is a file it streams (``PoolState``), and what is pool
+sized (D^S, its scores, the training and validation manifests) goes between it and the loop as Parquet
+files in the cycle's folder, read and written a batch at a time. Only what is sized by the budget (the
+selection and its annotations) and core-set's embeddings are held whole."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +21,18 @@ from PIL import Image
 from orchestrator.config import ActiveLearningConfig
 from orchestrator.gate import dice_gate, dice_per_image
 from orchestrator.oracles import AnnotationRequest, Oracle
-from orchestrator.pool_state import LABELLED, QUARANTINED, UNLABELLED, VALIDATION, PoolState
-from orchestrator.strategies import budget_count, cycle_rng, draw_subset, get_strategy, select
+from orchestrator.parquet_io import read_batches, row_count, take_positions, write_parquet
+from orchestrator.pool_state import LABELLED, QUARANTINED, UNLABELLED, VALIDATION, IdsDigest, PoolState
+from orchestrator.strategies import (Selection, budget_count, cycle_rng, get_strategy, random_positions, select,
+                                     subset_positions, top_n_of_batches)
 from segxal.data.io import image_size
 from segxal.data.labels import LabelSet
 
 log = logging.getLogger(__name__)
 STATE_FILE = "pool_state.parquet"
+UNREADABLE = "unreadable"  # scores column: why an image could not be read (null for the scored ones)
+WORK_MANIFEST_SCHEMA = pa.schema([("sample_id", pa.string()), ("image_path", pa.string()),
+                                  ("label_path", pa.string()), ("depth_path", pa.string())])
 
 
 def cycle_name(cycle: int) -> str:
@@ -51,7 +61,7 @@ class Coordinator:
     def __init__(self, run_dir: str | Path, state: PoolState, al: ActiveLearningConfig, label_set: LabelSet, seed: int,
                  oracle: Oracle | None = None) -> None:
         self.run_dir = Path(run_dir)
-        self.state = state
+        self.state = state.copy_to(self.run_dir / STATE_FILE)  # the run's live state, whatever it starts from
         self.oracle = oracle
         self.al = al
         self.label_set = label_set
@@ -63,52 +73,60 @@ class Coordinator:
             raise ValueError(f"al.budget: {self.budget} images per cycle but the unlabelled pool has {unlabelled}")
 
     # -- views of the state -------------------------------------------------------------------
-    def _manifest(self, role: str, ids: Sequence[str] | None = None) -> pa.Table:
-        table = self.state.table
-        mask = pc.equal(table["role"], role)
-        if ids is not None:
-            mask = pc.and_(mask, pc.is_in(table["sample_id"], pa.array(list(ids), pa.string())))
-        rows = table.filter(mask)
-        if ids is not None:  # in the order asked for (a selection's rank)
-            rows = rows.take(pc.index_in(pa.array(list(ids), pa.string()), rows["sample_id"]))
-        label = rows["label_source"] if role == LABELLED else rows["label_path"]
-        return pa.table({"sample_id": rows["sample_id"], "image_path": rows["image_path"],
-                         "label_path": label, "depth_path": rows["depth_path"]})
+    def _manifest_batches(self, role: str) -> Iterator[pa.Table]:
+        """The samples with ``role`` as manifest rows, a batch at a time; labelled samples carry their
+        current label (ground truth or accepted re-annotation)."""
+        for table in self.state.batches(["sample_id", "image_path", "label_path", "depth_path", "role", "label_source"]):
+            rows = table.filter(pc.equal(table["role"], role))
+            label = rows["label_source"] if role == LABELLED else rows["label_path"]
+            yield pa.table([rows["sample_id"], rows["image_path"], label, rows["depth_path"]], schema=WORK_MANIFEST_SCHEMA)
 
-    def training_manifest(self) -> pa.Table:
-        """The labelled pool, each sample with its current label (ground truth or accepted re-annotation)."""
-        return self._manifest(LABELLED)
+    def training_manifest(self, cycle: int) -> Path:
+        """The labelled pool as a manifest file in ``cycle``'s folder."""
+        return write_parquet(cycle_dir(self.run_dir, cycle) / "train_manifest.parquet", WORK_MANIFEST_SCHEMA,
+                             self._manifest_batches(LABELLED))
 
-    def validation_manifest(self) -> pa.Table:
-        return self._manifest(VALIDATION)
+    def validation_manifest(self, cycle: int) -> Path:
+        return write_parquet(cycle_dir(self.run_dir, cycle) / "val_manifest.parquet", WORK_MANIFEST_SCHEMA,
+                             self._manifest_batches(VALIDATION))
 
-    def unlabelled_manifest(self, ids: Sequence[str] | None = None) -> pa.Table:
-        return self._manifest(UNLABELLED, ids)
+    def unlabelled_manifest(self, ids: Sequence[str]) -> pa.Table:
+        """The unlabelled samples ``ids`` (a selection: sized by the budget), in the order asked for."""
+        wanted = pa.array(list(ids), pa.string())
+        rows = pa.concat_tables(t.filter(pc.is_in(t["sample_id"], value_set=wanted))
+                                for t in self._manifest_batches(UNLABELLED))
+        return rows.take(pc.index_in(wanted, value_set=rows["sample_id"]))
 
     # -- the cycle's steps ----------------------------------------------------------------------
-    def candidates(self, cycle: int) -> pa.Table:
-        """D^S: a random subset of the unlabelled pool, the same for the same (seed, cycle)."""
-        ids = draw_subset(self.state.ids(UNLABELLED), self.al.subset, cycle_rng(self.seed, cycle, "subset"))
-        return self.unlabelled_manifest(ids.to_pylist())
+    def candidates(self, cycle: int) -> Path:
+        """D^S as a manifest file in ``cycle``'s folder: a random subset of the unlabelled pool, the same
+        for the same (seed, cycle)."""
+        positions = subset_positions(self.state.count(UNLABELLED), self.al.subset, cycle_rng(self.seed, cycle, "subset"))
+        return write_parquet(cycle_dir(self.run_dir, cycle) / "candidates.parquet", WORK_MANIFEST_SCHEMA,
+                             take_positions(self._manifest_batches(UNLABELLED), positions))
 
-    def select(self, cycle: int, candidates: pa.Table, scores: pa.Table | None,
+    def select(self, cycle: int, candidates: Path, scores: Path | None,
                labelled_features: np.ndarray | None = None) -> list[str]:
-        """The top n of D^S by the strategy (scores aligned by ``sample_id``)."""
-        ids = candidates["sample_id"]
-        n = min(self.budget, len(ids))
-        if scores is not None:
-            scores = scores.sort_by("sample_id")
-            if scores["sample_id"].to_pylist() != sorted(ids.to_pylist()):
-                raise ValueError(f"cycle {cycle}: scores do not cover the candidates exactly once")
-            ids = scores["sample_id"]
-        features = None
-        if scores is not None and "embedding" in scores.column_names:
-            features = np.asarray(scores["embedding"].to_pylist(), dtype=np.float32)
-        chosen = select(self.strategy, ids, n,
-                        scores=None if scores is None or "score" not in scores.column_names else scores["score"].to_numpy(),
-                        features=features, labelled_features=labelled_features,
-                        rng=cycle_rng(self.seed, cycle, "random"))
-        return chosen.to_pylist()
+        """The top n of D^S by the strategy. ``scores``: a Parquet file of one row per candidate in id order
+        (``sample_id``, ``score`` or ``embedding``, and ``unreadable``: rows with a reason are left out)."""
+        rng = cycle_rng(self.seed, cycle, "random")
+        if scores is None:
+            count = row_count(candidates)
+            positions = random_positions(count, min(self.budget, count), rng)
+            chosen = pa.concat_arrays([t["sample_id"].combine_chunks()
+                                       for t in take_positions(read_batches(candidates, ["sample_id"]), positions)])
+            return chosen.to_pylist()
+        if _ids_digest(scores) != _ids_digest(candidates):
+            raise ValueError(f"cycle {cycle}: {scores} does not score the candidates {candidates} exactly once, in id order")
+        readable = (_readable(t) for t in read_batches(scores))
+        if self.strategy.selection is Selection.TOP_N:
+            n = min(self.budget, sum(len(_readable(t)) for t in read_batches(scores)))
+            return top_n_of_batches(((t["sample_id"], t["score"]) for t in readable), n).to_pylist()
+        everything = pa.concat_tables(readable)
+        features = np.asarray(everything["embedding"].to_pylist(), dtype=np.float32)
+        ids = everything["sample_id"]
+        return select(self.strategy, ids, min(self.budget, len(ids)), features=features,
+                      labelled_features=labelled_features, rng=rng).to_pylist()
 
     def pool_metrics(self) -> dict[str, float]:
         return {
@@ -124,9 +142,7 @@ class Coordinator:
         pool state; the run goes on without them."""
         for sample_id, reason in reasons.items():
             log.warning("cycle %d: %s quarantined: %s", cycle, sample_id, reason)
-            self.state = self.state.quarantine(sample_id, f"cycle {cycle}: {reason}")
-        if reasons:
-            self.save()
+        self.state.quarantine(list(reasons), [f"cycle {cycle}: {reason}" for reason in reasons.values()])
 
     def annotate(self, cycle: int, requests: Sequence[AnnotationRequest]) -> pa.Table:
         """The oracle re-annotates the selected images; the Dice of each re-annotation against the model's
@@ -144,14 +160,14 @@ class Coordinator:
                               self.label_set.num_classes)
         decision = dice_gate(ids, dice, self.al.theta)
         cost = {i: by_id[i].cost for i in ids}
+        image_of = {r.sample_id: r.image_path for r in requests}
         if decision.accepted:
-            paths = [str(self._write_annotation(cycle, i, by_id[i].label)) for i in decision.accepted]
-            self.state = self.state.accept(list(decision.accepted), cycle, oracle, list(decision.accepted_dice),
-                                           [cost[i] for i in decision.accepted], paths)
+            paths = [str(self._write_annotation(cycle, i, image_of[i], by_id[i].label)) for i in decision.accepted]
+            self.state.accept(list(decision.accepted), cycle, oracle, list(decision.accepted_dice),
+                              [cost[i] for i in decision.accepted], paths)
         if decision.returned:
-            self.state = self.state.return_to_pool(list(decision.returned), cycle, oracle, list(decision.returned_dice),
-                                                   [cost[i] for i in decision.returned])
-        self.save()
+            self.state.return_to_pool(list(decision.returned), cycle, oracle, list(decision.returned_dice),
+                                      [cost[i] for i in decision.returned])
         dice_of = dict(zip(decision.accepted + decision.returned, decision.accepted_dice + decision.returned_dice))
         accepted = set(decision.accepted)
         return pa.table({
@@ -162,10 +178,9 @@ class Coordinator:
             "pixels": pa.array([by_id[i].pixels for i in ids], pa.int64()),
         })
 
-    def _write_annotation(self, cycle: int, sample_id: str, label: np.ndarray) -> Path:
+    def _write_annotation(self, cycle: int, sample_id: str, image_path: str, label: np.ndarray) -> Path:
         """The re-annotation in the dataset's own label encoding at the image's native size, so the
         training loader reads it like any ground-truth label."""
-        image_path = self.state.record(sample_id)["image_path"]
         height, width = image_size(image_path)
         raw = Image.fromarray(self.label_set.to_raw_ids(label)).resize((width, height), Image.NEAREST)
         path = annotation_file(self.run_dir, cycle, sample_id)
@@ -174,13 +189,20 @@ class Coordinator:
         return path
 
     # -- persistence ----------------------------------------------------------------------------
-    def save(self) -> Path:
-        return self.state.save(self.run_dir / STATE_FILE)
-
     def snapshot(self, cycle: int) -> Path:
-        """The state at the end of ``cycle``: where a resumed run starts from."""
-        path = snapshot_path(self.run_dir, cycle)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.state.save(path)
-        self.save()
-        return path
+        """The state at the end of ``cycle``: where a resumed run starts from. (The live state is
+        written by every transition already.)"""
+        return self.state.copy_to(snapshot_path(self.run_dir, cycle)).path
+
+
+def _readable(scores: pa.Table) -> pa.Table:
+    if UNREADABLE not in scores.column_names:
+        return scores
+    return scores.filter(pc.is_null(scores[UNREADABLE]))
+
+
+def _ids_digest(path: Path) -> str:
+    digest = IdsDigest()
+    for table in read_batches(path, ["sample_id"]):
+        digest.update(table["sample_id"].combine_chunks())
+    return digest.hexdigest()

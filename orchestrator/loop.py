@@ -12,7 +12,6 @@ a run can stop between them while people annotate (a :class:`Handoff`) and a lat
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -29,8 +28,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from orchestrator.coordinator import Coordinator, cycle_dir, cycle_name
+from orchestrator.coordinator import UNREADABLE, Coordinator, cycle_dir, cycle_name
 from orchestrator.oracles import AnnotationRequest
+from orchestrator.parquet_io import write_parquet
 from orchestrator.strategies import Scorer, StrategySpec
 
 log = logging.getLogger(__name__)
@@ -41,9 +41,6 @@ PROGRESS_FILE = "progress.json"
 class TrainOutcome:
     checkpoint: Path  # segxal.checkpoint file with "model" = UNet.to_checkpoint()
     metrics: dict[str, float]  # validation metrics of that checkpoint: val/miou, val/iou/<class>, ...
-
-
-UNREADABLE = "unreadable"  # scores column: why an image could not be read (null for the scored ones)
 
 
 @dataclass(frozen=True)
@@ -158,8 +155,8 @@ def run_cycles(
             with timer("annotate"):
                 metrics.update(annotate_cycle(cycle, coordinator, query.requests, run_dir))
         with timer("train"):
-            outcome = backend.train(cycle, coordinator.training_manifest(), coordinator.validation_manifest(),
-                                    previous if warm_start else None)
+            outcome = backend.train(cycle, pq.read_table(coordinator.training_manifest(cycle)),
+                                    pq.read_table(coordinator.validation_manifest(cycle)), previous if warm_start else None)
         model_path = cycle_dir(run_dir, cycle) / "model.pt"
         model_path.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(outcome.checkpoint, model_path)
@@ -184,14 +181,16 @@ def query_cycle(cycle: int, coordinator: Coordinator, backend: CycleBackend, spe
     folder.mkdir(parents=True, exist_ok=True)
     with timer("score"):
         candidates = coordinator.candidates(cycle)
-        scored = ScoreOutcome(None)
+        scores = None
+        labelled_features = None
         if spec.scorer is not Scorer.NONE:
-            labelled = coordinator.training_manifest() if spec.needs_labelled_features else None
-            scored = backend.score(cycle, checkpoint, candidates, labelled)
-            pq.write_table(scored.scores, folder / "scores.parquet")
-            scored, candidates = set_aside_unreadable(cycle, coordinator, scored, candidates)
+            labelled = pq.read_table(coordinator.training_manifest(cycle)) if spec.needs_labelled_features else None
+            scored = backend.score(cycle, checkpoint, pq.read_table(candidates), labelled)
+            quarantine_unreadable(cycle, coordinator, scored.scores)
+            scores = write_parquet(folder / "scores.parquet", scored.scores.schema, [scored.scores.sort_by("sample_id")])
+            labelled_features = scored.labelled_features
     with timer("select"):
-        selected = coordinator.select(cycle, candidates, scored.scores, scored.labelled_features)
+        selected = coordinator.select(cycle, candidates, scores, labelled_features)
     panel_dir = run_dir / "panels" / cycle_name(cycle)
     panel_dir.mkdir(parents=True, exist_ok=True)
     with timer("explain"):
@@ -203,17 +202,11 @@ def query_cycle(cycle: int, coordinator: Coordinator, backend: CycleBackend, spe
     return Query(requests, timer.seconds, [regions_file, *sorted(panel_dir.glob("*.png"))])
 
 
-def set_aside_unreadable(cycle: int, coordinator: Coordinator, scored: ScoreOutcome,
-                         candidates: pa.Table) -> tuple[ScoreOutcome, pa.Table]:
-    """Quarantine the candidates the scorers could not read; the rest, scored, go on to selection."""
-    scores = scored.scores
-    if UNREADABLE not in scores.column_names:
-        return scored, candidates
-    broken = scores.filter(pc.is_valid(scores[UNREADABLE]))
-    coordinator.quarantine(cycle, dict(zip(broken["sample_id"].to_pylist(), broken[UNREADABLE].to_pylist())))
-    readable = pc.invert(pc.is_in(candidates["sample_id"], broken["sample_id"]))
-    scores = scores.filter(pc.is_null(scores[UNREADABLE])).drop_columns([UNREADABLE])
-    return dataclasses.replace(scored, scores=scores), candidates.filter(readable)
+def quarantine_unreadable(cycle: int, coordinator: Coordinator, scores: pa.Table) -> None:
+    """Quarantine the candidates the scorers could not read (selection leaves them out too)."""
+    if UNREADABLE in scores.column_names:
+        broken = scores.filter(pc.is_valid(scores[UNREADABLE]))
+        coordinator.quarantine(cycle, dict(zip(broken["sample_id"].to_pylist(), broken[UNREADABLE].to_pylist())))
 
 
 def annotate_cycle(cycle: int, coordinator: Coordinator, requests: list[AnnotationRequest],

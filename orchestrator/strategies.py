@@ -17,7 +17,7 @@ import zlib
 from dataclasses import dataclass
 from enum import Enum
 from types import MappingProxyType
-from typing import Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -161,30 +161,36 @@ def budget_count(budget: Budget, pool_size: int, *, name: str = "budget") -> int
     return count
 
 
-def draw_subset(unlabelled_ids: IdsLike, size_or_fraction: Budget, rng: np.random.Generator | int) -> pa.StringArray:
-    """The random subset D^S of the unlabelled pool, sorted by id.
-
-    A fraction is taken of the pool's size; a count larger than the pool takes the whole pool (late
-    cycles may have fewer unlabelled images than the configured subset size).
-    """
+def subset_positions(pool_size: int, size_or_fraction: Budget, rng: np.random.Generator | int) -> np.ndarray:
+    """Sorted positions of D^S among the ``pool_size`` unlabelled ids in id order: a fraction of the pool,
+    or a count (one larger than the pool takes the whole pool, as late cycles may have fewer unlabelled
+    images than the configured subset size)."""
     generator = _as_generator(rng)
-    ids = as_ids(unlabelled_ids, "unlabelled_ids", sort=True)
-    if len(ids) == 0:
+    if pool_size < 1:
         raise ValueError("draw_subset: the unlabelled pool is empty")
-    count = _resolve(size_or_fraction, len(ids), "subset size")
-    if count >= len(ids):
-        return ids
-    positions = np.sort(generator.choice(len(ids), size=count, replace=False))
-    return ids.take(pa.array(positions))
+    count = _resolve(size_or_fraction, pool_size, "subset size")
+    if count >= pool_size:
+        return np.arange(pool_size, dtype=np.int64)
+    return np.sort(generator.choice(pool_size, size=count, replace=False))
+
+
+def draw_subset(unlabelled_ids: IdsLike, size_or_fraction: Budget, rng: np.random.Generator | int) -> pa.StringArray:
+    """The random subset D^S of the unlabelled pool, sorted by id (see ``subset_positions``)."""
+    ids = as_ids(unlabelled_ids, "unlabelled_ids", sort=True)
+    return ids.take(pa.array(subset_positions(len(ids), size_or_fraction, rng)))
+
+
+def random_positions(count: int, n: int, rng: np.random.Generator | int) -> np.ndarray:
+    """n of ``count`` positions drawn uniformly without replacement, sorted."""
+    generator = _as_generator(rng)
+    n = _check_n(n, count)
+    return np.sort(generator.choice(count, size=n, replace=False)).astype(np.int64)
 
 
 def random_select(ids: IdsLike, n: int, rng: np.random.Generator | int) -> pa.StringArray:
     """n ids drawn uniformly without replacement, sorted by id."""
-    generator = _as_generator(rng)
     ids = as_ids(ids, sort=True)
-    n = _check_n(n, len(ids))
-    positions = np.sort(generator.choice(len(ids), size=n, replace=False))
-    return ids.take(pa.array(positions, type=pa.int64()))
+    return ids.take(pa.array(random_positions(len(ids), n, rng)))
 
 
 def _check_n(n: int, available: int) -> int:
@@ -197,10 +203,8 @@ def _check_n(n: int, available: int) -> int:
     return int(n)
 
 
-def top_n(ids: IdsLike, scores, n: int) -> pa.StringArray:
-    """The n ids with the highest scores, highest first; equal scores are ordered by id ascending,
-    so the result is deterministic. NaN or missing scores are an error."""
-    ids = as_ids(ids)
+def _top_n_order(ids: pa.StringArray, scores, n: int) -> pa.Array:
+    """Positions of the n highest ``scores``, highest first, equal scores by id ascending."""
     if isinstance(scores, (pa.Array, pa.ChunkedArray)):
         if scores.null_count:
             raise ValueError(f"scores: {scores.null_count} missing scores")
@@ -213,10 +217,28 @@ def top_n(ids: IdsLike, scores, n: int) -> pa.StringArray:
         raise ValueError(f"scores: NaN for {int(nan.sum())} ids, e.g. {ids.filter(pa.array(nan))[:5].to_pylist()}")
     n = _check_n(n, len(ids))
     if n == 0:
-        return ids.slice(0, 0)
+        return pa.array([], pa.int64())
     table = pa.table({"id": ids, "score": scores})
-    order = pc.select_k_unstable(table, k=n, sort_keys=[("score", "descending"), ("id", "ascending")])
-    return ids.take(order)
+    return pc.select_k_unstable(table, k=n, sort_keys=[("score", "descending"), ("id", "ascending")])
+
+
+def top_n(ids: IdsLike, scores, n: int) -> pa.StringArray:
+    """The n ids with the highest scores, highest first; equal scores are ordered by id ascending,
+    so the result is deterministic. NaN or missing scores are an error."""
+    ids = as_ids(ids)
+    return ids.take(_top_n_order(ids, scores, n))
+
+
+def top_n_of_batches(batches: Iterable[tuple[IdsLike, Any]], n: int) -> pa.StringArray:
+    """``top_n`` of (ids, scores) batches streamed in, holding only the best n so far: the same result
+    as ``top_n`` of everything at once. Fewer than n ids in all give them all, ranked."""
+    best_ids, best_scores = pa.array([], pa.string()), np.empty(0)
+    for ids, scores in batches:
+        ids = as_ids(pa.concat_arrays([best_ids, as_ids(ids)]))  # an id seen twice is an error
+        scores = np.concatenate([best_scores, np.asarray(scores, dtype=np.float64)])
+        order = _top_n_order(ids, scores, min(n, len(ids)))
+        best_ids, best_scores = ids.take(order), scores[order.to_numpy()]
+    return best_ids
 
 
 def _as_features(features, name: str) -> np.ndarray:

@@ -108,8 +108,8 @@ def test_resume_after_cycle_one_matches_uninterrupted(straight_run, synthetic_ro
 
 def test_a_corrupt_unlabelled_image_is_quarantined_and_the_run_goes_on(local_ray, synthetic_root, tmp_path):
     root = shutil.copytree(synthetic_root, tmp_path / "data")
-    pool = PoolState.from_manifest(cityscapes_manifest(root, "train"), 4, seed=0,  # as jobs.al draws it (seed 0)
-                                   validation=cityscapes_manifest(root, "val"))
+    pool = PoolState.create(tmp_path / "initial.parquet", cityscapes_manifest(root, "train"), 4, seed=0,  # as jobs.al
+                            validation=cityscapes_manifest(root, "val"))  # draws it (seed 0)
     victim = pool.ids(UNLABELLED)[0].as_py()
     image = Path(pool.record(victim)["image_path"])
     image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])  # the header survives: only decoding fails

@@ -80,13 +80,13 @@ class DamagedPoolBackend(FakeBackend):
 
 
 @pytest.fixture
-def pool(synthetic_root):
+def pool(synthetic_root, tmp_path):
     train = cityscapes_manifest(synthetic_root, "train")
     val = cityscapes_manifest(synthetic_root, "val")
     dataset = SegmentationDataset(train, CITYSCAPES, SampleTransform(size=SIZE))
     index = {s: i for i, s in enumerate(train["sample_id"].to_pylist())}
     truth = lambda s: dataset[index[s]]["label"].numpy().astype(np.uint8)  # noqa: E731
-    return PoolState.from_manifest(train, 4, seed=3, validation=val), truth
+    return PoolState.create(tmp_path / "initial" / "pool_state.parquet", train, 4, seed=3, validation=val), truth
 
 
 def run(run_dir, state, truth, cycles, al, progress=None, backend=None):

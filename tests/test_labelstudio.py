@@ -199,7 +199,7 @@ def exported(synthetic_root, tmp_path):
     truth = lambda s: dataset[index[s]]["label"].numpy().astype(np.uint8)  # noqa: E731
     images = ImageReferences.from_config(synthetic_root, LabelStudioConfig())
     backend = PromptingBackend(truth, tmp_path)
-    state = PoolState.from_manifest(train, 4, seed=3, validation=val)
+    state = PoolState.create(tmp_path / "initial.parquet", train, 4, seed=3, validation=val)
     coordinator = Coordinator(tmp_path, state, AL, CITYSCAPES, seed=3, oracle=LabelStudioOracle({}))
     handoff = LabelStudioHandoff(tmp_path, images, CITYSCAPES, 10)
     history = run_cycles(coordinator, backend, get_strategy(AL.strategy), tmp_path, Progress(), 2, handoff=handoff)
