@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-ROWS_PER_BATCH = 16_384  # about 3 MB of path strings per batch
+ROWS_PER_BATCH = 4096
 
 
 def read_batches(path: str | Path, columns: list[str] | None = None) -> Iterator[pa.Table]:

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from orchestrator.config import ActiveLearningConfig
-from orchestrator.coordinator import Coordinator, snapshot_path
+from orchestrator import parquet_io
+from orchestrator.coordinator import Coordinator, cycle_dir, snapshot_path
 from orchestrator.loop import UNREADABLE, Explained, Progress, ScoreOutcome, TrainOutcome, run_cycles
 from orchestrator.oracles import AnnotationRequest, SimulatedOracle
 from orchestrator.pool_state import LABELLED, QUARANTINED, UNLABELLED, PoolState
@@ -187,3 +188,21 @@ def test_unreadable_images_are_quarantined_and_the_run_goes_on(pool, tmp_path, s
     assert history[1]["pool/quarantined"] == 2 and history[2]["pool/quarantined"] == 2
     assert history[1]["gate/selected"] == (1 if strategy == "random" else 3)  # explaining lost 2 of the 3
     assert PoolState.load(snapshot_path(tmp_path / "run", 1)).count(QUARANTINED) == 2
+
+
+@pytest.mark.parametrize("strategy", ["entropy", "random"])
+def test_cycles_on_a_pool_streamed_in_small_row_groups_match_one_group(pool, tmp_path, monkeypatch, strategy):
+    """The coordinator streams the pool state, D^S and its scores in row groups: cut into groups of 3 rows,
+    a run selects, gates and writes exactly what it does when everything fits in one group."""
+    state, truth = pool
+    al = ActiveLearningConfig(strategy=strategy, budget=3, subset=0.75, theta=0.8)
+    whole, _, _ = run(tmp_path / "whole", state, truth, 2, al)
+    monkeypatch.setattr(parquet_io, "ROWS_PER_BATCH", 3)
+    grouped, _, _ = run(tmp_path / "grouped", state, truth, 2, al)
+    assert pq.ParquetFile(grouped.state.path).num_row_groups > 4
+    for cycle in (1, 2):
+        for name in ("candidates.parquet", "decisions.parquet", "train_manifest.parquet"):
+            assert pq.read_table(cycle_dir(tmp_path / "grouped", cycle) / name).to_pylist() == [
+                {k: v.replace(str(tmp_path / "whole"), str(tmp_path / "grouped")) if isinstance(v, str) else v
+                 for k, v in row.items()}
+                for row in pq.read_table(cycle_dir(tmp_path / "whole", cycle) / name).to_pylist()]

@@ -14,6 +14,7 @@ from orchestrator.strategies import (
     random_select,
     select,
     top_n,
+    top_n_of_batches,
 )
 
 # ---- core-set ------------------------------------------------------------------------------------
@@ -94,6 +95,18 @@ def test_top_n_orders_by_score_then_id():
     assert top_n([ids[i] for i in order], scores[order], 3).to_pylist() == ["a", "b", "c"]
     assert top_n(pa.array(ids), pa.array(scores), 1).to_pylist() == ["a"]
     assert top_n(ids, scores, 0).to_pylist() == []
+
+
+def test_top_n_of_batches_equals_top_n_of_everything():
+    ids = ["d", "b", "a", "c", "e", "f", "g"]
+    scores = [1.0, 2.0, 2.0, 1.0, 0.5, 2.0, 1.0]  # ties inside and across batches
+    batches = [(ids[0:2], scores[0:2]), (ids[2:3], scores[2:3]), (ids[3:], scores[3:])]
+    assert top_n_of_batches(batches, 4).to_pylist() == ["a", "b", "f", "c"]
+    assert top_n_of_batches(batches, 4).to_pylist() == top_n(ids, scores, 4).to_pylist()
+    assert top_n_of_batches(batches, 10).to_pylist() == top_n(ids, scores, 7).to_pylist()  # fewer than n: all
+    assert top_n_of_batches([], 3).to_pylist() == []
+    with pytest.raises(ValueError, match=r"duplicate sample ids \['b'\]"):
+        top_n_of_batches([(["a", "b"], [1.0, 2.0]), (["b"], [0.0])], 2)
 
 
 def test_top_n_handles_infinities_and_rejects_nan():
