@@ -192,3 +192,24 @@ def test_region_map_matches_region_records():
     assert (mapping == 1).sum() == 4 and mapping[1, 1] == 1
     assert (mapping == 2).sum() == 12 and mapping[6, 6] == 2
     assert mapping[0, 7] == 0
+
+
+def test_bf16_precision_runs_the_segmenter_in_bfloat16_and_scores_close_to_fp32():
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(num_classes=5, width=8, depth=2)).eval()
+    images = torch.randn(2, 3, 32, 48)
+    disparity = torch.linspace(0, 20, 32)[None, :, None].expand(2, 32, 48).contiguous()
+    dtypes = []
+    hook = model.head.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    exact = score_batch(model, images, EEMConfig(), DatasetDepth(), depth=disparity, return_maps=True)
+    fast = score_batch(model, images, EEMConfig(precision="bf16"), DatasetDepth(), depth=disparity, return_maps=True)
+    hook.remove()
+    assert dtypes == [torch.float32, torch.float32, torch.bfloat16, torch.bfloat16]  # two forwards each
+    assert fast.score.dtype == torch.float32 and fast.maps.eem.dtype == torch.float32
+    assert torch.equal(fast.maps.near, exact.maps.near)
+    assert (fast.score - exact.score).abs().max() < 1e-2
+    assert (fast.maps.entropy - exact.maps.entropy).abs().max() < 5e-2
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        score_batch(model, images, EEMConfig(precision="fp16"), DatasetDepth(), depth=disparity)
+    with pytest.raises(ValueError, match="EEMConfig.precision must be one of fp32, bf16, fp16; got 'fp8'"):
+        EEMConfig(precision="fp8")

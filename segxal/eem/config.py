@@ -82,6 +82,9 @@ class EEMConfig:
     ``reduction`` ``mean`` or ``topk`` (mean of the top ``topk_percent`` % pixels). Regions: connected
     areas with EEM >= ``region_threshold`` (an absolute EEM value; the EEM lies in [0, alpha+beta+gamma]) and at least ``min_region_area`` pixels, at most
     ``max_regions`` per image (largest peak first).
+    ``precision``: the segmenter's arithmetic while scoring: ``fp32`` (exact, the default), or autocast to
+    ``bf16`` (CPUs with native bfloat16, e.g. AVX512-BF16 or AMX, and GPUs) or ``fp16`` (GPUs only):
+    faster, with scores within about 1e-3 of fp32 (bench/RESULTS.md); maps and scores stay float32.
     """
 
     alpha: float = 0.5
@@ -101,6 +104,7 @@ class EEMConfig:
     region_threshold: float = 0.5
     min_region_area: int = 16
     max_regions: int = 10
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
 
     def __post_init__(self) -> None:
         for name in ("alpha", "beta", "gamma"):
@@ -115,6 +119,7 @@ class EEMConfig:
         _check_choice("EEMConfig", "mask", self.mask, ("hard", "soft"))
         _check_choice("EEMConfig", "target", self.target, ("sum", "max"))
         _check_choice("EEMConfig", "reduction", self.reduction, ("mean", "topk"))
+        _check_choice("EEMConfig", "precision", self.precision, ("fp32", "bf16", "fp16"))
         _check_range("EEMConfig", "quantile", self.quantile, 0.0, 1.0, low_open=True, high_open=True)
         _check_range("EEMConfig", "fixed", self.fixed, 0.0, 1.0)
         if self.otsu_bins < 2:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -64,6 +65,15 @@ class EEMScores:
         ]
 
 
+def segmenter_precision(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast context of an ``EEMConfig.precision`` on ``device`` (none for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError(f"EEMConfig.precision fp16 needs a CUDA device, got {device}; use bf16 on CPU")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
 def score_batch(
     model: nn.Module,
     images: torch.Tensor,
@@ -77,13 +87,16 @@ def score_batch(
 
     ``depth``: the batch's disparity, for the ``dataset`` backend. ``anomaly``: (B, H, W) anomaly scores
     for the gamma term. Two forwards (the image for prediction and entropy, the depth-informed image for
-    Grad-CAM) and one backward per batch. With alpha = 0 no depth or Grad-CAM is computed (without a
+    Grad-CAM) and one backward per batch, in ``config.precision``, on channels-last images (the same
+    numbers, faster convolutions on CPU). With alpha = 0 no depth or Grad-CAM is computed (without a
     backend, proximity and near are then zeros).
     """
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
-    with torch.no_grad(), eval_mode(model):
-        logits = model(images)
+    arithmetic = segmenter_precision(config.precision, images.device)
+    images = images.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), eval_mode(model), arithmetic:
+        logits = model(images).float()
     entropy = normalized_entropy(logits)
     prediction = logits.argmax(dim=1)
     explain = config.alpha > 0
@@ -97,7 +110,8 @@ def score_batch(
         near = torch.zeros_like(entropy, dtype=torch.bool)
     if explain:
         informed = depth_informed_image(images, proximity, near, config.mask)
-        proxgradcam = grad_cam(model, informed, config.target_layer, prediction, near, config.target)
+        with arithmetic:
+            proxgradcam = grad_cam(model, informed, config.target_layer, prediction, near, config.target).float()
         if config.gate_cam:
             proxgradcam = unit_max_per_image(proxgradcam * mask_weight(proximity, near, config.mask))
     else:
