@@ -61,7 +61,6 @@ class Coordinator:
     def __init__(self, run_dir: str | Path, state: PoolState, al: ActiveLearningConfig, label_set: LabelSet, seed: int,
                  oracle: Oracle | None = None) -> None:
         self.run_dir = Path(run_dir)
-        self.state = state.copy_to(self.run_dir / STATE_FILE)  # the run's live state, whatever it starts from
         self.oracle = oracle
         self.al = al
         self.label_set = label_set
@@ -71,6 +70,7 @@ class Coordinator:
         unlabelled = state.count(UNLABELLED)
         if self.budget > unlabelled:
             raise ValueError(f"al.budget: {self.budget} images per cycle but the unlabelled pool has {unlabelled}")
+        self.state = state.copy_to(self.run_dir / STATE_FILE)  # the run's live state, whatever it starts from
 
     # -- views of the state -------------------------------------------------------------------
     def _manifest_batches(self, role: str) -> Iterator[pa.Table]:
@@ -113,15 +113,13 @@ class Coordinator:
         if scores is None:
             count = row_count(candidates)
             positions = random_positions(count, min(self.budget, count), rng)
-            chosen = pa.concat_arrays([t["sample_id"].combine_chunks()
-                                       for t in take_positions(read_batches(candidates, ["sample_id"]), positions)])
-            return chosen.to_pylist()
+            return [sample_id for t in take_positions(read_batches(candidates, ["sample_id"]), positions)
+                    for sample_id in t["sample_id"].to_pylist()]
         if _ids_digest(scores) != _ids_digest(candidates):
             raise ValueError(f"cycle {cycle}: {scores} does not score the candidates {candidates} exactly once, in id order")
         readable = (_readable(t) for t in read_batches(scores))
-        if self.strategy.selection is Selection.TOP_N:
-            n = min(self.budget, sum(len(_readable(t)) for t in read_batches(scores)))
-            return top_n_of_batches(((t["sample_id"], t["score"]) for t in readable), n).to_pylist()
+        if self.strategy.selection is Selection.TOP_N:  # fewer readable candidates than the budget: all of them
+            return top_n_of_batches(((t["sample_id"], t["score"]) for t in readable), self.budget).to_pylist()
         everything = pa.concat_tables(readable)
         features = np.asarray(everything["embedding"].to_pylist(), dtype=np.float32)
         ids = everything["sample_id"]

@@ -163,6 +163,7 @@ def test_budget_larger_than_pool_is_refused_before_work(pool, tmp_path):
     state, truth = pool
     with pytest.raises(ValueError, match="al.budget"):
         Coordinator(tmp_path, state, ActiveLearningConfig(budget=50), CITYSCAPES, seed=0)
+    assert not (tmp_path / "pool_state.parquet").exists()
 
 
 @pytest.mark.parametrize("strategy", ["entropy", "random"])  # found unreadable by scoring / by explaining
