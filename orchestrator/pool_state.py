@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from orchestrator.parquet_io import ROWS_PER_BATCH, read_batches, tmp_name, write_tables
+from orchestrator.parquet_io import read_batches, tmp_name, write_tables
 from orchestrator.strategies import Budget, IdsLike, as_ids, budget_count, draw_subset
 
 LABELLED, UNLABELLED, VALIDATION, QUARANTINED = "labelled", "unlabelled", "validation", "quarantined"
@@ -287,11 +287,6 @@ def _broken_rows(table: pa.Table) -> list[tuple[str, pa.Array]]:
     ]
 
 
-def _in_batches(table: pa.Table) -> Iterator[pa.Table]:
-    for start in range(0, table.num_rows, ROWS_PER_BATCH):
-        yield table.slice(start, ROWS_PER_BATCH)
-
-
 class PoolState:
     """A handle on a verified pool-state file; build with ``create`` or ``load``. Queries and
     transitions stream the file; ``table`` reads it whole (for inspection and tests)."""
@@ -371,7 +366,7 @@ class PoolState:
             b"segxal.pool_state.seed": str(seed).encode(),
             b"segxal.pool_state.initial_labelled": str(initial_labelled).encode(),
         })
-        return cls._write(Path(path), schema, _in_batches(table))
+        return cls._write(Path(path), schema, [table])  # the caller holds the manifest whole anyway
 
     @classmethod
     def _write(cls, path: Path, schema: pa.Schema, tables: Iterable[pa.Table]) -> "PoolState":

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -104,7 +103,6 @@ def test_cycles_select_top_n_and_gate_by_dice(pool, tmp_path):
     coordinator, backend, history = run(tmp_path, state, truth, 2, al)
     final = coordinator.state
     final.check_invariants()
-    table = final.table
     for cycle in (1, 2):
         scores = pq.read_table(tmp_path / "cycles" / f"cycle_{cycle:02d}" / "scores.parquet").to_pylist()
         expected = [r["sample_id"] for r in sorted(scores, key=lambda r: (-r["score"], r["sample_id"]))[:3]]
