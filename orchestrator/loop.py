@@ -45,7 +45,7 @@ class TrainOutcome:
 
 @dataclass(frozen=True)
 class ScoreOutcome:
-    scores: pa.Table | None  # sample_id, score and/or embedding [, unreadable], one row per candidate
+    scores: pa.Table  # sample_id, score and/or embedding [, unreadable], one row per candidate
     labelled_features: np.ndarray | None = None  # core-set: embeddings of the labelled pool
 
 
