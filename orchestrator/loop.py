@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterable
@@ -32,6 +31,7 @@ from orchestrator.coordinator import UNREADABLE, Coordinator, cycle_dir, cycle_n
 from orchestrator.oracles import AnnotationRequest
 from orchestrator.parquet_io import write_parquet
 from orchestrator.strategies import Scorer, StrategySpec
+from segxal.files import write_atomically
 
 log = logging.getLogger(__name__)
 PROGRESS_FILE = "progress.json"
@@ -99,10 +99,7 @@ class Progress:
         return cls(**json.loads(path.read_text())) if path.is_file() else cls()
 
     def save(self, run_dir: Path) -> None:
-        path = run_dir / PROGRESS_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.__dict__, indent=2))
-        os.replace(tmp, path)
+        write_atomically(run_dir / PROGRESS_FILE, lambda handle: handle.write(json.dumps(self.__dict__, indent=2).encode()))
 
 
 class StageTimer:

@@ -6,14 +6,14 @@ written in row groups of ``ROWS_PER_BATCH`` rows; readers stream them back in ba
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from segxal.files import write_atomically
 
 ROWS_PER_BATCH = 4096
 
@@ -31,11 +31,6 @@ def row_count(path: str | Path) -> int:
         return file.metadata.num_rows
 
 
-def tmp_name(path: Path) -> Path:
-    """A hidden temporary name beside ``path``, unique to this process and call."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-
-
 def write_tables(handle, schema: pa.Schema, tables: Iterable[pa.Table]) -> int:
     """Write ``tables`` (cast to ``schema``) to an open binary file in row groups; returns the rows written."""
     rows = 0
@@ -47,18 +42,9 @@ def write_tables(handle, schema: pa.Schema, tables: Iterable[pa.Table]) -> int:
 
 
 def write_parquet(path: str | Path, schema: pa.Schema, tables: Iterable[pa.Table]) -> Path:
-    """Write ``tables`` to ``path`` through a temporary file renamed into place: a reader sees the old file
-    or the complete new one, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_name(path)
-    try:
-        with open(tmp, "wb") as handle:
-            write_tables(handle, schema, tables)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """Write ``tables`` to ``path`` atomically: a reader sees the old file or the complete new one."""
+    write_atomically(path, lambda handle: write_tables(handle, schema, tables))
+    return Path(path)
 
 
 def take_positions(tables: Iterable[pa.Table], positions: np.ndarray) -> Iterator[pa.Table]:

@@ -35,8 +35,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from orchestrator.parquet_io import read_batches, tmp_name, write_tables
+from orchestrator.parquet_io import read_batches, write_tables
 from orchestrator.strategies import Budget, IdsLike, as_ids, budget_count, draw_subset
+from segxal.files import tmp_name, write_atomically
 
 LABELLED, UNLABELLED, VALIDATION, QUARANTINED = "labelled", "unlabelled", "validation", "quarantined"
 ROLES = (LABELLED, UNLABELLED, VALIDATION, QUARANTINED)
@@ -710,16 +711,8 @@ def _fsync_dir(directory: Path) -> None:
 def _write_checksum(path: Path, digest: str) -> None:
     """Atomically write ``path``'s sidecar in ``sha256sum`` format."""
     target = checksum_path(path)
-    tmp = tmp_name(target)
-    try:
-        with open(tmp, "w", encoding="ascii") as handle:
-            handle.write(f"{digest}  {path.name}\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-        _fsync_dir(target.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomically(target, lambda handle: handle.write(f"{digest}  {path.name}\n".encode("ascii")))
+    _fsync_dir(target.parent)
 
 
 def _read_checksum(path: Path) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from orchestrator.loop import Query
 from orchestrator.oracles import AnnotationRequest
 from segxal.data.io import image_size
 from segxal.data.labels import LabelSet
+from segxal.files import write_atomically
 
 TASKS, CONFIG, REQUESTS, MANIFEST, IMPORTED = (
     "tasks.json", "labelling_config.xml", "requests.npz", "manifest.json", "export.json")
@@ -65,9 +65,7 @@ def write_export(folder: Path, cycle: int, query: Query, images: ImageReferences
         "metrics": query.metrics,
         "artifacts": [str(path) for path in query.artifacts],
     }
-    temporary = folder / (MANIFEST + ".tmp")
-    temporary.write_text(json.dumps(manifest, indent=1))
-    os.replace(temporary, folder / MANIFEST)
+    write_atomically(folder / MANIFEST, lambda handle: handle.write(json.dumps(manifest, indent=1).encode()))
 
 
 @dataclass(frozen=True)
