@@ -1,6 +1,7 @@
 """The active-learning loop against a fake backend: selection, gate, pool updates, resume."""
 
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -79,14 +80,19 @@ class DamagedPoolBackend(FakeBackend):
                          {i: f"{i}.png: truncated" for i in selected["sample_id"].to_pylist() if i in self.unreadable})
 
 
+def ground_truth(manifest: pa.Table, size: tuple[int, int]) -> Callable[[str], np.ndarray]:
+    """sample id -> its label in train ids at ``size``: what the simulated annotator corrects with."""
+    dataset = SegmentationDataset(manifest, CITYSCAPES, SampleTransform(size=size))
+    index = {s: i for i, s in enumerate(manifest["sample_id"].to_pylist())}
+    return lambda sample_id: dataset[index[sample_id]]["label"].numpy().astype(np.uint8)
+
+
 @pytest.fixture
 def pool(synthetic_root, tmp_path):
     train = cityscapes_manifest(synthetic_root, "train")
     val = cityscapes_manifest(synthetic_root, "val")
-    dataset = SegmentationDataset(train, CITYSCAPES, SampleTransform(size=SIZE))
-    index = {s: i for i, s in enumerate(train["sample_id"].to_pylist())}
-    truth = lambda s: dataset[index[s]]["label"].numpy().astype(np.uint8)  # noqa: E731
-    return PoolState.create(tmp_path / "initial" / "pool_state.parquet", train, 4, seed=3, validation=val), truth
+    state = PoolState.create(tmp_path / "initial" / "pool_state.parquet", train, 4, seed=3, validation=val)
+    return state, ground_truth(train, SIZE)
 
 
 def run(run_dir, state, truth, cycles, al, progress=None, backend=None):

@@ -33,7 +33,7 @@ from segxal.data.labels import CITYSCAPES
 from segxal.data.transforms import resize_nearest
 
 from test_al_job import tiny
-from test_al_loop import FakeBackend
+from test_al_loop import FakeBackend, ground_truth
 
 SIZE = (24, 40)  # scoring resolution; the synthetic images are 64x128, so the ratios are not integers
 NATIVE = (64, 128)
@@ -194,9 +194,7 @@ def exported(synthetic_root, tmp_path):
     """A run stopped after exporting cycle 1 to Label Studio; the images' references, its backend."""
     train = cityscapes_manifest(synthetic_root, "train")
     val = cityscapes_manifest(synthetic_root, "val")
-    dataset = SegmentationDataset(train, CITYSCAPES, SampleTransform(size=SIZE))
-    index = {s: i for i, s in enumerate(train["sample_id"].to_pylist())}
-    truth = lambda s: dataset[index[s]]["label"].numpy().astype(np.uint8)  # noqa: E731
+    truth = ground_truth(train, SIZE)
     images = ImageReferences.from_config(synthetic_root, LabelStudioConfig())
     backend = PromptingBackend(truth, tmp_path)
     state = PoolState.create(tmp_path / "initial.parquet", train, 4, seed=3, validation=val)
