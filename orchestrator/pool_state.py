@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 
 from orchestrator.parquet_io import read_batches, write_tables
 from orchestrator.strategies import Budget, IdsLike, as_ids, budget_count, draw_subset
-from segxal.files import tmp_name, write_atomically
+from segxal.files import tmp_name, write_atomically, write_synced
 
 LABELLED, UNLABELLED, VALIDATION, QUARANTINED = "labelled", "unlabelled", "validation", "quarantined"
 ROLES = (LABELLED, UNLABELLED, VALIDATION, QUARANTINED)
@@ -661,10 +661,7 @@ def _publish(path: Path, write: Callable[[BinaryIO], Any], expected_digest: str 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_name(path)
     try:
-        with open(tmp, "wb") as handle:
-            result = write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+        result = write_synced(tmp, write)
         digest = _sha256_file(tmp)
         if expected_digest is not None and digest != expected_digest:
             raise PoolStateFileError(path, f"copy has sha256 {digest}, expected {expected_digest}: the source changed")

@@ -17,6 +17,15 @@ def tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
 
+def write_synced(path: Path, write: Callable[[BinaryIO], T]) -> T:
+    """Write ``path`` through ``write(handle)`` and fsync it; returns what ``write`` returns."""
+    with open(path, "wb") as handle:
+        result = write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return result
+
+
 def write_atomically(path: str | Path, write: Callable[[BinaryIO], T]) -> T:
     """Write ``path`` through ``write(handle)``; returns what ``write`` returns. If anything fails, the
     old file (if any) is left as it was and no temporary file stays behind."""
@@ -24,10 +33,7 @@ def write_atomically(path: str | Path, write: Callable[[BinaryIO], T]) -> T:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_name(path)
     try:
-        with open(tmp, "wb") as handle:
-            result = write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+        result = write_synced(tmp, write)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
