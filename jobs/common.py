@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import socket
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from orchestrator.config import ExperimentConfig, load_experiment
 from orchestrator.tracking import TrackingError, check_tracking_reachable
@@ -57,11 +59,29 @@ def setup_logging(level: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
 
 
+# Ports below the kernel's ephemeral range and above `ray start`'s default worker ports (10002-19999).
+# Nothing else on the machine is handed one at random: the kernel's port-0 binds and Ray's own port
+# choices (random, from an ephemeral port upwards) land in the ephemeral range, so a port chosen here
+# and released stays free until Ray binds it, even while another Ray starts beside us.
+QUIET_PORTS_START = 20000
+EPHEMERAL_PORTS_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
 def free_loopback_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now (the OS picks it)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A TCP port on 127.0.0.1 that is free now and that no other process is likely to be given before
+    we use it (see ``QUIET_PORTS_START``). The choice ignores ``random``'s seed: two jobs run with the
+    same seed must not pick the same port."""
+    ephemeral_start = int(EPHEMERAL_PORTS_FILE.read_text().split()[0]) if EPHEMERAL_PORTS_FILE.exists() else 32768
+    candidates = list(range(QUIET_PORTS_START, ephemeral_start))
+    secrets.SystemRandom().shuffle(candidates)
+    for port in candidates:
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port on 127.0.0.1 between {QUIET_PORTS_START} and {ephemeral_start}")
 
 
 def init_ray(num_cpus: int | None = None) -> None:

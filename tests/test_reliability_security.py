@@ -3,12 +3,16 @@ MLflow servers it starts or suggests. (Checkpoints refusing pickles: test_traini
 test_cluster_yaml and test_job_submit; annotation paths: test_labelstudio.)"""
 
 import os
+import random
+import socket
+from contextlib import ExitStack
 
 import pytest
 import ray
 import yaml
 
-from jobs.common import init_ray, print_results_hint
+from jobs import common
+from jobs.common import free_loopback_port, init_ray, print_results_hint
 
 from procfs import descendants, listening_sockets, socket_inodes
 from test_cluster_yaml import CLUSTER_YAML
@@ -33,6 +37,39 @@ def test_the_jobs_embedded_ray_listens_on_loopback_only(monkeypatch):
         assert {address for address, _ in listening} == {"127.0.0.1"}, listening
     finally:
         ray.shutdown()
+
+
+def test_a_free_loopback_port_lies_below_the_ephemeral_range_whatever_the_random_seed():
+    ephemeral_start = int(common.EPHEMERAL_PORTS_FILE.read_text().split()[0])
+    ports = set()
+    for _ in range(4):
+        random.seed(0)  # jobs seed random: two drivers with one seed must not share a dashboard port
+        ports.add(free_loopback_port())
+    assert len(ports) > 1
+    assert all(common.QUIET_PORTS_START <= port < ephemeral_start for port in ports)
+
+
+def test_a_free_loopback_port_skips_ports_in_use(monkeypatch, tmp_path):
+    start = common.QUIET_PORTS_START
+    range_file = tmp_path / "ip_local_port_range"
+    range_file.write_text(f"{start + 8}\t60999\n")
+    monkeypatch.setattr(common, "EPHEMERAL_PORTS_FILE", range_file)
+    with ExitStack() as held:
+        taken_by_us = []
+        for port in range(start, start + 8):
+            sock = held.enter_context(socket.socket())
+            try:
+                sock.bind(("127.0.0.1", port))
+                taken_by_us.append(sock)
+            except OSError:
+                pass  # in use already
+        assert taken_by_us, "every test port is in use on this machine"
+        free = taken_by_us[-1].getsockname()[1]
+        taken_by_us[-1].close()
+        assert free_loopback_port() == free
+        held.enter_context(socket.socket()).bind(("127.0.0.1", free))
+        with pytest.raises(RuntimeError, match=f"between {start} and {start + 8}"):
+            free_loopback_port()
 
 
 def test_mlflow_servers_bind_loopback(capsys):
