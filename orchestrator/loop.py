@@ -210,7 +210,7 @@ def annotate_cycle(cycle: int, coordinator: Coordinator, requests: list[Annotati
                    run_dir: Path) -> dict[str, float]:
     """The oracle re-annotates, the Dice gate updates the pool; the cycle's gate and oracle metrics."""
     decisions = coordinator.annotate(cycle, requests)
-    pq.write_table(decisions, cycle_dir(run_dir, cycle) / "decisions.parquet")
+    write_parquet(cycle_dir(run_dir, cycle) / "decisions.parquet", decisions.schema, [decisions])
     accepted = decisions["accepted"].to_numpy(zero_copy_only=False)
     dice = decisions["dice"].to_numpy(zero_copy_only=False)
     return {
