@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import default_collate
 
+from actors.dispatch import map_on_idle_actors
 from orchestrator.coordinator import file_name
 from orchestrator.loop import UNREADABLE, Explained
 from orchestrator.oracles import AnnotationRequest
@@ -147,23 +148,18 @@ class PoolScorer:
         return Explained(requests, unreadable)
 
 
+def images_done_bar(show: bool, total: int, desc: str):
+    """A bar of images done on the driver (tqdm); when not ``show``n, one that counts silently."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="image", disable=not show)
+
+
 def shards(table: pa.Table, count: int) -> list[pa.Table]:
     """``table`` cut into at most ``count`` contiguous, near-equal, non-empty slices."""
     count = max(1, min(count, len(table)))
     bounds = np.linspace(0, len(table), count + 1).astype(int)
     return [table.slice(start, stop - start) for start, stop in zip(bounds[:-1], bounds[1:]) if stop > start]
-
-
-def show_shards_done(refs: list, sizes: list[int], desc: str) -> None:
-    """A bar of images done, advanced as each shard's task finishes (or fails: ``ray.get`` raises later)."""
-    from tqdm import tqdm
-
-    size_of = dict(zip(refs, sizes))
-    pending = list(refs)
-    with tqdm(total=sum(sizes), desc=desc, unit="image") as bar:
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            bar.update(size_of[done[0]])
 
 
 class ScoringActor(PoolScorer):
@@ -188,12 +184,13 @@ class ScoringActor(PoolScorer):
 
 
 class ScorerPool:
-    """``num_actors`` restartable scoring actors; a pass splits the rows into shards and gathers one
-    result per shard, in order. A crashed actor restarts and its shard is retried. With ``progress``,
-    a bar on the driver counts the images scored."""
+    """``num_actors`` restartable scoring actors; a pass splits the rows into ``shards_per_actor`` shards
+    per actor, hands them to the actors on demand (:func:`map_on_idle_actors`) and gathers one result per
+    shard, in order. A crashed actor restarts and its shard is retried. With ``progress``, a bar on the
+    driver counts the images scored."""
 
     def __init__(self, num_actors: int, scorer_args: dict, cpus: float = 1.0, gpus: float = 0.0,
-                 shards_per_actor: int = 4, progress: bool = False) -> None:
+                 shards_per_actor: int = 8, progress: bool = False) -> None:
         actor = ray.remote(ScoringActor).options(num_cpus=cpus, num_gpus=gpus, max_restarts=-1, max_task_retries=-1)
         self.actors = [actor.remote(**scorer_args) for _ in range(num_actors)]
         self.shards_per_actor = shards_per_actor
@@ -207,11 +204,13 @@ class ScorerPool:
 
     def score(self, rows: pa.Table, strategy: str) -> pa.Table:
         parts = shards(rows, len(self.actors) * self.shards_per_actor)
-        refs = [self.actors[i % len(self.actors)].score_with.remote(self.version, self.model_box, part, strategy)
-                for i, part in enumerate(parts)]
-        if self.progress:
-            show_shards_done(refs, [len(part) for part in parts], f"scoring ({strategy})")
-        return pa.concat_tables(ray.get(refs)) if refs else pa.table({"sample_id": pa.array([], pa.string())})
+
+        def submit(actor, part: pa.Table):
+            return actor.score_with.remote(self.version, self.model_box, part, strategy)
+
+        with images_done_bar(self.progress, len(rows), f"scoring ({strategy})") as bar:
+            results = map_on_idle_actors(self.actors, parts, submit, on_done=lambda i: bar.update(len(parts[i])))
+        return pa.concat_tables(results) if results else pa.table({"sample_id": pa.array([], pa.string())})
 
     def explain(self, rows: pa.Table, strategy: str, panel_dir: str | None, panels: int) -> Explained:
         return ray.get(self.actors[0].explain_with.remote(self.version, self.model_box, rows, strategy, panel_dir, panels))
