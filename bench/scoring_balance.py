@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -26,10 +25,7 @@ import pyarrow as pa  # noqa: E402
 import ray  # noqa: E402
 
 from actors.scoring import ScorerPool, ScoringActor, shards  # noqa: E402
-from segxal.data.cityscapes import cityscapes_manifest  # noqa: E402
-from segxal.data.synthetic import SyntheticConfig, generate_synthetic  # noqa: E402
-from segxal.eem.config import EEMConfig  # noqa: E402
-from segxal.models.unet import UNet, UNetConfig  # noqa: E402
+from scoring_throughput import add_workload_arguments, workload  # noqa: E402  (bench/, next to this script)
 
 
 class SlowScoringActor(ScoringActor):
@@ -56,24 +52,17 @@ def fixed_split(pool: ScorerPool, rows: pa.Table, strategy: str) -> pa.Table:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=48)
-    parser.add_argument("--size", type=int, nargs=2, default=(128, 256))
+    add_workload_arguments(parser)
     parser.add_argument("--slowdown", type=float, default=2.0)
     parser.add_argument("--shards-per-actor", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--strategy", default="eem")
     args = parser.parse_args()
-
-    root = generate_synthetic(tempfile.mkdtemp(prefix="bench_balance_"),
-                              SyntheticConfig(num_train=args.images, num_val=0, num_anomaly=0))
-    rows = cityscapes_manifest(root, "train")
-    scorer_args = {"eem": EEMConfig(), "label_set": "cityscapes", "size": tuple(args.size), "batch_size": 2, "device": "cpu"}
+    rows, scorer_args, checkpoint = workload(args)
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
     pool = ScorerPool(2, scorer_args, cpus=1.0, shards_per_actor=args.shards_per_actor)
     slow = ray.remote(SlowScoringActor).options(num_cpus=1.0)
     ray.kill(pool.actors[1])
     pool.actors[1] = slow.remote(args.slowdown, **scorer_args)
-    pool.load_model(UNet(UNetConfig(num_classes=19, width=16, depth=4)).to_checkpoint())
+    pool.load_model(checkpoint)
     pool.score(rows.slice(0, 2), args.strategy)  # warm-up: actors built, model loaded
 
     passes = {"fixed": lambda: fixed_split(pool, rows, args.strategy), "on_demand": lambda: pool.score(rows, args.strategy)}

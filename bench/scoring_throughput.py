@@ -27,20 +27,29 @@ from segxal.eem.config import EEMConfig  # noqa: E402
 from segxal.models.unet import UNet, UNetConfig  # noqa: E402
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    """The scoring workload's options, shared with bench/scoring_balance.py."""
     parser.add_argument("--images", type=int, default=48)
     parser.add_argument("--size", type=int, nargs=2, default=(128, 256))
-    parser.add_argument("--actors", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--strategy", default="eem")
-    args = parser.parse_args()
 
+
+def workload(args: argparse.Namespace) -> tuple:
+    """``--images`` synthetic scenes as pool rows, the arguments of a CPU scorer at ``--size`` (batch 2),
+    and the checkpoint of a U-Net of width 16, depth 4 (the demo's)."""
     root = generate_synthetic(tempfile.mkdtemp(prefix="bench_scoring_"),
                               SyntheticConfig(num_train=args.images, num_val=0, num_anomaly=0))
-    rows = cityscapes_manifest(root, "train")
-    checkpoint = UNet(UNetConfig(num_classes=19, width=16, depth=4)).to_checkpoint()
     scorer_args = {"eem": EEMConfig(), "label_set": "cityscapes", "size": tuple(args.size), "batch_size": 2, "device": "cpu"}
+    return cityscapes_manifest(root, "train"), scorer_args, UNet(UNetConfig(num_classes=19, width=16, depth=4)).to_checkpoint()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_workload_arguments(parser)
+    parser.add_argument("--actors", type=int, default=2)
+    args = parser.parse_args()
+    rows, scorer_args, checkpoint = workload(args)
 
     local = PoolScorer(**scorer_args)
     local.load_model(checkpoint)
