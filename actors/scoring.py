@@ -134,8 +134,9 @@ class PoolScorer:
             regions = maps.regions(config, self.label_set.class_names)
             for i, sample_id in enumerate(batch["sample_id"]):
                 eem = maps.eem[i].cpu()
+                row = int(batch["index"][i])
                 requests.append(AnnotationRequest(
-                    sample_id=sample_id, image_path=rows["image_path"][int(batch["index"][i])].as_py(),
+                    sample_id=sample_id, image_path=rows["image_path"][row].as_py(), label_path=rows["label_path"][row].as_py(),
                     prediction=maps.prediction[i].cpu().numpy().astype(np.uint8),
                     tta_prediction=tta_prediction[i].cpu().numpy().astype(np.uint8),
                     tta_confidence=confidence[i].cpu().numpy().astype(np.float32),

@@ -90,7 +90,7 @@ def run_coordinator(folder: Path, cycles: int) -> dict:
     truth[LABEL_SIZE[0] // 2:] = 1
     al = ActiveLearningConfig(strategy="eem", budget=200, subset=0.5, theta=0.5)
     coordinator = Coordinator(folder / "run", PoolState.load(folder / "initial.parquet"), al, CITYSCAPES, seed=0,
-                              oracle=SimulatedOracle(lambda sample_id: truth))
+                              oracle=SimulatedOracle(lambda request: truth))
     for cycle in range(1, cycles + 1):
         candidates = coordinator.candidates(cycle)
         scores = cycle_dir(folder / "run", cycle) / "scores.parquet"

@@ -26,22 +26,13 @@ from orchestrator.datasets import label_set_for, manifest_for
 from orchestrator.labelstudio.handoff import LabelStudioHandoff, import_cycle, instructions, is_exported
 from orchestrator.labelstudio.tasks import ImageReferences
 from orchestrator.loop import Progress, run_cycles
-from orchestrator.oracles import LabelStudioOracle, Oracle, PseudoLabelOracle, SimulatedOracle
+from orchestrator.oracles import DatasetGroundTruth, LabelStudioOracle, Oracle, PseudoLabelOracle, SimulatedOracle
 from orchestrator.pool_state import PoolState
 from orchestrator.tracking import experiment_run, log_artifact, log_metrics, set_tags
 from orchestrator.typed_config import to_dict
-from segxal.data.dataset import SampleTransform, SegmentationDataset
 
 log = logging.getLogger("jobs.al")
 CONFIG_FILE = "config.yaml"
-
-
-def ground_truth_loader(config: ExperimentConfig, manifest, label_set):
-    """For the simulated oracle: sample id -> ground-truth train ids at the scoring resolution."""
-    size = None if config.data.image_size is None else tuple(config.data.image_size)
-    dataset = SegmentationDataset(manifest, label_set, SampleTransform(size=size))
-    index = {sample_id: i for i, sample_id in enumerate(manifest["sample_id"].to_pylist())}
-    return lambda sample_id: dataset[index[sample_id]]["label"].numpy().astype("uint8")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,7 +84,7 @@ def prepare(config: ExperimentConfig, run_dir: Path, progress: Progress, show: b
     elif config.al.oracle == "pseudo":
         oracle = PseudoLabelOracle(config.al.pseudo_confidence)
     else:
-        oracle = SimulatedOracle(ground_truth_loader(config, train, label_set))
+        oracle = SimulatedOracle(DatasetGroundTruth(label_set, config.data.image_size))
     return label_set, Coordinator(run_dir, state, config.al, label_set, config.seed, oracle), handoff
 
 

@@ -18,10 +18,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import torch
 from scipy import ndimage
 
-from segxal.data.labels import IGNORE_INDEX
+from segxal.data.dataset import SampleTransform, SegmentationDataset
+from segxal.data.labels import IGNORE_INDEX, LabelSet
 from segxal.data.transforms import resize_nearest
 
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
@@ -38,6 +40,7 @@ class AnnotationRequest:
     tta_confidence: np.ndarray  # float32 max softmax probability under the augmentation
     region_map: np.ndarray  # int32 EEM region ids (0 = none), matching ``regions``
     regions: list[dict]  # JSON records: prompt point, area, mean EEM, dominant class, bbox
+    label_path: str | None = None  # the dataset's ground truth, if any: for the simulated oracle only
 
 
 @dataclass(frozen=True)
@@ -86,17 +89,18 @@ def objects_touching(truth: np.ndarray, region: np.ndarray) -> tuple[np.ndarray,
 
 
 class SimulatedOracle(Oracle):
-    """Ground truth comes from ``load_truth(sample_id)``: (H, W) train ids at the scoring resolution."""
+    """Ground truth comes from ``load_truth(request)`` (:class:`DatasetGroundTruth` in a run): (H, W) train
+    ids at the scoring resolution."""
 
     name = "simulated"
 
-    def __init__(self, load_truth: Callable[[str], np.ndarray]) -> None:
+    def __init__(self, load_truth: Callable[[AnnotationRequest], np.ndarray]) -> None:
         self.load_truth = load_truth
 
     def annotate(self, requests: Sequence[AnnotationRequest]) -> list[Annotation]:
         annotations = []
         for request in requests:
-            truth = self.load_truth(request.sample_id)
+            truth = self.load_truth(request)
             if truth.shape != request.prediction.shape:
                 raise ValueError(f"{request.sample_id}: ground truth {truth.shape} != prediction {request.prediction.shape}")
             touched, count = objects_touching(truth, request.region_map > 0)
@@ -104,6 +108,24 @@ class SimulatedOracle(Oracle):
             corrected = int((label != request.prediction).sum())
             annotations.append(Annotation(request.sample_id, label, float(count), corrected))
         return annotations
+
+
+class DatasetGroundTruth:
+    """The simulated oracle's ground truth: a request's ``label_path`` read, checked against its image and
+    resized as the dataset loader does for scoring. It holds nothing pool-sized, so the coordinator actor
+    that owns the oracle stays small however large the pool."""
+
+    def __init__(self, label_set: LabelSet, size: tuple[int, int] | None) -> None:
+        self.label_set = label_set
+        self.transform = SampleTransform(size=None if size is None else tuple(size))
+
+    def __call__(self, request: AnnotationRequest) -> np.ndarray:
+        if request.label_path is None:
+            raise ValueError(f"{request.sample_id}: the simulated oracle needs ground truth, and the dataset has "
+                             "no label for this image; use al.oracle=pseudo or labelstudio")
+        row = pa.table({"sample_id": [request.sample_id], "image_path": [request.image_path],
+                        "label_path": [request.label_path], "depth_path": pa.array([None], pa.string())})
+        return SegmentationDataset(row, self.label_set, self.transform)[0]["label"].numpy().astype(np.uint8)
 
 
 class LabelStudioOracle(Oracle):

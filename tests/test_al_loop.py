@@ -14,7 +14,7 @@ from orchestrator.config import ActiveLearningConfig
 from orchestrator import parquet_io
 from orchestrator.coordinator import Coordinator, cycle_dir, snapshot_path
 from orchestrator.loop import UNREADABLE, Explained, Progress, ScoreOutcome, TrainOutcome, run_cycles
-from orchestrator.oracles import AnnotationRequest, SimulatedOracle
+from orchestrator.oracles import AnnotationRequest, DatasetGroundTruth, SimulatedOracle
 from orchestrator.pool_state import LABELLED, QUARANTINED, UNLABELLED, PoolState
 from orchestrator.strategies import get_strategy
 from segxal.data.cityscapes import cityscapes_manifest
@@ -56,8 +56,8 @@ class FakeBackend:
     def explain(self, cycle, checkpoint, selected, panel_dir, panels):
         return Explained([
             AnnotationRequest(i, p, self.prediction(i), self.prediction(i), np.ones(SIZE, np.float32),
-                              np.ones(SIZE, np.int32), [{"id": 1}])
-            for i, p in zip(selected["sample_id"].to_pylist(), selected["image_path"].to_pylist())
+                              np.ones(SIZE, np.int32), [{"id": 1}], label_path=label)
+            for i, p, label in zip(*(selected[c].to_pylist() for c in ("sample_id", "image_path", "label_path")))
         ])
 
 
@@ -97,7 +97,7 @@ def pool(synthetic_root, tmp_path):
 
 def run(run_dir, state, truth, cycles, al, progress=None, backend=None):
     run_dir.mkdir(parents=True, exist_ok=True)
-    coordinator = Coordinator(run_dir, state, al, CITYSCAPES, seed=3, oracle=SimulatedOracle(truth))
+    coordinator = Coordinator(run_dir, state, al, CITYSCAPES, seed=3, oracle=SimulatedOracle(DatasetGroundTruth(CITYSCAPES, SIZE)))
     backend = backend or FakeBackend(truth, run_dir)
     history = run_cycles(coordinator, backend, get_strategy(al.strategy), run_dir, progress or Progress(), cycles)
     return coordinator, backend, history

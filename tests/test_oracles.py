@@ -1,16 +1,23 @@
+import pickle
+
 import numpy as np
 import pytest
 
-from orchestrator.oracles import AnnotationRequest, PseudoLabelOracle, SimulatedOracle, objects_touching
+from orchestrator.oracles import (AnnotationRequest, DatasetGroundTruth, PseudoLabelOracle, SimulatedOracle,
+                                  objects_touching)
+from segxal.data.cityscapes import cityscapes_manifest
+from segxal.data.dataset import SampleTransform, SegmentationDataset
+from segxal.data.labels import CITYSCAPES
 
 
-def request(prediction, region_map, tta_prediction=None, confidence=None):
+def request(prediction, region_map, tta_prediction=None, confidence=None, sample_id="s", image_path="s.png",
+            label_path=None):
     shape = prediction.shape
     return AnnotationRequest(
-        sample_id="s", image_path="s.png", prediction=prediction.astype(np.uint8),
+        sample_id=sample_id, image_path=image_path, prediction=prediction.astype(np.uint8),
         tta_prediction=(prediction if tta_prediction is None else tta_prediction).astype(np.uint8),
         tta_confidence=np.ones(shape, np.float32) if confidence is None else confidence,
-        region_map=region_map.astype(np.int32), regions=[],
+        region_map=region_map.astype(np.int32), regions=[], label_path=label_path,
     )
 
 
@@ -25,7 +32,7 @@ def test_simulated_oracle_corrects_whole_objects_under_regions():
     region = np.zeros_like(truth)
     region[0, 0] = 1  # a prompt on the class-1 object only
     region[3, 5] = 2  # and one on the right class-3 object (the left one is a separate object)
-    oracle = SimulatedOracle(lambda sample_id: truth)
+    oracle = SimulatedOracle(lambda request: truth)
     (annotation,) = oracle.annotate([request(prediction, region)])
     expected = prediction.copy()
     expected[:2, :2] = 1
@@ -62,3 +69,30 @@ def test_shape_mismatch_names_the_sample():
     oracle = SimulatedOracle(lambda _: np.zeros((2, 2), int))
     with pytest.raises(ValueError, match="^s: ground truth"):
         oracle.annotate([request(np.zeros((3, 3)), np.zeros((3, 3)))])
+
+
+def test_dataset_ground_truth_reads_the_requests_label_file_at_the_scoring_size(synthetic_root):
+    manifest = cityscapes_manifest(synthetic_root, "train")
+    size = (32, 64)
+    expected = SegmentationDataset(manifest, CITYSCAPES, SampleTransform(size=size))
+    truth = DatasetGroundTruth(CITYSCAPES, size)
+    first, second = manifest.slice(0, 1).to_pylist()[0], manifest.slice(1, 1).to_pylist()[0]
+    blank = np.zeros(size)
+    got = truth(request(blank, blank, sample_id=first["sample_id"], image_path=first["image_path"],
+                        label_path=first["label_path"]))
+    assert got.dtype == np.uint8 and np.array_equal(got, expected[0]["label"].numpy())
+    # the path decides, not the id: nothing is looked up in a pool-wide index
+    other = truth(request(blank, blank, sample_id=first["sample_id"], image_path=second["image_path"],
+                          label_path=second["label_path"]))
+    assert np.array_equal(other, expected[1]["label"].numpy()) and not np.array_equal(other, got)
+
+
+def test_the_simulated_oracle_holds_nothing_pool_sized():
+    # it is pickled into the coordinator actor: a closure over the manifest made that actor grow with the pool
+    assert len(pickle.dumps(SimulatedOracle(DatasetGroundTruth(CITYSCAPES, (256, 512))))) < 4096
+
+
+def test_dataset_ground_truth_without_a_label_names_the_sample():
+    blank = np.zeros((2, 2))
+    with pytest.raises(ValueError, match="^s: the simulated oracle needs ground truth"):
+        DatasetGroundTruth(CITYSCAPES, None)(request(blank, blank))
