@@ -167,7 +167,7 @@ def subset_positions(pool_size: int, size_or_fraction: Budget, rng: np.random.Ge
     images than the configured subset size)."""
     generator = _as_generator(rng)
     if pool_size < 1:
-        raise ValueError("draw_subset: the unlabelled pool is empty")
+        raise ValueError("D^S: the unlabelled pool is empty")
     count = _resolve(size_or_fraction, pool_size, "subset size")
     if count >= pool_size:
         return np.arange(pool_size, dtype=np.int64)

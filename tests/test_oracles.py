@@ -76,7 +76,7 @@ def test_dataset_ground_truth_reads_the_requests_label_file_at_the_scoring_size(
     size = (32, 64)
     expected = SegmentationDataset(manifest, CITYSCAPES, SampleTransform(size=size))
     truth = DatasetGroundTruth(CITYSCAPES, size)
-    first, second = manifest.slice(0, 1).to_pylist()[0], manifest.slice(1, 1).to_pylist()[0]
+    first, second = manifest.slice(0, 2).to_pylist()
     blank = np.zeros(size)
     got = truth(request(blank, blank, sample_id=first["sample_id"], image_path=first["image_path"],
                         label_path=first["label_path"]))
