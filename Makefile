@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # tracking.experiment of jobs/configs/demo.yaml, compared at the end of `make demo`
 DEMO_EXPERIMENT := segxal-demo
 
-.PHONY: demo test install bench-train clean
+.PHONY: demo test lint install bench-train clean
 
 install: $(STAMP)
 
@@ -25,6 +25,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# ruff (format and lint) over the tree, mypy over segxal/ and orchestrator/ (pyproject.toml)
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 bench-train: $(STAMP)
 	$(PY) bench/train_camvid.py --root ../shared/data/camvid
