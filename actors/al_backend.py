@@ -26,41 +26,68 @@ def check_fits_cluster(config: ExperimentConfig) -> None:
     import ray
 
     available = ray.cluster_resources().get("CPU", 0.0)
-    needed = config.al.num_scorers * config.al.scorer_cpus + config.scaling.num_workers * config.scaling.cpus_per_worker
+    needed = (
+        config.al.num_scorers * config.al.scorer_cpus
+        + config.scaling.num_workers * config.scaling.cpus_per_worker
+    )
     if needed > available:
         raise RuntimeError(
             f"the run needs {needed:g} CPUs at once (al.num_scorers x al.scorer_cpus + scaling.num_workers x "
-            f"scaling.cpus_per_worker) but the Ray cluster has {available:g}: lower those settings")
+            f"scaling.cpus_per_worker) but the Ray cluster has {available:g}: lower those settings"
+        )
 
 
 class RayCycleBackend:
-    def __init__(self, config: ExperimentConfig, run_dir: Path, label_set: LabelSet, progress: bool = False) -> None:
+    def __init__(
+        self, config: ExperimentConfig, run_dir: Path, label_set: LabelSet, progress: bool = False
+    ) -> None:
         self.config = config
         self.run_dir = Path(run_dir)
         self.label_set = label_set
         size = None if config.data.image_size is None else tuple(config.data.image_size)
-        self.train_transform = SampleTransform(size=size, augment=True,
-                                               crop_size=None if config.data.crop_size is None else tuple(config.data.crop_size))
+        self.train_transform = SampleTransform(
+            size=size,
+            augment=True,
+            crop_size=None if config.data.crop_size is None else tuple(config.data.crop_size),
+        )
         self.val_transform = SampleTransform(size=size)
         al = config.al
         check_fits_cluster(config)
         self.scorers = ScorerPool(
             al.num_scorers,
-            {"eem": config.eem, "label_set": label_set.name, "size": size, "batch_size": al.scorer_batch_size},
-            cpus=al.scorer_cpus, gpus=al.scorer_gpus, progress=progress,
+            {
+                "eem": config.eem,
+                "label_set": label_set.name,
+                "size": size,
+                "batch_size": al.scorer_batch_size,
+            },
+            cpus=al.scorer_cpus,
+            gpus=al.scorer_gpus,
+            progress=progress,
         )
         self.progress = progress
         self.loaded: Path | None = None
 
-    def train(self, cycle: int, train: pa.Table, val: pa.Table, init_checkpoint: Path | None) -> TrainOutcome:
+    def train(
+        self, cycle: int, train: pa.Table, val: pa.Table, init_checkpoint: Path | None
+    ) -> TrainOutcome:
         name = cycle_name(cycle)
         # a cycle interrupted mid-training starts its training afresh, as an uninterrupted run trained it
         shutil.rmtree(self.run_dir / "ray" / name, ignore_errors=True)
         job = TrainingJob(
-            train_manifest=train, val_manifest=val, label_set=self.label_set.name,
-            unet=UNetConfig(num_classes=self.label_set.num_classes, width=self.config.model.width, depth=self.config.model.depth),
-            train=self.config.train, train_transform=self.train_transform, val_transform=self.val_transform,
-            seed=self.config.seed + cycle, init_checkpoint=None if init_checkpoint is None else str(init_checkpoint),
+            train_manifest=train,
+            val_manifest=val,
+            label_set=self.label_set.name,
+            unet=UNetConfig(
+                num_classes=self.label_set.num_classes,
+                width=self.config.model.width,
+                depth=self.config.model.depth,
+            ),
+            train=self.config.train,
+            train_transform=self.train_transform,
+            val_transform=self.val_transform,
+            seed=self.config.seed + cycle,
+            init_checkpoint=None if init_checkpoint is None else str(init_checkpoint),
         )
         result = train_on_ray(job, self.config.scaling, self.run_dir / "ray", name, self.progress)
         metrics = {k: v for k, v in result.best_metrics.items() if k.startswith("val/")}
@@ -72,17 +99,23 @@ class RayCycleBackend:
             self.scorers.load_model(load_checkpoint(checkpoint)["model"])
             self.loaded = checkpoint
 
-    def score(self, cycle: int, checkpoint: Path, candidates: pa.Table, labelled: pa.Table | None) -> ScoreOutcome:
+    def score(
+        self, cycle: int, checkpoint: Path, candidates: pa.Table, labelled: pa.Table | None
+    ) -> ScoreOutcome:
         self._load(checkpoint)
         scores = self.scorers.score(candidates, self.config.al.strategy)
         features = None
-        if labelled is not None:  # core-set: the labelled pool's embeddings (its unreadable images have none)
+        if (
+            labelled is not None
+        ):  # core-set: the labelled pool's embeddings (its unreadable images have none)
             embedded = self.scorers.score(labelled, self.config.al.strategy)
             embedded = embedded.filter(pc.is_valid(embedded["embedding"]))
             features = np.asarray(embedded["embedding"].to_pylist(), dtype=np.float32)
         return ScoreOutcome(scores, features)
 
-    def explain(self, cycle: int, checkpoint: Path, selected: pa.Table, panel_dir: Path, panels: int) -> Explained:
+    def explain(
+        self, cycle: int, checkpoint: Path, selected: pa.Table, panel_dir: Path, panels: int
+    ) -> Explained:
         self._load(checkpoint)
         return self.scorers.explain(selected, self.config.al.strategy, str(panel_dir), panels)
 

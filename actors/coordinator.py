@@ -26,7 +26,9 @@ def start_coordinator(*args, **kwargs) -> CoordinatorHandle:
     """A :class:`Coordinator` actor on this (the driver's) node, where the run folder is; it holds no
     CPU so it never waits behind training or scoring."""
     node = ray.get_runtime_context().get_node_id()
-    actor = ray.remote(Coordinator).options(
-        num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
-    ).remote(*args, **kwargs)
+    actor = (
+        ray.remote(Coordinator)
+        .options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+        .remote(*args, **kwargs)
+    )
     return CoordinatorHandle(actor)

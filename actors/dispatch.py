@@ -15,8 +15,13 @@ from typing import Any
 import ray
 
 
-def map_on_idle_actors(actors: Sequence[Any], parts: Sequence[Any], submit: Callable[[Any, Any], Any],
-                       in_flight: int = 2, on_done: Callable[[int], None] | None = None) -> list:
+def map_on_idle_actors(
+    actors: Sequence[Any],
+    parts: Sequence[Any],
+    submit: Callable[[Any, Any], Any],
+    in_flight: int = 2,
+    on_done: Callable[[int], None] | None = None,
+) -> list:
     """The results of ``submit(actor, part)`` (an ObjectRef) for every part, in the order of ``parts``.
     ``on_done(i)`` is called as part ``i`` finishes. The first part to fail raises its error at once."""
     if not actors:

@@ -29,7 +29,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from actors.ray_train import CHECKPOINT_FILE, epochs_with_progress, report_with_checkpoint, restored_state, torch_trainer
+from actors.ray_train import (
+    CHECKPOINT_FILE,
+    epochs_with_progress,
+    report_with_checkpoint,
+    restored_state,
+    torch_trainer,
+)
 from orchestrator.config import ExperimentConfig, ScalingConfig
 from orchestrator.datasets import datasets_for, label_set_for, manifest_for
 from segxal.checkpoint import load_checkpoint
@@ -37,7 +43,13 @@ from segxal.data.dataset import SegmentationDataset
 from segxal.models.unet import UNet
 from segxal.pebal.anomalymix import AnomalyMix
 from segxal.pebal.config import PebalConfig
-from segxal.pebal.evaluate import PEBAL, Method, MixedValidationSet, calibrate_margins, evaluate_anomaly
+from segxal.pebal.evaluate import (
+    PEBAL,
+    Method,
+    MixedValidationSet,
+    calibrate_margins,
+    evaluate_anomaly,
+)
 from segxal.pebal.losses import TERMS, check_finite, pebal_loss
 from segxal.pebal.model import prepare_pebal_model
 from segxal.training import make_optimizer, restore_training_state, training_state
@@ -106,15 +118,28 @@ def pebal_train_epoch(
     seconds = time.perf_counter() - start
     stats = {"loss": sums.pop("total", 0.0) / max(images, 1)}
     stats.update({f"loss/{name}": sums[name] / max(images, 1) for name in TERMS})
-    stats.update({"images_per_s": images / max(seconds, 1e-9), "step_s": compute_s / max(steps, 1), "steps": steps})
+    stats.update(
+        {
+            "images_per_s": images / max(seconds, 1e-9),
+            "step_s": compute_s / max(steps, 1),
+            "steps": steps,
+        }
+    )
     return stats
 
 
 def validation_metrics(model: nn.Module, job: PebalJob, device: torch.device) -> dict[str, float]:
     """PEBAL's score (smoothed energy of the abstention model) on ``job.val_set``."""
     method = Method(PEBAL, PEBAL, "smoothed_energy", abstention=True)
-    result = evaluate_anomaly({PEBAL: model}, job.val_set, "val", (method,),
-                              (job.pebal.smoothing_kernel, job.pebal.smoothing_sigma), device, job.eval_batch_size)
+    result = evaluate_anomaly(
+        {PEBAL: model},
+        job.val_set,
+        "val",
+        (method,),
+        (job.pebal.smoothing_kernel, job.pebal.smoothing_sigma),
+        device,
+        job.eval_batch_size,
+    )
     return {f"val/{key}": value for key, value in result.metrics[PEBAL].items()}
 
 
@@ -125,33 +150,59 @@ def pebal_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(job.seed)
     device = ray.train.torch.get_device()
     model = prepare_pebal_model(UNet.from_checkpoint(job.pretrained), job.pebal.trainable)
-    trained_model = ray.train.torch.prepare_model(model)  # moves to the device, wraps in DDP if world > 1
+    trained_model = ray.train.torch.prepare_model(
+        model
+    )  # moves to the device, wraps in DDP if world > 1
     optimizer = make_optimizer(model.parameters(), job.pebal.finetune)
     first_epoch, step, history = 0, 0, []
     state = restored_state(device)
     if state is not None:
-        first_epoch, step, history = restore_training_state(model, optimizer, state), state["step"], state["history"]
+        first_epoch, step, history = (
+            restore_training_state(model, optimizer, state),
+            state["step"],
+            state["history"],
+        )
     batch_size = job.pebal.finetune.batch_size
-    loader = DataLoader(job.train_set, batch_size=batch_size, shuffle=True,
-                        drop_last=len(job.train_set) > batch_size * world,
-                        generator=torch.Generator().manual_seed(job.seed))
-    loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)  # mixing happens on the CPU
+    loader = DataLoader(
+        job.train_set,
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=len(job.train_set) > batch_size * world,
+        generator=torch.Generator().manual_seed(job.seed),
+    )
+    loader = ray.train.torch.prepare_data_loader(
+        loader, move_to_device=False
+    )  # mixing happens on the CPU
     mixer = AnomalyMix(job.pebal.anomalymix, model.num_classes - 1, job.train_outliers)
     show = loop_config.get("progress", False) and rank == 0
     for epoch in epochs_with_progress(first_epoch, job.pebal.finetune.epochs, "PEBAL epochs", show):
         if world > 1:
             loader.sampler.set_epoch(epoch)
         rng = np.random.default_rng([job.seed, rank, epoch])
-        stats = pebal_train_epoch(trained_model, loader, optimizer, mixer, job.pebal, rng, device, epoch, step)
+        stats = pebal_train_epoch(
+            trained_model, loader, optimizer, mixer, job.pebal, rng, device, epoch, step
+        )
         step += stats["steps"]
         metrics = {"epoch": epoch, **{f"train/{k}": v for k, v in stats.items()}}
         if rank != 0:
             ray.train.report(metrics)
             continue
-        metrics.update(validation_metrics(model, job, device))  # the unwrapped model: no DDP collective
+        metrics.update(
+            validation_metrics(model, job, device)
+        )  # the unwrapped model: no DDP collective
         history.append(metrics)
-        report_with_checkpoint(metrics, training_state(model, optimizer, epoch, step=step, metrics=metrics, history=history,
-                                                       pebal=dataclasses.asdict(job.pebal)))
+        report_with_checkpoint(
+            metrics,
+            training_state(
+                model,
+                optimizer,
+                epoch,
+                step=step,
+                metrics=metrics,
+                history=history,
+                pebal=dataclasses.asdict(job.pebal),
+            ),
+        )
 
 
 @dataclass(frozen=True)
@@ -166,7 +217,9 @@ class PebalTrainingError(RuntimeError):
     """Fine-tuning failed; ``cause`` is the worker's exception and ``last_checkpoint`` the checkpoint.pt
     of the last epoch that completed (None if none did)."""
 
-    def __init__(self, message: str, cause: BaseException | None, last_checkpoint: Path | None) -> None:
+    def __init__(
+        self, message: str, cause: BaseException | None, last_checkpoint: Path | None
+    ) -> None:
         super().__init__(message)
         self.cause = cause
         self.last_checkpoint = last_checkpoint
@@ -176,12 +229,20 @@ def _root_cause(error: BaseException) -> BaseException:
     failures = getattr(error, "worker_failures", None)
     if failures:
         error = failures[min(failures)]
-    cause = getattr(error, "cause", None)  # RayTaskError-style wrappers keep the user's exception here
+    cause = getattr(
+        error, "cause", None
+    )  # RayTaskError-style wrappers keep the user's exception here
     return cause if isinstance(cause, BaseException) else error
 
 
-def finetune_on_ray(job: PebalJob, scaling: ScalingConfig, storage_path: str | Path, name: str,
-                    callbacks: Sequence = (), progress: bool = False) -> FinetuneResult:
+def finetune_on_ray(
+    job: PebalJob,
+    scaling: ScalingConfig,
+    storage_path: str | Path,
+    name: str,
+    callbacks: Sequence = (),
+    progress: bool = False,
+) -> FinetuneResult:
     """Fine-tune on the connected Ray cluster; checkpoints persist under ``storage_path/name``.
 
     ``callbacks``: Ray Train callbacks (e.g. Tune's ``TuneReportCallback`` inside a trial).
@@ -190,7 +251,9 @@ def finetune_on_ray(job: PebalJob, scaling: ScalingConfig, storage_path: str | P
     from ray.train import Result, TrainingFailedError
 
     loop_config = {"job": job, "progress": progress}
-    trainer = torch_trainer(pebal_loop_per_worker, loop_config, scaling, storage_path, name, OBJECTIVE, callbacks)
+    trainer = torch_trainer(
+        pebal_loop_per_worker, loop_config, scaling, storage_path, name, OBJECTIVE, callbacks
+    )
     try:
         result = trainer.fit()
     except TrainingFailedError as error:
@@ -202,10 +265,14 @@ def finetune_on_ray(job: PebalJob, scaling: ScalingConfig, storage_path: str | P
         except RuntimeError:  # no checkpoint manager snapshot: the run failed before any report
             pass
         where = f"last good checkpoint: {last}" if last else "no epoch completed, no checkpoint"
-        raise PebalTrainingError(f"PEBAL fine-tuning failed: {cause} ({where})", cause, last) from error
+        raise PebalTrainingError(
+            f"PEBAL fine-tuning failed: {cause} ({where})", cause, last
+        ) from error
     checkpoint, metrics = max(result.best_checkpoints, key=lambda pair: pair[1][OBJECTIVE])
     last = Path(result.checkpoint.path) / CHECKPOINT_FILE
-    return FinetuneResult(Path(checkpoint.path) / CHECKPOINT_FILE, metrics, last, load_checkpoint(last)["history"])
+    return FinetuneResult(
+        Path(checkpoint.path) / CHECKPOINT_FILE, metrics, last, load_checkpoint(last)["history"]
+    )
 
 
 def load_finetuned(path: str | Path) -> UNet:
@@ -213,8 +280,12 @@ def load_finetuned(path: str | Path) -> UNet:
     return UNet.from_checkpoint(load_checkpoint(path)["model"]).eval()
 
 
-def prepare_pebal_job(config: ExperimentConfig, pretrained: dict, outliers: tuple = (None, None),
-                      progress: bool = False) -> PebalJob:
+def prepare_pebal_job(
+    config: ExperimentConfig,
+    pretrained: dict,
+    outliers: tuple = (None, None),
+    progress: bool = False,
+) -> PebalJob:
     """The fine-tuning job of ``config``: datasets, AnomalyMix'd validation set, resolved margins.
 
     ``pretrained``: ``UNet.to_checkpoint()`` of the segmenter; ``outliers``: (training, validation)
@@ -225,16 +296,31 @@ def prepare_pebal_job(config: ExperimentConfig, pretrained: dict, outliers: tupl
     label_set = label_set_for(config.data)
     model = UNet.from_checkpoint(pretrained)
     if model.num_classes != label_set.num_classes:
-        raise ValueError(f"the pre-trained segmenter has {model.num_classes} classes, the {label_set.name} "
-                         f"label set of data.dataset {config.data.dataset!r} has {label_set.num_classes}")
+        raise ValueError(
+            f"the pre-trained segmenter has {model.num_classes} classes, the {label_set.name} "
+            f"label set of data.dataset {config.data.dataset!r} has {label_set.num_classes}"
+        )
     pebal = config.pebal
     if pebal.margin_quantiles is not None:
         manifest = manifest_for(config.data, config.data.train_split, config.data.max_train_images)
         plain = SegmentationDataset(manifest, label_set, val_set.transform)  # no crop or flip
-        pebal = calibrate_margins(pebal, model, DataLoader(plain, batch_size=pebal.finetune.batch_size))
-        log.info("margins calibrated at quantiles %s of the inlier energy: m_in %.3f, m_out %.3f",
-                 config.pebal.margin_quantiles, pebal.m_in, pebal.m_out)
-    mixed_val = MixedValidationSet(val_set, pebal.anomalymix, label_set.num_classes, config.seed, outliers[1],
-                                   name=f"{label_set.name}_anomalymix_val")
-    return PebalJob(train_set, mixed_val, pretrained, pebal, config.seed, outliers[0], pebal.finetune.batch_size)
-
+        pebal = calibrate_margins(
+            pebal, model, DataLoader(plain, batch_size=pebal.finetune.batch_size)
+        )
+        log.info(
+            "margins calibrated at quantiles %s of the inlier energy: m_in %.3f, m_out %.3f",
+            config.pebal.margin_quantiles,
+            pebal.m_in,
+            pebal.m_out,
+        )
+    mixed_val = MixedValidationSet(
+        val_set,
+        pebal.anomalymix,
+        label_set.num_classes,
+        config.seed,
+        outliers[1],
+        name=f"{label_set.name}_anomalymix_val",
+    )
+    return PebalJob(
+        train_set, mixed_val, pretrained, pebal, config.seed, outliers[0], pebal.finetune.batch_size
+    )

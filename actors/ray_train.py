@@ -24,8 +24,14 @@ from segxal.checkpoint import load_checkpoint, save_checkpoint
 from segxal.data.dataset import SampleTransform, SegmentationDataset
 from segxal.data.labels import LABEL_SETS
 from segxal.models.unet import UNet, UNetConfig
-from segxal.training import (TrainConfig, make_optimizer, restore_training_state, train_one_epoch, training_state,
-                             validation_metrics)
+from segxal.training import (
+    TrainConfig,
+    make_optimizer,
+    restore_training_state,
+    train_one_epoch,
+    training_state,
+    validation_metrics,
+)
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -89,7 +95,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model = UNet(job.unet)
     if job.init_checkpoint is not None:
         model.load_state_dict(load_checkpoint(job.init_checkpoint)["model"]["state_dict"])
-    trained_model = ray.train.torch.prepare_model(model)  # moves to the device, wraps in DDP if world > 1
+    trained_model = ray.train.torch.prepare_model(
+        model
+    )  # moves to the device, wraps in DDP if world > 1
     optimizer = make_optimizer(model.parameters(), job.train)
     device = ray.train.torch.get_device()
     first_epoch, best_miou = 0, float("-inf")
@@ -97,11 +105,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if state is not None:
         first_epoch, best_miou = restore_training_state(model, optimizer, state), state["best_miou"]
     train_set = SegmentationDataset(job.train_manifest, label_set, job.train_transform)
-    loader = DataLoader(train_set, batch_size=job.train.batch_size, shuffle=True,
-                        drop_last=len(train_set) > job.train.batch_size * world,
-                        generator=torch.Generator().manual_seed(job.seed))
+    loader = DataLoader(
+        train_set,
+        batch_size=job.train.batch_size,
+        shuffle=True,
+        drop_last=len(train_set) > job.train.batch_size * world,
+        generator=torch.Generator().manual_seed(job.seed),
+    )
     loader = ray.train.torch.prepare_data_loader(loader)
-    val_loader = DataLoader(SegmentationDataset(job.val_manifest, label_set, job.val_transform), batch_size=job.train.batch_size)
+    val_loader = DataLoader(
+        SegmentationDataset(job.val_manifest, label_set, job.val_transform),
+        batch_size=job.train.batch_size,
+    )
     show = loop_config.get("progress", False) and rank == 0
     for epoch in epochs_with_progress(first_epoch, job.train.epochs, "train epochs", show):
         if world > 1:
@@ -114,7 +129,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # the unwrapped model: DDP's forward would wait for the other ranks
         metrics.update(validation_metrics(model, val_loader, label_set.class_names, device))
         best_miou = max(best_miou, metrics["val/miou"])
-        report_with_checkpoint(metrics, training_state(model, optimizer, epoch, best_miou=best_miou, metrics=metrics))
+        report_with_checkpoint(
+            metrics, training_state(model, optimizer, epoch, best_miou=best_miou, metrics=metrics)
+        )
 
 
 @dataclass(frozen=True)
@@ -124,8 +141,15 @@ class TrainingResult:
     last_metrics: dict
 
 
-def torch_trainer(loop, loop_config: dict, scaling: ScalingConfig, storage_path: str | Path, name: str,
-                  score_attribute: str, callbacks: Sequence = ()):
+def torch_trainer(
+    loop,
+    loop_config: dict,
+    scaling: ScalingConfig,
+    storage_path: str | Path,
+    name: str,
+    score_attribute: str,
+    callbacks: Sequence = (),
+):
     """A ``TorchTrainer`` for ``loop`` with the project's scaling, keeping the two best checkpoints by
     ``score_attribute`` (max) and the latest; workers that fail restart from it (``max_failures``)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
@@ -135,20 +159,38 @@ def torch_trainer(loop, loop_config: dict, scaling: ScalingConfig, storage_path:
         loop,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-            resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}),
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker={
+                "CPU": scaling.cpus_per_worker,
+                **({"GPU": 1} if scaling.use_gpu else {}),
+            },
+        ),
         run_config=RunConfig(
-            name=name, storage_path=str(Path(storage_path).resolve()), callbacks=list(callbacks),
-            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=score_attribute,
-                                               checkpoint_score_order="max"),
-            failure_config=FailureConfig(max_failures=scaling.max_failures)),
+            name=name,
+            storage_path=str(Path(storage_path).resolve()),
+            callbacks=list(callbacks),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=2,
+                checkpoint_score_attribute=score_attribute,
+                checkpoint_score_order="max",
+            ),
+            failure_config=FailureConfig(max_failures=scaling.max_failures),
+        ),
     )
 
 
-def train_on_ray(job: TrainingJob, scaling: ScalingConfig, storage_path: str | Path, name: str,
-                 progress: bool = False) -> TrainingResult:
+def train_on_ray(
+    job: TrainingJob,
+    scaling: ScalingConfig,
+    storage_path: str | Path,
+    name: str,
+    progress: bool = False,
+) -> TrainingResult:
     """Run ``job`` on the connected Ray cluster; checkpoints persist under ``storage_path/name``."""
     loop_config = {"job": job, "progress": progress}
-    result = torch_trainer(train_loop_per_worker, loop_config, scaling, storage_path, name, "val/miou").fit()
+    result = torch_trainer(
+        train_loop_per_worker, loop_config, scaling, storage_path, name, "val/miou"
+    ).fit()
     checkpoint, metrics = max(result.best_checkpoints, key=lambda pair: pair[1]["val/miou"])
     return TrainingResult(Path(checkpoint.path) / CHECKPOINT_FILE, metrics, result.metrics)

@@ -51,8 +51,14 @@ def strategy_eem(config: EEMConfig, spec: StrategySpec) -> EEMConfig:
 
 
 class PoolScorer:
-    def __init__(self, eem: EEMConfig, label_set: str, size: tuple[int, int] | None, batch_size: int,
-                 device: str = "auto") -> None:
+    def __init__(
+        self,
+        eem: EEMConfig,
+        label_set: str,
+        size: tuple[int, int] | None,
+        batch_size: int,
+        device: str = "auto",
+    ) -> None:
         self.eem = eem
         self.label_set = LABEL_SETS[label_set]
         self.transform = SampleTransform(size=None if size is None else tuple(size))
@@ -67,7 +73,9 @@ class PoolScorer:
 
     def _batches(self, rows: pa.Table, unreadable: dict[str, str]) -> Iterator[dict]:
         """Batches of the readable rows, in order; each unreadable one goes into ``unreadable`` instead."""
-        dataset = SegmentationDataset(rows, self.label_set, self.transform, load_depth=self.eem.depth.backend == "dataset")
+        dataset = SegmentationDataset(
+            rows, self.label_set, self.transform, load_depth=self.eem.depth.backend == "dataset"
+        )
         samples = []
         for index in range(len(dataset)):
             try:
@@ -100,22 +108,33 @@ class PoolScorer:
                     embeddings.extend(self.model.embed(images).float().cpu().numpy())
             elif spec.scorer is Scorer.ENTROPY:
                 with torch.no_grad():
-                    scores.extend(normalized_entropy(self.model(images)).mean(dim=(1, 2)).cpu().tolist())
+                    scores.extend(
+                        normalized_entropy(self.model(images)).mean(dim=(1, 2)).cpu().tolist()
+                    )
             else:
                 depth = batch.get("depth")
-                result = score_batch(self.model, images, config, self.depth_backend,
-                                     None if depth is None else depth.to(self.device))
+                result = score_batch(
+                    self.model,
+                    images,
+                    config,
+                    self.depth_backend,
+                    None if depth is None else depth.to(self.device),
+                )
                 scores.extend(result.score.tolist())
         missing = [None] * len(unreadable)
         columns = {"sample_id": pa.array(ids + list(unreadable), pa.string())}
         if spec.scorer is Scorer.EMBEDDING:
-            columns["embedding"] = pa.array([e.tolist() for e in embeddings] + missing, pa.list_(pa.float32()))
+            columns["embedding"] = pa.array(
+                [e.tolist() for e in embeddings] + missing, pa.list_(pa.float32())
+            )
         else:
             columns["score"] = pa.array(scores + missing, pa.float64())
         columns[UNREADABLE] = pa.array([None] * len(ids) + list(unreadable.values()), pa.string())
         return pa.table(columns)
 
-    def explain(self, rows: pa.Table, strategy: str, panel_dir: str | None = None, panels: int = 0) -> Explained:
+    def explain(
+        self, rows: pa.Table, strategy: str, panel_dir: str | None = None, panels: int = 0
+    ) -> Explained:
         """Full EEM maps, prompts and flip-TTA predictions of the selected images; the first ``panels``
         also get a PNG panel in ``panel_dir``."""
         if self.model is None:
@@ -125,27 +144,50 @@ class PoolScorer:
         for batch in self._batches(rows, unreadable):
             images = batch["image"].to(self.device)
             depth = batch.get("depth")
-            result = score_batch(self.model, images, config, self.depth_backend,
-                                 None if depth is None else depth.to(self.device), return_maps=True)
+            result = score_batch(
+                self.model,
+                images,
+                config,
+                self.depth_backend,
+                None if depth is None else depth.to(self.device),
+                return_maps=True,
+            )
             maps = result.maps
             with torch.no_grad():
-                probabilities = (F.softmax(self.model(images), 1) + F.softmax(self.model(images.flip(-1)), 1).flip(-1)) / 2
+                probabilities = (
+                    F.softmax(self.model(images), 1)
+                    + F.softmax(self.model(images.flip(-1)), 1).flip(-1)
+                ) / 2
             confidence, tta_prediction = probabilities.max(1)
             regions = maps.regions(config, self.label_set.class_names)
             for i, sample_id in enumerate(batch["sample_id"]):
                 eem = maps.eem[i].cpu()
                 row = int(batch["index"][i])
-                requests.append(AnnotationRequest(
-                    sample_id=sample_id, image_path=rows["image_path"][row].as_py(), label_path=rows["label_path"][row].as_py(),
-                    prediction=maps.prediction[i].cpu().numpy().astype(np.uint8),
-                    tta_prediction=tta_prediction[i].cpu().numpy().astype(np.uint8),
-                    tta_confidence=confidence[i].cpu().numpy().astype(np.float32),
-                    region_map=region_map(eem, regions[i], config.region_threshold),
-                    regions=regions[i]))
+                requests.append(
+                    AnnotationRequest(
+                        sample_id=sample_id,
+                        image_path=rows["image_path"][row].as_py(),
+                        label_path=rows["label_path"][row].as_py(),
+                        prediction=maps.prediction[i].cpu().numpy().astype(np.uint8),
+                        tta_prediction=tta_prediction[i].cpu().numpy().astype(np.uint8),
+                        tta_confidence=confidence[i].cpu().numpy().astype(np.float32),
+                        region_map=region_map(eem, regions[i], config.region_threshold),
+                        regions=regions[i],
+                    )
+                )
                 if panel_dir is not None and len(requests) <= panels:
-                    save_panel(Path(panel_dir) / (file_name(sample_id) + ".png"), images[i].cpu(),
-                               maps.prediction[i].cpu(), maps.entropy[i].cpu(), maps.proximity[i].cpu(),
-                               maps.proxgradcam[i].cpu(), eem, regions[i], self.label_set, title=sample_id)
+                    save_panel(
+                        Path(panel_dir) / (file_name(sample_id) + ".png"),
+                        images[i].cpu(),
+                        maps.prediction[i].cpu(),
+                        maps.entropy[i].cpu(),
+                        maps.proximity[i].cpu(),
+                        maps.proxgradcam[i].cpu(),
+                        eem,
+                        regions[i],
+                        self.label_set,
+                        title=sample_id,
+                    )
         return Explained(requests, unreadable)
 
 
@@ -160,7 +202,11 @@ def shards(table: pa.Table, count: int) -> list[pa.Table]:
     """``table`` cut into at most ``count`` contiguous, near-equal, non-empty slices."""
     count = max(1, min(count, len(table)))
     bounds = np.linspace(0, len(table), count + 1).astype(int)
-    return [table.slice(start, stop - start) for start, stop in zip(bounds[:-1], bounds[1:]) if stop > start]
+    return [
+        table.slice(start, stop - start)
+        for start, stop in zip(bounds[:-1], bounds[1:])
+        if stop > start
+    ]
 
 
 class ScoringActor(PoolScorer):
@@ -178,8 +224,15 @@ class ScoringActor(PoolScorer):
         self._ensure(version, model_box)
         return self.score(rows, strategy)
 
-    def explain_with(self, version: int, model_box: list, rows: pa.Table, strategy: str, panel_dir: str | None,
-                     panels: int) -> Explained:
+    def explain_with(
+        self,
+        version: int,
+        model_box: list,
+        rows: pa.Table,
+        strategy: str,
+        panel_dir: str | None,
+        panels: int,
+    ) -> Explained:
         self._ensure(version, model_box)
         return self.explain(rows, strategy, panel_dir, panels)
 
@@ -190,9 +243,18 @@ class ScorerPool:
     shard, in order. A crashed actor restarts and its shard is retried. With ``progress``, a bar on the
     driver counts the images scored."""
 
-    def __init__(self, num_actors: int, scorer_args: dict, cpus: float = 1.0, gpus: float = 0.0,
-                 shards_per_actor: int = 8, progress: bool = False) -> None:
-        actor = ray.remote(ScoringActor).options(num_cpus=cpus, num_gpus=gpus, max_restarts=-1, max_task_retries=-1)
+    def __init__(
+        self,
+        num_actors: int,
+        scorer_args: dict,
+        cpus: float = 1.0,
+        gpus: float = 0.0,
+        shards_per_actor: int = 8,
+        progress: bool = False,
+    ) -> None:
+        actor = ray.remote(ScoringActor).options(
+            num_cpus=cpus, num_gpus=gpus, max_restarts=-1, max_task_retries=-1
+        )
         self.actors = [actor.remote(**scorer_args) for _ in range(num_actors)]
         self.shards_per_actor = shards_per_actor
         self.progress = progress
@@ -210,11 +272,23 @@ class ScorerPool:
             return actor.score_with.remote(self.version, self.model_box, part, strategy)
 
         with images_done_bar(self.progress, len(rows), f"scoring ({strategy})") as bar:
-            results = map_on_idle_actors(self.actors, parts, submit, on_done=lambda i: bar.update(len(parts[i])))
-        return pa.concat_tables(results) if results else pa.table({"sample_id": pa.array([], pa.string())})
+            results = map_on_idle_actors(
+                self.actors, parts, submit, on_done=lambda i: bar.update(len(parts[i]))
+            )
+        return (
+            pa.concat_tables(results)
+            if results
+            else pa.table({"sample_id": pa.array([], pa.string())})
+        )
 
-    def explain(self, rows: pa.Table, strategy: str, panel_dir: str | None, panels: int) -> Explained:
-        return ray.get(self.actors[0].explain_with.remote(self.version, self.model_box, rows, strategy, panel_dir, panels))
+    def explain(
+        self, rows: pa.Table, strategy: str, panel_dir: str | None, panels: int
+    ) -> Explained:
+        return ray.get(
+            self.actors[0].explain_with.remote(
+                self.version, self.model_box, rows, strategy, panel_dir, panels
+            )
+        )
 
     def shutdown(self) -> None:
         for actor in self.actors:

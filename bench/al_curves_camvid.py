@@ -29,18 +29,29 @@ STRATEGIES = ("eem", "entropy", "random", "coreset")
 def cpu_seconds() -> float:
     """User + system CPU time of this process and its finished children (Ray's workers are not children
     of the driver, so this undercounts the distributed part: wall time is the figure to read)."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    own, children = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def settings(args: argparse.Namespace, name: str, seed: int) -> list[str]:
     values = {
-        "name": name, "seed": seed, "output_dir": args.out / "runs", "data.root": args.root,
-        "data.image_size": f"[{args.size[0]}, {args.size[1]}]", "model.width": args.width, "model.depth": 4,
-        "train.epochs": args.epochs, "train.batch_size": 8,
+        "name": name,
+        "seed": seed,
+        "output_dir": args.out / "runs",
+        "data.root": args.root,
+        "data.image_size": f"[{args.size[0]}, {args.size[1]}]",
+        "model.width": args.width,
+        "model.depth": 4,
+        "train.epochs": args.epochs,
+        "train.batch_size": 8,
         # the scoring actors reserve 2 x 0.5 CPU; two DDP workers of one thread each keep both cores busy
-        "scaling.num_workers": 2, "scaling.cpus_per_worker": 0.5,
-        "tracking.tracking_uri": f"sqlite:///{(args.out / 'mlflow.db').absolute()}", "tracking.experiment": EXPERIMENT,
+        "scaling.num_workers": 2,
+        "scaling.cpus_per_worker": 0.5,
+        "tracking.tracking_uri": f"sqlite:///{(args.out / 'mlflow.db').absolute()}",
+        "tracking.experiment": EXPERIMENT,
     }
     return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
 
@@ -51,8 +62,18 @@ def run_active_learning(args: argparse.Namespace, strategy: str, seed: int) -> N
     if Progress.load(run_dir).completed_cycle == args.cycles:
         print(f"{name}: done already")
         return
-    common = ["--quiet", *settings(args, name, seed), "--set", f"al.strategy={strategy}",
-              "--set", f"al.cycles={args.cycles}", "--set", f"al.theta={args.theta}", "--set", "al.panels=2"]
+    common = [
+        "--quiet",
+        *settings(args, name, seed),
+        "--set",
+        f"al.strategy={strategy}",
+        "--set",
+        f"al.cycles={args.cycles}",
+        "--set",
+        f"al.theta={args.theta}",
+        "--set",
+        "al.panels=2",
+    ]
     if (run_dir / "progress.json").is_file():
         al_job.main(["--resume", str(run_dir), *common])
     else:
@@ -70,22 +91,33 @@ def run_full_supervision(args: argparse.Namespace, seed: int) -> None:
 def timed(timing: dict, path: Path, name: str, work) -> None:
     wall, cpu = time.perf_counter(), cpu_seconds()
     work()
-    timing[name] = {"wall_s": round(time.perf_counter() - wall, 1), "driver_cpu_s": round(cpu_seconds() - cpu, 1)}
+    timing[name] = {
+        "wall_s": round(time.perf_counter() - wall, 1),
+        "driver_cpu_s": round(cpu_seconds() - cpu, 1),
+    }
     path.write_text(json.dumps(timing, indent=2))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--root", type=Path, required=True, help="CamVid (SegNet release) folder")
     parser.add_argument("--out", type=Path, default=Path("bench/out/al_curves"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     parser.add_argument("--cycles", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=8, help="epochs per cycle (warm start from the last model)")
+    parser.add_argument(
+        "--epochs", type=int, default=8, help="epochs per cycle (warm start from the last model)"
+    )
     parser.add_argument("--size", type=int, nargs=2, default=(72, 96), metavar=("H", "W"))
     parser.add_argument("--width", type=int, default=8, help="U-Net base width")
-    parser.add_argument("--theta", type=float, default=0.0,
-                        help="Dice gate; 0 (off) so every strategy labels the same fraction each cycle")
+    parser.add_argument(
+        "--theta",
+        type=float,
+        default=0.0,
+        help="Dice gate; 0 (off) so every strategy labels the same fraction each cycle",
+    )
     args = parser.parse_args()
     args.root, args.out = args.root.absolute(), args.out.absolute()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -95,12 +127,29 @@ def main() -> None:
     for seed in args.seeds:
         timed(timing, timing_path, f"full-s{seed}", lambda: run_full_supervision(args, seed))
         for strategy in args.strategies:
-            timed(timing, timing_path, f"{strategy}-s{seed}", lambda: run_active_learning(args, strategy, seed))
+            timed(
+                timing,
+                timing_path,
+                f"{strategy}-s{seed}",
+                lambda: run_active_learning(args, strategy, seed),
+            )
     timing["total_wall_s"] = round(time.perf_counter() - start, 1)
     timing_path.write_text(json.dumps(timing, indent=2))
-    compare_job.main(["--experiment", EXPERIMENT, "--tracking-uri", f"sqlite:///{args.out / 'mlflow.db'}",
-                      "--out", str(args.out / "compare"), "--no-log", "--quiet"])
-    print(f"wall time of this invocation: {timing['total_wall_s'] / 60:.1f} min; per run: {timing_path}")
+    compare_job.main(
+        [
+            "--experiment",
+            EXPERIMENT,
+            "--tracking-uri",
+            f"sqlite:///{args.out / 'mlflow.db'}",
+            "--out",
+            str(args.out / "compare"),
+            "--no-log",
+            "--quiet",
+        ]
+    )
+    print(
+        f"wall time of this invocation: {timing['total_wall_s'] / 60:.1f} min; per run: {timing_path}"
+    )
 
 
 if __name__ == "__main__":

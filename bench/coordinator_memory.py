@@ -48,12 +48,16 @@ def prepare_pool(size: int, folder: Path) -> dict:
     from orchestrator.pool_state import PoolState
 
     ids = pa.array(np.char.add("train/img_", np.char.zfill(np.arange(size).astype(str), 8)))
-    manifest = pa.table({
-        "sample_id": ids,
-        "image_path": pc.binary_join_element_wise(PATH_PREFIX, ids, "_leftImg8bit.png", ""),
-        "label_path": pc.binary_join_element_wise(PATH_PREFIX.replace("leftImg8bit", "gtFine"), ids, "_gtFine_labelIds.png", ""),
-        "depth_path": pa.nulls(size, pa.string()),
-    })
+    manifest = pa.table(
+        {
+            "sample_id": ids,
+            "image_path": pc.binary_join_element_wise(PATH_PREFIX, ids, "_leftImg8bit.png", ""),
+            "label_path": pc.binary_join_element_wise(
+                PATH_PREFIX.replace("leftImg8bit", "gtFine"), ids, "_gtFine_labelIds.png", ""
+            ),
+            "depth_path": pa.nulls(size, pa.string()),
+        }
+    )
     PoolState.create(folder / "initial.parquet", manifest, 0.4, seed=0)
     return {"driver_peak_mib": round(memory_mib("VmHWM"), 1)}
 
@@ -68,7 +72,12 @@ def write_scores(candidates: Path, out: Path) -> None:
     def scored():
         for table in read_batches(candidates, ["sample_id"]):
             ids = table["sample_id"]
-            yield pa.table({"sample_id": ids, "score": np.array([zlib.crc32(i.encode()) for i in ids.to_pylist()]) / 2**32})
+            yield pa.table(
+                {
+                    "sample_id": ids,
+                    "score": np.array([zlib.crc32(i.encode()) for i in ids.to_pylist()]) / 2**32,
+                }
+            )
 
     write_parquet(out, pa.schema([("sample_id", pa.string()), ("score", pa.float64())]), scored())
 
@@ -87,46 +96,75 @@ def run_coordinator(folder: Path, cycles: int) -> dict:
     after_imports = memory_mib("VmRSS")
     start = time.perf_counter()
     truth = np.zeros(LABEL_SIZE, np.uint8)
-    truth[LABEL_SIZE[0] // 2:] = 1
+    truth[LABEL_SIZE[0] // 2 :] = 1
     al = ActiveLearningConfig(strategy="eem", budget=200, subset=0.5, theta=0.5)
-    coordinator = Coordinator(folder / "run", PoolState.load(folder / "initial.parquet"), al, CITYSCAPES, seed=0,
-                              oracle=SimulatedOracle(lambda request: truth))
+    coordinator = Coordinator(
+        folder / "run",
+        PoolState.load(folder / "initial.parquet"),
+        al,
+        CITYSCAPES,
+        seed=0,
+        oracle=SimulatedOracle(lambda request: truth),
+    )
     for cycle in range(1, cycles + 1):
         candidates = coordinator.candidates(cycle)
         scores = cycle_dir(folder / "run", cycle) / "scores.parquet"
-        subprocess.run([sys.executable, __file__, "--scores", str(candidates), str(scores)], check=True)
+        subprocess.run(
+            [sys.executable, __file__, "--scores", str(candidates), str(scores)], check=True
+        )
         selected = coordinator.unlabelled_manifest(coordinator.select(cycle, candidates, scores))
         requests = []
-        for index, (sample_id, image_path) in enumerate(zip(selected["sample_id"].to_pylist(),
-                                                            selected["image_path"].to_pylist())):
-            image = folder / "images" / Path(image_path).name  # only the selected images need to exist
+        for index, (sample_id, image_path) in enumerate(
+            zip(selected["sample_id"].to_pylist(), selected["image_path"].to_pylist())
+        ):
+            image = (
+                folder / "images" / Path(image_path).name
+            )  # only the selected images need to exist
             image.parent.mkdir(exist_ok=True)
             Image.new("RGB", LABEL_SIZE[::-1]).save(image)
             prediction = truth.copy()
             prediction[: index % 6] = 2  # Dice varies, so the gate accepts some and returns others
-            requests.append(AnnotationRequest(sample_id, str(image), prediction, prediction,
-                                              np.ones(LABEL_SIZE, np.float32), np.ones(LABEL_SIZE, np.int32),
-                                              [{"id": 1}]))
+            requests.append(
+                AnnotationRequest(
+                    sample_id,
+                    str(image),
+                    prediction,
+                    prediction,
+                    np.ones(LABEL_SIZE, np.float32),
+                    np.ones(LABEL_SIZE, np.int32),
+                    [{"id": 1}],
+                )
+            )
         coordinator.annotate(cycle, requests)
         coordinator.training_manifest(cycle)
         coordinator.validation_manifest(cycle)
         coordinator.pool_metrics()
         coordinator.snapshot(cycle)
-    return {"coordinator_peak_mib": round(memory_mib("VmHWM"), 1), "after_imports_mib": round(after_imports, 1),
-            "labelled": coordinator.state.count("labelled"), "seconds": round(time.perf_counter() - start, 2)}
+    return {
+        "coordinator_peak_mib": round(memory_mib("VmHWM"), 1),
+        "after_imports_mib": round(after_imports, 1),
+        "labelled": coordinator.state.count("labelled"),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
 
 
 def child(*args: str) -> dict:
-    result = subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, __file__, *args], check=True, capture_output=True, text=True
+    )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 1_000_000])
     parser.add_argument("--cycles", type=int, default=2)
     parser.add_argument("--prepare", nargs=2, metavar=("SIZE", "FOLDER"), help=argparse.SUPPRESS)
-    parser.add_argument("--coordinator", nargs=2, metavar=("FOLDER", "CYCLES"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--coordinator", nargs=2, metavar=("FOLDER", "CYCLES"), help=argparse.SUPPRESS
+    )
     parser.add_argument("--scores", nargs=2, metavar=("CANDIDATES", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.prepare:
@@ -139,14 +177,19 @@ def main() -> None:
         results = []
         for size in args.sizes:
             with tempfile.TemporaryDirectory() as folder:
-                result = {"size": size, **child("--prepare", str(size), folder),
-                          **child("--coordinator", folder, str(args.cycles))}
+                result = {
+                    "size": size,
+                    **child("--prepare", str(size), folder),
+                    **child("--coordinator", folder, str(args.cycles)),
+                }
             results.append(result)
             print(json.dumps(result), flush=True)
         smallest = results[0]["coordinator_peak_mib"]
         for result in results:
-            print(f"{result['size']:>9,} entries: coordinator peak {result['coordinator_peak_mib']:.1f} MiB "
-                  f"(after imports {result['after_imports_mib']:.1f}), ratio {result['coordinator_peak_mib'] / smallest:.3f}")
+            print(
+                f"{result['size']:>9,} entries: coordinator peak {result['coordinator_peak_mib']:.1f} MiB "
+                f"(after imports {result['after_imports_mib']:.1f}), ratio {result['coordinator_peak_mib'] / smallest:.3f}"
+            )
 
 
 if __name__ == "__main__":

@@ -45,13 +45,19 @@ class SlowScoringActor(ScoringActor):
 def fixed_split(pool: ScorerPool, rows: pa.Table, strategy: str) -> pa.Table:
     """Shard i to actor i mod n, all submitted at once (the pool's former assignment)."""
     parts = shards(rows, len(pool.actors) * pool.shards_per_actor)
-    refs = [pool.actors[i % len(pool.actors)].score_with.remote(pool.version, pool.model_box, part, strategy)
-            for i, part in enumerate(parts)]
+    refs = [
+        pool.actors[i % len(pool.actors)].score_with.remote(
+            pool.version, pool.model_box, part, strategy
+        )
+        for i, part in enumerate(parts)
+    ]
     return pa.concat_tables(ray.get(refs))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_workload_arguments(parser)
     parser.add_argument("--slowdown", type=float, default=2.0)
     parser.add_argument("--shards-per-actor", type=int, default=8)
@@ -65,21 +71,33 @@ def main() -> None:
     pool.load_model(checkpoint)
     pool.score(rows.slice(0, 2), args.strategy)  # warm-up: actors built, model loaded
 
-    passes = {"fixed": lambda: fixed_split(pool, rows, args.strategy), "on_demand": lambda: pool.score(rows, args.strategy)}
+    passes = {
+        "fixed": lambda: fixed_split(pool, rows, args.strategy),
+        "on_demand": lambda: pool.score(rows, args.strategy),
+    }
     best, results = {name: float("inf") for name in passes}, {}
     for _ in range(args.rounds):
         for name, run in passes.items():
             start = time.perf_counter()
             results[name] = run()
             best[name] = min(best[name], time.perf_counter() - start)
-    assert results["fixed"]["sample_id"].to_pylist() == results["on_demand"]["sample_id"].to_pylist()
-    print(json.dumps({
-        "images": len(rows), "size": list(args.size), "slowdown": args.slowdown,
-        "shards": len(shards(rows, 2 * args.shards_per_actor)),
-        "fixed_img_s": round(len(rows) / best["fixed"], 2), "on_demand_img_s": round(len(rows) / best["on_demand"], 2),
-        "speedup": round(best["fixed"] / best["on_demand"], 3),
-        "ideal_speedup": round((1 + args.slowdown) / 2, 3),
-    }))
+    assert (
+        results["fixed"]["sample_id"].to_pylist() == results["on_demand"]["sample_id"].to_pylist()
+    )
+    print(
+        json.dumps(
+            {
+                "images": len(rows),
+                "size": list(args.size),
+                "slowdown": args.slowdown,
+                "shards": len(shards(rows, 2 * args.shards_per_actor)),
+                "fixed_img_s": round(len(rows) / best["fixed"], 2),
+                "on_demand_img_s": round(len(rows) / best["on_demand"], 2),
+                "speedup": round(best["fixed"] / best["on_demand"], 3),
+                "ideal_speedup": round((1 + args.slowdown) / 2, 3),
+            }
+        )
+    )
     ray.shutdown()
 
 

@@ -38,14 +38,28 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
 def workload(args: argparse.Namespace) -> tuple:
     """``--images`` synthetic scenes as pool rows, the arguments of a CPU scorer at ``--size`` (batch 2),
     and the checkpoint of a U-Net of width 16, depth 4 (the demo's)."""
-    root = generate_synthetic(tempfile.mkdtemp(prefix="bench_scoring_"),
-                              SyntheticConfig(num_train=args.images, num_val=0, num_anomaly=0))
-    scorer_args = {"eem": EEMConfig(), "label_set": "cityscapes", "size": tuple(args.size), "batch_size": 2, "device": "cpu"}
-    return cityscapes_manifest(root, "train"), scorer_args, UNet(UNetConfig(num_classes=19, width=16, depth=4)).to_checkpoint()
+    root = generate_synthetic(
+        tempfile.mkdtemp(prefix="bench_scoring_"),
+        SyntheticConfig(num_train=args.images, num_val=0, num_anomaly=0),
+    )
+    scorer_args = {
+        "eem": EEMConfig(),
+        "label_set": "cityscapes",
+        "size": tuple(args.size),
+        "batch_size": 2,
+        "device": "cpu",
+    }
+    return (
+        cityscapes_manifest(root, "train"),
+        scorer_args,
+        UNet(UNetConfig(num_classes=19, width=16, depth=4)).to_checkpoint(),
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_workload_arguments(parser)
     parser.add_argument("--actors", type=int, default=2)
     args = parser.parse_args()
@@ -66,14 +80,28 @@ def main() -> None:
         start = time.perf_counter()
         remote_scores = pool.score(rows, args.strategy)
         best["distributed"] = max(best["distributed"], len(rows) / (time.perf_counter() - start))
-    differences = [abs(a - b) for a, b in zip(local_scores.sort_by("sample_id")["score"].to_pylist(),
-                                              remote_scores.sort_by("sample_id")["score"].to_pylist())]
-    print(json.dumps({
-        "images": len(rows), "size": list(args.size), "actors": args.actors, "strategy": args.strategy,
-        "in_process_img_s": round(best["in_process"], 2), "distributed_img_s": round(best["distributed"], 2),
-        "ratio": round(best["distributed"] / best["in_process"], 3), "max_score_difference": max(differences),
-        "torch_threads_in_process": torch.get_num_threads(),
-    }))
+    differences = [
+        abs(a - b)
+        for a, b in zip(
+            local_scores.sort_by("sample_id")["score"].to_pylist(),
+            remote_scores.sort_by("sample_id")["score"].to_pylist(),
+        )
+    ]
+    print(
+        json.dumps(
+            {
+                "images": len(rows),
+                "size": list(args.size),
+                "actors": args.actors,
+                "strategy": args.strategy,
+                "in_process_img_s": round(best["in_process"], 2),
+                "distributed_img_s": round(best["distributed"], 2),
+                "ratio": round(best["distributed"] / best["in_process"], 3),
+                "max_score_difference": max(differences),
+                "torch_threads_in_process": torch.get_num_threads(),
+            }
+        )
+    )
     ray.shutdown()
 
 

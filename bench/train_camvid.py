@@ -23,8 +23,12 @@ from segxal.training import TrainConfig, fit
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", required=True, help="CamVid folder with train/, trainannot/, val/, valannot/")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--root", required=True, help="CamVid folder with train/, trainannot/, val/, valannot/"
+    )
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--size", type=int, nargs=2, default=(180, 240), metavar=("H", "W"))
     parser.add_argument("--width", type=int, default=16)
@@ -34,26 +38,47 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
-    train_set, val_set = datasets_for(DataConfig(dataset="camvid", root=args.root, image_size=tuple(args.size)))
-    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                              generator=torch.Generator().manual_seed(args.seed))
+    train_set, val_set = datasets_for(
+        DataConfig(dataset="camvid", root=args.root, image_size=tuple(args.size))
+    )
+    train_loader = DataLoader(
+        train_set,
+        batch_size=args.batch_size,
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
     val_loader = DataLoader(val_set, batch_size=args.batch_size)
     model = UNet(UNetConfig(num_classes=CAMVID.num_classes, width=args.width, depth=4))
     history = []
     start = time.perf_counter()
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device="auto")
-    metrics = fit(model, train_loader, val_loader, config, CAMVID.class_names,
-                  on_epoch=lambda epoch, m: history.append(m), progress=True)
+    metrics = fit(
+        model,
+        train_loader,
+        val_loader,
+        config,
+        CAMVID.class_names,
+        on_epoch=lambda epoch, m: history.append(m),
+        progress=True,
+    )
     result = {
         "val_miou": round(metrics["val/miou"], 4),
         "val_pixel_accuracy": round(metrics["val/pixel_accuracy"], 4),
         "best_val_miou": round(max(m["val/miou"] for m in history), 4),
-        "train_images_per_s": round(sum(m["train/images_per_s"] for m in history) / len(history), 2),
+        "train_images_per_s": round(
+            sum(m["train/images_per_s"] for m in history) / len(history), 2
+        ),
         "wall_s": round(time.perf_counter() - start, 1),
-        "epochs": args.epochs, "size": list(args.size), "width": args.width,
+        "epochs": args.epochs,
+        "size": list(args.size),
+        "width": args.width,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "device": "cuda" if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()} ({platform.machine()})",
-        "train_images": len(train_set), "val_images": len(val_set),
+        "device": "cuda"
+        if torch.cuda.is_available()
+        else f"cpu x{torch.get_num_threads()} ({platform.machine()})",
+        "train_images": len(train_set),
+        "val_images": len(val_set),
     }
     print(json.dumps(result))
 

@@ -19,14 +19,31 @@ from pathlib import Path
 
 import yaml
 
-from jobs.common import check_tracking_or_exit, init_ray, parse_job_args, print_results_hint, show_progress
+from jobs.common import (
+    check_tracking_or_exit,
+    init_ray,
+    parse_job_args,
+    print_results_hint,
+    show_progress,
+)
 from orchestrator.config import ExperimentConfig, load_experiment
 from orchestrator.coordinator import STATE_FILE, Coordinator, cycle_name, snapshot_path
 from orchestrator.datasets import label_set_for, manifest_for
-from orchestrator.labelstudio.handoff import LabelStudioHandoff, import_cycle, instructions, is_exported
+from orchestrator.labelstudio.handoff import (
+    LabelStudioHandoff,
+    import_cycle,
+    instructions,
+    is_exported,
+)
 from orchestrator.labelstudio.tasks import ImageReferences
 from orchestrator.loop import Progress, run_cycles
-from orchestrator.oracles import DatasetGroundTruth, LabelStudioOracle, Oracle, PseudoLabelOracle, SimulatedOracle
+from orchestrator.oracles import (
+    DatasetGroundTruth,
+    LabelStudioOracle,
+    Oracle,
+    PseudoLabelOracle,
+    SimulatedOracle,
+)
 from orchestrator.pool_state import PoolState
 from orchestrator.tracking import experiment_run, log_artifact, log_metrics, set_tags
 from orchestrator.typed_config import to_dict
@@ -37,10 +54,14 @@ CONFIG_FILE = "config.yaml"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
-    parser.add_argument("--stage", nargs="+", metavar="STAGE",
-                        help="al.oracle=labelstudio only: 'export' (the default) runs until a cycle's images are "
-                             "exported for Label Studio; 'import FILE' (with --resume) continues with Label "
-                             "Studio's JSON export FILE")
+    parser.add_argument(
+        "--stage",
+        nargs="+",
+        metavar="STAGE",
+        help="al.oracle=labelstudio only: 'export' (the default) runs until a cycle's images are "
+        "exported for Label Studio; 'import FILE' (with --resume) continues with Label "
+        "Studio's JSON export FILE",
+    )
 
 
 def export_file_of(args: argparse.Namespace, config: ExperimentConfig) -> Path | None:
@@ -49,7 +70,9 @@ def export_file_of(args: argparse.Namespace, config: ExperimentConfig) -> Path |
     if args.stage is None:
         return None
     if config.al.oracle != "labelstudio":
-        raise SystemExit(f"--stage is for al.oracle=labelstudio; this run's oracle is {config.al.oracle}")
+        raise SystemExit(
+            f"--stage is for al.oracle=labelstudio; this run's oracle is {config.al.oracle}"
+        )
     if args.stage == ["export"]:
         return None
     if args.stage[0] != "import" or len(args.stage) != 2:
@@ -59,16 +82,27 @@ def export_file_of(args: argparse.Namespace, config: ExperimentConfig) -> Path |
     return Path(args.stage[1])
 
 
-def labelstudio_oracle(config: ExperimentConfig, run_dir: Path, cycle: int, label_set,
-                       export_file: Path | None) -> tuple[Oracle, LabelStudioHandoff]:
+def labelstudio_oracle(
+    config: ExperimentConfig, run_dir: Path, cycle: int, label_set, export_file: Path | None
+) -> tuple[Oracle, LabelStudioHandoff]:
     """People in Label Studio; with an export file, its annotations of ``cycle``, checked in full here."""
     images = ImageReferences.from_config(config.data.root, config.al.labelstudio)
-    imported = None if export_file is None else import_cycle(run_dir, cycle, export_file, images, label_set)
+    imported = (
+        None
+        if export_file is None
+        else import_cycle(run_dir, cycle, export_file, images, label_set)
+    )
     handoff = LabelStudioHandoff(run_dir, images, label_set, config.eem.max_regions, imported)
     return LabelStudioOracle({} if imported is None else imported.labels), handoff
 
 
-def prepare(config: ExperimentConfig, run_dir: Path, progress: Progress, show: bool, export_file: Path | None = None):
+def prepare(
+    config: ExperimentConfig,
+    run_dir: Path,
+    progress: Progress,
+    show: bool,
+    export_file: Path | None = None,
+):
     """Everything that can fail on bad input, checked before Ray starts: data, pool, budget, oracle, and a
     Label Studio export. Returns the label set, a local coordinator and the Label Studio handoff (or None)."""
     label_set = label_set_for(config.data)
@@ -77,15 +111,23 @@ def prepare(config: ExperimentConfig, run_dir: Path, progress: Progress, show: b
     if progress.completed_cycle >= 0:
         state = PoolState.load(snapshot_path(run_dir, progress.completed_cycle))
     else:
-        state = PoolState.create(run_dir / STATE_FILE, train, config.al.initial_labelled, config.seed, validation=val)
+        state = PoolState.create(
+            run_dir / STATE_FILE, train, config.al.initial_labelled, config.seed, validation=val
+        )
     handoff = None
     if config.al.oracle == "labelstudio":
-        oracle, handoff = labelstudio_oracle(config, run_dir, progress.completed_cycle + 1, label_set, export_file)
+        oracle, handoff = labelstudio_oracle(
+            config, run_dir, progress.completed_cycle + 1, label_set, export_file
+        )
     elif config.al.oracle == "pseudo":
         oracle = PseudoLabelOracle(config.al.pseudo_confidence)
     else:
         oracle = SimulatedOracle(DatasetGroundTruth(label_set, config.data.image_size))
-    return label_set, Coordinator(run_dir, state, config.al, label_set, config.seed, oracle), handoff
+    return (
+        label_set,
+        Coordinator(run_dir, state, config.al, label_set, config.seed, oracle),
+        handoff,
+    )
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -93,14 +135,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.resume:
         run_dir = Path(args.resume).absolute()
         if not (run_dir / CONFIG_FILE).is_file():
-            raise SystemExit(f"--resume {run_dir}: no {CONFIG_FILE} there; is it a jobs.al run folder?")
+            raise SystemExit(
+                f"--resume {run_dir}: no {CONFIG_FILE} there; is it a jobs.al run folder?"
+            )
         config = load_experiment(run_dir / CONFIG_FILE, args.overrides)
         export_file = export_file_of(args, config)
     else:
         export_file = export_file_of(args, config)
-        run_dir = (Path(config.output_dir) / config.name).absolute()  # actors write there from other cwds
+        run_dir = (
+            Path(config.output_dir) / config.name
+        ).absolute()  # actors write there from other cwds
         if (run_dir / "progress.json").is_file():
-            raise SystemExit(f"{run_dir} holds a run already: continue it with --resume {run_dir}, or set another name")
+            raise SystemExit(
+                f"{run_dir} holds a run already: continue it with --resume {run_dir}, or set another name"
+            )
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
     check_tracking_or_exit(config.tracking.tracking_uri)
@@ -119,7 +167,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from actors.coordinator import start_coordinator
 
     backend = RayCycleBackend(config, run_dir, label_set, progress=show)
-    coordinator = start_coordinator(run_dir, local.state, config.al, label_set, config.seed, local.oracle)
+    coordinator = start_coordinator(
+        run_dir, local.state, config.al, label_set, config.seed, local.oracle
+    )
 
     def on_cycle(cycle: int, metrics: dict, artifacts: list[Path]) -> None:
         log_metrics(metrics, step=cycle)
@@ -133,17 +183,38 @@ def main(argv: list[str] | None = None) -> list[dict]:
         bar = lambda cycles: tqdm(cycles, desc="cycles", unit="cycle")  # noqa: E731
     tracking = config.tracking
     try:
-        with experiment_run(tracking.tracking_uri, tracking.experiment,
-                            tracking.run_name or f"al-{config.name}-{config.al.strategy}-{config.al.oracle}",
-                            config, run_id=progress.tracking_run_id) as run:
+        with experiment_run(
+            tracking.tracking_uri,
+            tracking.experiment,
+            tracking.run_name or f"al-{config.name}-{config.al.strategy}-{config.al.oracle}",
+            config,
+            run_id=progress.tracking_run_id,
+        ) as run:
             if progress.tracking_run_id is None:
                 progress.tracking_run_id = run.info.run_id
                 progress.save(run_dir)
-                set_tags({"job": "al", "strategy": config.al.strategy, "oracle": config.al.oracle,
-                                 "depth_backend": config.eem.depth.backend, "dataset": config.data.dataset})
-            history = run_cycles(coordinator, backend, local.strategy, run_dir, progress, config.al.cycles, on_cycle,
-                                 config.al.warm_start, config.al.panels, **({"progress_bar": bar} if bar else {}),
-                                 handoff=handoff)
+                set_tags(
+                    {
+                        "job": "al",
+                        "strategy": config.al.strategy,
+                        "oracle": config.al.oracle,
+                        "depth_backend": config.eem.depth.backend,
+                        "dataset": config.data.dataset,
+                    }
+                )
+            history = run_cycles(
+                coordinator,
+                backend,
+                local.strategy,
+                run_dir,
+                progress,
+                config.al.cycles,
+                on_cycle,
+                config.al.warm_start,
+                config.al.panels,
+                **({"progress_bar": bar} if bar else {}),
+                handoff=handoff,
+            )
             waiting = handoff is not None and handoff.handed_over is not None
             if not waiting:
                 log_artifact(progress.checkpoint, "model")
@@ -151,7 +222,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         backend.shutdown()
         coordinator.shutdown()
     for cycle, metrics in enumerate(history, start=first_cycle):
-        print(f"cycle {cycle}: mIoU {metrics['val/miou']:.4f}  labelled {100 * metrics['pool/labelled_fraction']:.1f} %")
+        print(
+            f"cycle {cycle}: mIoU {metrics['val/miou']:.4f}  labelled {100 * metrics['pool/labelled_fraction']:.1f} %"
+        )
     if waiting:
         print(instructions(run_dir, handoff.handed_over))
     print_results_hint(tracking.tracking_uri, run_dir)

@@ -17,13 +17,21 @@ from orchestrator.typed_config import ConfigError
 
 
 def parse_job_args(
-    description: str, add_arguments: Callable[[argparse.ArgumentParser], None] | None = None, argv: list[str] | None = None
+    description: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+    argv: list[str] | None = None,
 ) -> tuple[argparse.Namespace, ExperimentConfig]:
     """``--config FILE``, repeated ``--set key=value`` and ``--quiet``; exits with a message on a config error."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="YAML experiment config (defaults apply to missing keys)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set train.epochs=3 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.epochs=3 (repeatable)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
     if add_arguments is not None:
         add_arguments(parser)
@@ -56,7 +64,9 @@ def print_results_hint(tracking_uri: str, run_dir=None) -> None:
 
 
 def setup_logging(level: int) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
 
 
 # Ports below the kernel's ephemeral range and above `ray start`'s default worker ports (10002-19999).
@@ -71,7 +81,9 @@ def free_loopback_port() -> int:
     """A TCP port on 127.0.0.1 that is free now and that no other process is likely to be given before
     we use it (see ``QUIET_PORTS_START``). The choice ignores ``random``'s seed: two jobs run with the
     same seed must not pick the same port."""
-    ephemeral_start = int(EPHEMERAL_PORTS_FILE.read_text().split()[0]) if EPHEMERAL_PORTS_FILE.exists() else 32768
+    ephemeral_start = (
+        int(EPHEMERAL_PORTS_FILE.read_text().split()[0]) if EPHEMERAL_PORTS_FILE.exists() else 32768
+    )
     candidates = list(range(QUIET_PORTS_START, ephemeral_start))
     secrets.SystemRandom().shuffle(candidates)
     for port in candidates:
@@ -81,7 +93,9 @@ def free_loopback_port() -> int:
             except OSError:
                 continue
             return port
-    raise RuntimeError(f"no free TCP port on 127.0.0.1 between {QUIET_PORTS_START} and {ephemeral_start}")
+    raise RuntimeError(
+        f"no free TCP port on 127.0.0.1 between {QUIET_PORTS_START} and {ephemeral_start}"
+    )
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -102,10 +116,20 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"])
         return
     port = free_loopback_port()
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # inherited by the Ray processes
+    os.environ["RAY_API_SERVER_ADDRESS"] = (
+        f"http://127.0.0.1:{port}"  # inherited by the Ray processes
+    )
     # Loopback only: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 does that, but Ray reads it when it is imported,
     # which may have happened already; set the constant it was read into as well.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray._private.ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] != "0"
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=port, configure_logging=False)
+    ray._private.ray_constants.ENABLE_RAY_CLUSTER = (
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] != "0"
+    )
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+        configure_logging=False,
+    )

@@ -23,13 +23,26 @@ from orchestrator.config import TrackingConfig
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--experiment", required=True, help="MLflow experiment name (tracking.experiment)")
-    parser.add_argument("--filter", default="", metavar="FILTER",
-                        help="MLflow search filter, e.g. \"tags.strategy = 'eem'\" or \"params.seed = '0'\"")
-    parser.add_argument("--tracking-uri", default=TrackingConfig.tracking_uri,
-                        help="MLflow tracking URI (default: %(default)s)")
-    parser.add_argument("--out", type=Path, help="output folder (default: runs/compare/<experiment>)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--experiment", required=True, help="MLflow experiment name (tracking.experiment)"
+    )
+    parser.add_argument(
+        "--filter",
+        default="",
+        metavar="FILTER",
+        help="MLflow search filter, e.g. \"tags.strategy = 'eem'\" or \"params.seed = '0'\"",
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        default=TrackingConfig.tracking_uri,
+        help="MLflow tracking URI (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--out", type=Path, help="output folder (default: runs/compare/<experiment>)"
+    )
     parser.add_argument("--no-log", action="store_true", help="do not log the comparison to MLflow")
     parser.add_argument("--quiet", action="store_true", help="warnings only")
     return parser.parse_args(argv)
@@ -53,7 +66,9 @@ def main(argv: list[str] | None = None) -> Comparison:
     print(f"\ntables and plots: {out}")
     if not args.no_log:
         run_id = log_comparison(client, comparison, files, args.filter)
-        print(f"logged to MLflow run {run_id} (experiment {args.experiment!r}, artifacts under compare/)")
+        print(
+            f"logged to MLflow run {run_id} (experiment {args.experiment!r}, artifacts under compare/)"
+        )
     print_results_hint(args.tracking_uri)
     return comparison
 

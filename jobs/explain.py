@@ -32,9 +32,13 @@ log = logging.getLogger("jobs.explain")
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--images", type=int, required=True, help="explain the first N images of the split")
+    parser.add_argument(
+        "--images", type=int, required=True, help="explain the first N images of the split"
+    )
     parser.add_argument("--out", required=True, help="output folder for panels/ and regions.json")
-    parser.add_argument("--checkpoint", help="segmenter checkpoint (default: the run's checkpoints/best.pt)")
+    parser.add_argument(
+        "--checkpoint", help="segmenter checkpoint (default: the run's checkpoints/best.pt)"
+    )
     parser.add_argument("--split", help="dataset split (default: data.val_split)")
     parser.add_argument("--batch-size", type=int, default=4)
 
@@ -48,13 +52,20 @@ def _dataset(config: ExperimentConfig, split: str, images: int) -> SegmentationD
     manifest = manifest_for(config.data, split, limit=images)
     needs_depth = config.eem.depth.backend == "dataset"
     if needs_depth:
-        missing = [row["sample_id"] for row in manifest.select(["sample_id", "depth_path"]).to_pylist()
-                   if row["depth_path"] is None]
+        missing = [
+            row["sample_id"]
+            for row in manifest.select(["sample_id", "depth_path"]).to_pylist()
+            if row["depth_path"] is None
+        ]
         if missing:
-            raise SystemExit(f"eem.depth.backend 'dataset' needs disparity files, but {len(missing)} images of "
-                             f"split {split!r} have none (e.g. {missing[0]}); choose midas, dinov2 or geometric")
+            raise SystemExit(
+                f"eem.depth.backend 'dataset' needs disparity files, but {len(missing)} images of "
+                f"split {split!r} have none (e.g. {missing[0]}); choose midas, dinov2 or geometric"
+            )
     size = None if config.data.image_size is None else tuple(config.data.image_size)
-    return SegmentationDataset(manifest, label_set_for(config.data), SampleTransform(size=size), load_depth=needs_depth)
+    return SegmentationDataset(
+        manifest, label_set_for(config.data), SampleTransform(size=size), load_depth=needs_depth
+    )
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -63,8 +74,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit("--images and --batch-size must be >= 1")
     checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint(config)
     if not checkpoint.is_file():
-        raise SystemExit(f"{checkpoint}: segmenter checkpoint not found; train one with "
-                         f"`python -m jobs.train --config ...` or pass --checkpoint")
+        raise SystemExit(
+            f"{checkpoint}: segmenter checkpoint not found; train one with "
+            f"`python -m jobs.train --config ...` or pass --checkpoint"
+        )
     device = resolve_device(config.train.device)
     model = UNet.from_checkpoint(load_checkpoint(checkpoint)["model"])
     label_set = label_set_for(config.data)
@@ -78,9 +91,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         regions = maps.regions(config.eem, label_set.class_names)
         for i, record in enumerate(result.records(batch["sample_id"])):
             panel = out / "panels" / f"{record['sample_id'].replace('/', '__')}.png"
-            save_panel(panel, batch["image"][i], maps.prediction[i], maps.entropy[i], maps.proximity[i],
-                       maps.proxgradcam[i], maps.eem[i], regions[i], label_set,
-                       title=f"{record['sample_id']}  EEM score {record['score']:.3f}")
+            save_panel(
+                panel,
+                batch["image"][i],
+                maps.prediction[i],
+                maps.entropy[i],
+                maps.proximity[i],
+                maps.proxgradcam[i],
+                maps.eem[i],
+                regions[i],
+                label_set,
+                title=f"{record['sample_id']}  EEM score {record['score']:.3f}",
+            )
             records.append({**record, "panel": str(panel.relative_to(out)), "regions": regions[i]})
         log.info("explained %d/%d images", len(records), len(dataset))
     summary = {"checkpoint": str(checkpoint), "eem": to_dict(config.eem), "images": records}

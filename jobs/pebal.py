@@ -25,7 +25,12 @@ from pathlib import Path
 import mlflow
 import torch
 
-from actors.pebal_train import PebalTrainingError, finetune_on_ray, load_finetuned, prepare_pebal_job
+from actors.pebal_train import (
+    PebalTrainingError,
+    finetune_on_ray,
+    load_finetuned,
+    prepare_pebal_job,
+)
 from actors.ray_train import TrainingJob, train_on_ray
 from jobs.common import check_tracking_or_exit, init_ray, parse_job_args, show_progress
 from orchestrator.config import ExperimentConfig
@@ -38,8 +43,16 @@ from segxal.data.io import DataError
 from segxal.data.synthetic import generate_synthetic
 from segxal.models.unet import UNet, UNetConfig
 from segxal.pebal.evaluate import (
-    ORIGINAL, PEBAL, DatasetResult, evaluate_anomaly, flat_metrics, plot_curves, plot_panels, split_outliers,
-    table_csv, table_markdown,
+    ORIGINAL,
+    PEBAL,
+    DatasetResult,
+    evaluate_anomaly,
+    flat_metrics,
+    plot_curves,
+    plot_panels,
+    split_outliers,
+    table_csv,
+    table_markdown,
 )
 from segxal.pebal.model import parameter_counts, prepare_pebal_model
 from segxal.training import resolve_device
@@ -72,15 +85,21 @@ def check_inputs(config: ExperimentConfig, progress: bool = False) -> Inputs:
     if config.pebal.pretrained is not None:
         state = load_checkpoint(config.pebal.pretrained)
         if not isinstance(state.get("model"), dict) or "unet_config" not in state["model"]:
-            raise CheckpointError(f"{config.pebal.pretrained}: not a segmenter checkpoint (no 'model' entry "
-                                  "written by UNet.to_checkpoint(); jobs.train and Ray Train write such files)")
+            raise CheckpointError(
+                f"{config.pebal.pretrained}: not a segmenter checkpoint (no 'model' entry "
+                "written by UNet.to_checkpoint(); jobs.train and Ray Train write such files)"
+            )
         pretrained = state["model"]
         model = UNet.from_checkpoint(pretrained)
         expected = label_set_for(config.data).num_classes
         if model.num_classes != expected:
-            raise CheckpointError(f"{config.pebal.pretrained}: the segmenter has {model.num_classes} classes, "
-                                  f"data.dataset {config.data.dataset!r} has {expected}")
-        prepare_pebal_model(model, config.pebal.trainable)  # pebal.trainable must name modules of this model
+            raise CheckpointError(
+                f"{config.pebal.pretrained}: the segmenter has {model.num_classes} classes, "
+                f"data.dataset {config.data.dataset!r} has {expected}"
+            )
+        prepare_pebal_model(
+            model, config.pebal.trainable
+        )  # pebal.trainable must name modules of this model
     return Inputs(benchmarks, outliers, pretrained)
 
 
@@ -93,7 +112,9 @@ def inputs_or_exit(config: ExperimentConfig, progress: bool = False) -> Inputs:
         sys.exit(f"config error: pebal.trainable: {error.args[0]}")
 
 
-def train_segmenter(config: ExperimentConfig, storage: Path, name: str, progress: bool = False) -> tuple[dict, dict]:
+def train_segmenter(
+    config: ExperimentConfig, storage: Path, name: str, progress: bool = False
+) -> tuple[dict, dict]:
     """Train the segmenter with the ``train`` section on Ray Train: (UNet.to_checkpoint(), best metrics)."""
     data, label_set = config.data, label_set_for(config.data)
     train_set, val_set = datasets_for(data, progress=progress)
@@ -101,33 +122,48 @@ def train_segmenter(config: ExperimentConfig, storage: Path, name: str, progress
         train_manifest=manifest_for(data, data.train_split, data.max_train_images),
         val_manifest=manifest_for(data, data.val_split, data.max_val_images),
         label_set=label_set.name,
-        unet=UNetConfig(num_classes=label_set.num_classes, width=config.model.width, depth=config.model.depth),
-        train=config.train, train_transform=train_set.transform, val_transform=val_set.transform, seed=config.seed)
+        unet=UNetConfig(
+            num_classes=label_set.num_classes, width=config.model.width, depth=config.model.depth
+        ),
+        train=config.train,
+        train_transform=train_set.transform,
+        val_transform=val_set.transform,
+        seed=config.seed,
+    )
     result = train_on_ray(job, config.scaling, storage, name, progress)
     return load_checkpoint(result.best_checkpoint)["model"], result.best_metrics
 
 
-def pretrained_segmenter(config: ExperimentConfig, inputs: Inputs, run_dir: Path, progress: bool = False) -> dict:
+def pretrained_segmenter(
+    config: ExperimentConfig, inputs: Inputs, run_dir: Path, progress: bool = False
+) -> dict:
     """The configured segmenter, or one trained now (saved to ``run_dir/pretrained.pt`` and logged)."""
     if inputs.pretrained is not None:
         return inputs.pretrained
-    log.info("pebal.pretrained is not set: training the segmenter first (%d epochs)", config.train.epochs)
-    model, metrics = train_segmenter(config, run_dir / "ray", f"pretrain-{mlflow.active_run().info.run_id[:8]}", progress)
+    log.info(
+        "pebal.pretrained is not set: training the segmenter first (%d epochs)", config.train.epochs
+    )
+    model, metrics = train_segmenter(
+        config, run_dir / "ray", f"pretrain-{mlflow.active_run().info.run_id[:8]}", progress
+    )
     log_metrics({f"pretrain/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     save_checkpoint(run_dir / "pretrained.pt", {"model": model, "metrics": metrics})
     log_artifact(run_dir / "pretrained.pt", "model")
     return model
 
 
-def evaluation_sets(config: ExperimentConfig, benchmarks: tuple[AnomalyBenchmark, ...], mixed_val) -> list:
+def evaluation_sets(
+    config: ExperimentConfig, benchmarks: tuple[AnomalyBenchmark, ...], mixed_val
+) -> list:
     """(name, dataset) pairs: every benchmark, resized like the training images, then the mixed validation split."""
     size = None if config.data.image_size is None else tuple(config.data.image_size)
     sets = [(b.name, b.dataset(SampleTransform(size=size))) for b in benchmarks]
     return sets + [(mixed_val.name, mixed_val)]
 
 
-def evaluate_models(config: ExperimentConfig, original: UNet, finetuned: UNet, sets: list,
-                    progress: bool = False) -> list[DatasetResult]:
+def evaluate_models(
+    config: ExperimentConfig, original: UNet, finetuned: UNet, sets: list, progress: bool = False
+) -> list[DatasetResult]:
     """PEBAL and the baselines on every (name, dataset), on the driver (``pebal.finetune.device``)."""
     device = resolve_device(config.pebal.finetune.device)
     models = {ORIGINAL: original.to(device).eval(), PEBAL: finetuned.to(device).eval()}
@@ -136,9 +172,18 @@ def evaluate_models(config: ExperimentConfig, original: UNet, finetuned: UNet, s
         from tqdm import tqdm
 
         sets = tqdm(sets, desc="anomaly evaluation", unit="dataset")
-    return [evaluate_anomaly(models, dataset, name, smoothing=smoothing, device=device,
-                             batch_size=config.pebal.finetune.batch_size, panel_images=config.pebal.panel_images)
-            for name, dataset in sets]
+    return [
+        evaluate_anomaly(
+            models,
+            dataset,
+            name,
+            smoothing=smoothing,
+            device=device,
+            batch_size=config.pebal.finetune.batch_size,
+            panel_images=config.pebal.panel_images,
+        )
+        for name, dataset in sets
+    ]
 
 
 def write_report(results: list[DatasetResult], folder: Path) -> list[tuple[Path, str]]:
@@ -146,9 +191,14 @@ def write_report(results: list[DatasetResult], folder: Path) -> list[tuple[Path,
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "anomaly_table.md").write_text(table_markdown(results))
     (folder / "anomaly_table.csv").write_text(table_csv(results))
-    files = [(folder / "anomaly_table.md", "evaluation"), (folder / "anomaly_table.csv", "evaluation")]
+    files = [
+        (folder / "anomaly_table.md", "evaluation"),
+        (folder / "anomaly_table.csv", "evaluation"),
+    ]
     for result in results:
-        files.append((plot_curves(result, folder / "curves" / f"{result.name}.png"), "evaluation/curves"))
+        files.append(
+            (plot_curves(result, folder / "curves" / f"{result.name}.png"), "evaluation/curves")
+        )
         panels = plot_panels(result, folder / "panels" / f"{result.name}.png")
         if panels is not None:
             files.append((panels, "evaluation/panels"))
@@ -163,19 +213,42 @@ def main(argv: list[str] | None = None) -> list[DatasetResult]:
     inputs = inputs_or_exit(config, progress)
     run_dir = (Path(config.output_dir) / config.name).absolute()
     init_ray()
-    with experiment_run(config.tracking.tracking_uri, config.tracking.experiment,
-                        config.tracking.run_name or f"pebal-{config.name}", config) as run:
+    with experiment_run(
+        config.tracking.tracking_uri,
+        config.tracking.experiment,
+        config.tracking.run_name or f"pebal-{config.name}",
+        config,
+    ) as run:
         set_tags({"job": "pebal"})
         pretrained = pretrained_segmenter(config, inputs, run_dir, progress)
         job = prepare_pebal_job(config, pretrained, inputs.outliers, progress)
-        trainable, total = parameter_counts(prepare_pebal_model(UNet.from_checkpoint(pretrained), job.pebal.trainable))
-        log_params({"pebal.m_in_used": job.pebal.m_in, "pebal.m_out_used": job.pebal.m_out,
-                           "pebal.trainable_parameters": trainable, "pebal.total_parameters": total})
-        log.info("fine-tuning %s (%d of %d parameters), m_in %.3f, m_out %.3f",
-                 ", ".join(job.pebal.trainable), trainable, total, job.pebal.m_in, job.pebal.m_out)
+        trainable, total = parameter_counts(
+            prepare_pebal_model(UNet.from_checkpoint(pretrained), job.pebal.trainable)
+        )
+        log_params(
+            {
+                "pebal.m_in_used": job.pebal.m_in,
+                "pebal.m_out_used": job.pebal.m_out,
+                "pebal.trainable_parameters": trainable,
+                "pebal.total_parameters": total,
+            }
+        )
+        log.info(
+            "fine-tuning %s (%d of %d parameters), m_in %.3f, m_out %.3f",
+            ", ".join(job.pebal.trainable),
+            trainable,
+            total,
+            job.pebal.m_in,
+            job.pebal.m_out,
+        )
         try:
-            result = finetune_on_ray(job, config.scaling, run_dir / "ray", f"pebal-{run.info.run_id[:8]}",
-                                     progress=progress)
+            result = finetune_on_ray(
+                job,
+                config.scaling,
+                run_dir / "ray",
+                f"pebal-{run.info.run_id[:8]}",
+                progress=progress,
+            )
         except PebalTrainingError as error:
             if error.last_checkpoint is not None:
                 log_artifact(error.last_checkpoint, "model/last_good")
@@ -185,14 +258,21 @@ def main(argv: list[str] | None = None) -> list[DatasetResult]:
         checkpoint = run_dir / "pebal_checkpoint.pt"
         shutil.copyfile(result.best_checkpoint, checkpoint)
         log_artifact(checkpoint, "model")
-        results = evaluate_models(config, UNet.from_checkpoint(pretrained), load_finetuned(checkpoint),
-                                  evaluation_sets(config, inputs.benchmarks, job.val_set), progress)
+        results = evaluate_models(
+            config,
+            UNet.from_checkpoint(pretrained),
+            load_finetuned(checkpoint),
+            evaluation_sets(config, inputs.benchmarks, job.val_set),
+            progress,
+        )
         log_metrics(flat_metrics(results))
         for path, artifact_path in write_report(results, run_dir / "evaluation"):
             log_artifact(path, artifact_path)
         (run_dir / "history.json").write_text(json.dumps(result.history, indent=2))
         log_artifact(run_dir / "history.json")
-    print(f"PEBAL fine-tuning: best epoch {result.best_metrics['epoch']} (val AP {result.best_metrics['val/ap']:.4f})")
+    print(
+        f"PEBAL fine-tuning: best epoch {result.best_metrics['epoch']} (val AP {result.best_metrics['val/ap']:.4f})"
+    )
     print(table_markdown(results), end="")
     return results
 

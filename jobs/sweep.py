@@ -31,13 +31,33 @@ log = logging.getLogger("jobs.sweep")
 
 def trials_table(result: SweepResult) -> str:
     """Markdown: one row per trial with its sampled values and best epoch, best AP first."""
-    header = ["trial", "m_in", "m_out", "β smooth", "β sparse", "λ", "best epoch", "AP", "FPR95", "AUROC", "status"]
+    header = [
+        "trial",
+        "m_in",
+        "m_out",
+        "β smooth",
+        "β sparse",
+        "λ",
+        "best epoch",
+        "AP",
+        "FPR95",
+        "AUROC",
+        "status",
+    ]
     rows = []
     for t in sorted(result.trials, key=lambda t: -(t.best_metrics or {}).get("val/ap", -1.0)):
         p, m = t.params, t.best_metrics or {}
-        values = [f"{p['m_in']:.3f}", f"{p['m_in'] + p['margin_gap']:.3f}", f"{p['beta_smooth']:.2e}",
-                  f"{p['beta_sparse']:.2e}", f"{p['lam']:.3f}", str(int(m["epoch"])) if "epoch" in m else "-"]
-        values += [f"{100 * m[k]:.2f}" if k in m else "-" for k in ("val/ap", "val/fpr95", "val/auroc")]
+        values = [
+            f"{p['m_in']:.3f}",
+            f"{p['m_in'] + p['margin_gap']:.3f}",
+            f"{p['beta_smooth']:.2e}",
+            f"{p['beta_sparse']:.2e}",
+            f"{p['lam']:.3f}",
+            str(int(m["epoch"])) if "epoch" in m else "-",
+        ]
+        values += [
+            f"{100 * m[k]:.2f}" if k in m else "-" for k in ("val/ap", "val/fpr95", "val/auroc")
+        ]
         rows.append([t.trial_id, *values, "failed" if t.error else "ok"])
     return markdown_table(header, rows)
 
@@ -52,31 +72,63 @@ def main(argv: list[str] | None = None) -> SweepResult:
     inputs = inputs_or_exit(config, progress)
     run_dir = (Path(config.output_dir) / config.name / "sweep").absolute()
     init_ray()
-    with experiment_run(config.tracking.tracking_uri, config.tracking.experiment,
-                        config.tracking.run_name or f"sweep-{config.name}", config) as run:
+    with experiment_run(
+        config.tracking.tracking_uri,
+        config.tracking.experiment,
+        config.tracking.run_name or f"sweep-{config.name}",
+        config,
+    ) as run:
         set_tags({"job": "sweep"})
         pretrained = pretrained_segmenter(config, inputs, run_dir, progress)
         job = prepare_pebal_job(config, pretrained, inputs.outliers, progress)
-        callback = MlflowTrialCallback(config.tracking.tracking_uri, run.info.experiment_id, run.info.run_id, config)
-        result = run_sweep(job, config.sweep, config.scaling, run_dir / "ray", f"tune-{run.info.run_id[:8]}",
-                           config.seed, [callback], verbose=0 if args.quiet else 1)
+        callback = MlflowTrialCallback(
+            config.tracking.tracking_uri, run.info.experiment_id, run.info.run_id, config
+        )
+        result = run_sweep(
+            job,
+            config.sweep,
+            config.scaling,
+            run_dir / "ray",
+            f"tune-{run.info.run_id[:8]}",
+            config.seed,
+            [callback],
+            verbose=0 if args.quiet else 1,
+        )
         best = result.best
         pretrained_path = config.pebal.pretrained or str((run_dir / "pretrained.pt").resolve())
         best_config = trial_experiment(config, best.params)
-        best_config = replace(best_config, pebal=replace(best_config.pebal, pretrained=pretrained_path))
-        (run_dir / "best_config.yaml").write_text(yaml.safe_dump(to_dict(best_config), sort_keys=False))
+        best_config = replace(
+            best_config, pebal=replace(best_config.pebal, pretrained=pretrained_path)
+        )
+        (run_dir / "best_config.yaml").write_text(
+            yaml.safe_dump(to_dict(best_config), sort_keys=False)
+        )
         shutil.copyfile(best.checkpoint, run_dir / "best_checkpoint.pt")
         (run_dir / "trials.md").write_text(trials_table(result))
         set_tags({"best_trial": best.trial_id})
-        log_params({"best.m_in": best_config.pebal.m_in, "best.m_out": best_config.pebal.m_out,
-                           "best.beta_smooth": best_config.pebal.beta_smooth,
-                           "best.beta_sparse": best_config.pebal.beta_sparse, "best.lam": best_config.pebal.lam})
-        log_metrics({f"best/{key.split('/')[-1]}": value for key, value in best.best_metrics.items() if key != "epoch"})
+        log_params(
+            {
+                "best.m_in": best_config.pebal.m_in,
+                "best.m_out": best_config.pebal.m_out,
+                "best.beta_smooth": best_config.pebal.beta_smooth,
+                "best.beta_sparse": best_config.pebal.beta_sparse,
+                "best.lam": best_config.pebal.lam,
+            }
+        )
+        log_metrics(
+            {
+                f"best/{key.split('/')[-1]}": value
+                for key, value in best.best_metrics.items()
+                if key != "epoch"
+            }
+        )
         for name in ("best_config.yaml", "best_checkpoint.pt", "trials.md"):
             log_artifact(run_dir / name, "sweep")
     print(trials_table(result), end="")
-    print(f"best trial {best.trial_id}: AP {best.best_metrics['val/ap']:.4f}; config {run_dir / 'best_config.yaml'}, "
-          f"checkpoint {run_dir / 'best_checkpoint.pt'}")
+    print(
+        f"best trial {best.trial_id}: AP {best.best_metrics['val/ap']:.4f}; config {run_dir / 'best_config.yaml'}, "
+        f"checkpoint {run_dir / 'best_checkpoint.pt'}"
+    )
     return result
 
 

@@ -31,23 +31,50 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     label_set = label_set_for(config.data)
     train_set, val_set = datasets_for(config.data, progress=progress)
     loader_args = {"batch_size": config.train.batch_size, "num_workers": config.data.loader_workers}
-    train_loader = DataLoader(train_set, shuffle=True, drop_last=len(train_set) > config.train.batch_size,
-                              generator=torch.Generator().manual_seed(config.seed), **loader_args)
+    train_loader = DataLoader(
+        train_set,
+        shuffle=True,
+        drop_last=len(train_set) > config.train.batch_size,
+        generator=torch.Generator().manual_seed(config.seed),
+        **loader_args,
+    )
     val_loader = DataLoader(val_set, shuffle=False, **loader_args)
-    model = UNet(UNetConfig(num_classes=label_set.num_classes, width=config.model.width, depth=config.model.depth))
+    model = UNet(
+        UNetConfig(
+            num_classes=label_set.num_classes, width=config.model.width, depth=config.model.depth
+        )
+    )
     run_dir = Path(config.output_dir) / config.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    log.info("training on %d images, validating on %d (%s)", len(train_set), len(val_set), config.data.dataset)
-    with experiment_run(config.tracking.tracking_uri, config.tracking.experiment,
-                        config.tracking.run_name or f"train-{config.name}", config):
+    log.info(
+        "training on %d images, validating on %d (%s)",
+        len(train_set),
+        len(val_set),
+        config.data.dataset,
+    )
+    with experiment_run(
+        config.tracking.tracking_uri,
+        config.tracking.experiment,
+        config.tracking.run_name or f"train-{config.name}",
+        config,
+    ):
         set_tags({"job": "train"})  # jobs.compare: the fully-supervised reference
-        metrics = fit(model, train_loader, val_loader, config.train, label_set.class_names,
-                      checkpoint_dir=run_dir / "checkpoints", on_epoch=lambda e, m: log_metrics(m, step=e),
-                      progress=progress)
+        metrics = fit(
+            model,
+            train_loader,
+            val_loader,
+            config.train,
+            label_set.class_names,
+            checkpoint_dir=run_dir / "checkpoints",
+            on_epoch=lambda e, m: log_metrics(m, step=e),
+            progress=progress,
+        )
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         log_artifact(run_dir / "checkpoints" / "best.pt", "model")
         log_artifact(run_dir / "metrics.json")
-    print(f"validation mIoU: {metrics['val/miou']:.4f}  (pixel accuracy {metrics['val/pixel_accuracy']:.4f})")
+    print(
+        f"validation mIoU: {metrics['val/miou']:.4f}  (pixel accuracy {metrics['val/pixel_accuracy']:.4f})"
+    )
     print_results_hint(config.tracking.tracking_uri, run_dir)
     return metrics
 

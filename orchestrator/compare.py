@@ -56,8 +56,10 @@ def find_experiment(client: MlflowClient, name: str) -> Experiment:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         names = sorted(e.name for e in client.search_experiments())
-        raise CompareError(f"no MLflow experiment named {name!r} at {client.tracking_uri}; "
-                           f"experiments there: {', '.join(names) or 'none'}")
+        raise CompareError(
+            f"no MLflow experiment named {name!r} at {client.tracking_uri}; "
+            f"experiments there: {', '.join(names) or 'none'}"
+        )
     return experiment
 
 
@@ -66,7 +68,9 @@ def search_all_runs(client: MlflowClient, experiment_id: str, filter_string: str
     runs, token = [], None
     while True:
         try:
-            page = client.search_runs([experiment_id], filter_string, max_results=PAGE_SIZE, page_token=token)
+            page = client.search_runs(
+                [experiment_id], filter_string, max_results=PAGE_SIZE, page_token=token
+            )
         except MlflowException as error:
             raise CompareError(f"bad filter {filter_string!r}: {error.message}") from error
         runs.extend(page)
@@ -93,17 +97,33 @@ def al_curves(client: MlflowClient, runs: list[Run]) -> pd.DataFrame:
         tags, run_id = run.data.tags, run.info.run_id
         labelled = metric_by_step(client, run_id, LABELLED)
         for cycle, miou in metric_by_step(client, run_id, MIOU).items():
-            rows.append({"run": run.info.run_name, "run_id": run_id, "status": run.info.status,
-                         **{key: tags.get(key, "") for key in GROUP}, "seed": _seed(run),
-                         "cycle": cycle, "miou": miou, "labelled_fraction": labelled.get(cycle, math.nan)})
+            rows.append(
+                {
+                    "run": run.info.run_name,
+                    "run_id": run_id,
+                    "status": run.info.status,
+                    **{key: tags.get(key, "") for key in GROUP},
+                    "seed": _seed(run),
+                    "cycle": cycle,
+                    "miou": miou,
+                    "labelled_fraction": labelled.get(cycle, math.nan),
+                }
+            )
     columns = ["run", "run_id", "status", *GROUP, "seed", "cycle", "miou", "labelled_fraction"]
     return pd.DataFrame(rows, columns=columns).astype({"seed": "Int64"})
 
 
 def supervised_table(client: MlflowClient, runs: list[Run]) -> pd.DataFrame:
     """One row per ``jobs.train`` run: its best epoch's validation mIoU (the checkpoint it keeps)."""
-    rows = [{"run": run.info.run_name, "run_id": run.info.run_id, "seed": _seed(run),
-             "miou": max(metric_by_step(client, run.info.run_id, MIOU).values())} for run in runs]
+    rows = [
+        {
+            "run": run.info.run_name,
+            "run_id": run.info.run_id,
+            "seed": _seed(run),
+            "miou": max(metric_by_step(client, run.info.run_id, MIOU).values()),
+        }
+        for run in runs
+    ]
     table = pd.DataFrame(rows, columns=["run", "run_id", "seed", "miou"]).astype({"seed": "Int64"})
     return table.sort_values(["seed", "run"], ignore_index=True)
 
@@ -115,8 +135,9 @@ def al_run_table(curves: pd.DataFrame) -> pd.DataFrame:
     wide.columns = [f"cycle_{cycle}" for cycle in wide.columns]
     final = curves.sort_values("cycle").groupby("run_id")["miou"].last().rename("final")
     table = curves[identity].drop_duplicates("run_id").set_index("run_id").join(wide).join(final)
-    return table.reset_index()[[*identity, *wide.columns, "final"]].sort_values([*GROUP, "seed", "run"],
-                                                                                 ignore_index=True)
+    return table.reset_index()[[*identity, *wide.columns, "final"]].sort_values(
+        [*GROUP, "seed", "run"], ignore_index=True
+    )
 
 
 def miou_columns(table: pd.DataFrame) -> list[str]:
@@ -139,16 +160,29 @@ def anomaly_table(runs: list[Run]) -> pd.DataFrame:
     for run in runs:
         for key, value in run.data.metrics.items():
             parts = key.split("/")
-            if len(parts) != 4 or parts[0] + "/" != ANOMALY_PREFIX or parts[3] not in ANOMALY_METRICS:
+            if (
+                len(parts) != 4
+                or parts[0] + "/" != ANOMALY_PREFIX
+                or parts[3] not in ANOMALY_METRICS
+            ):
                 continue
             _, dataset, method, metric = parts
-            row = rows.setdefault((run.info.run_id, dataset, method), {
-                "run": run.info.run_name, "run_id": run.info.run_id,
-                "variant": run.data.params.get("pebal.variant", ""), "dataset": dataset, "method": method})
+            row = rows.setdefault(
+                (run.info.run_id, dataset, method),
+                {
+                    "run": run.info.run_name,
+                    "run_id": run.info.run_id,
+                    "variant": run.data.params.get("pebal.variant", ""),
+                    "dataset": dataset,
+                    "method": method,
+                },
+            )
             row[metric] = value
     columns = ["run", "run_id", "variant", "dataset", "method", *ANOMALY_METRICS]
     table = pd.DataFrame(list(rows.values()), columns=columns)
-    return table.sort_values(["dataset", "run", "ap"], ascending=[True, True, False], ignore_index=True)
+    return table.sort_values(
+        ["dataset", "run", "ap"], ascending=[True, True, False], ignore_index=True
+    )
 
 
 def is_al_run(run: Run) -> bool:
@@ -166,19 +200,37 @@ def is_supervised_run(run: Run) -> bool:
 def fetch(client: MlflowClient, experiment: str, filter_string: str = "") -> Comparison:
     """The SegXAL and PEBAL runs of ``experiment`` that match the MLflow ``filter_string``."""
     found = find_experiment(client, experiment)
-    runs = [run for run in search_all_runs(client, found.experiment_id, filter_string)
-            if run.data.tags.get(JOB_TAG) != COMPARE_JOB]
+    runs = [
+        run
+        for run in search_all_runs(client, found.experiment_id, filter_string)
+        if run.data.tags.get(JOB_TAG) != COMPARE_JOB
+    ]
     al, pebal = [r for r in runs if is_al_run(r)], [r for r in runs if is_pebal_run(r)]
     supervised = [r for r in runs if is_supervised_run(r)]
     if not al and not pebal and not supervised:
-        raise CompareError(f"no SegXAL, PEBAL or jobs.train run in experiment {experiment!r} matches the filter "
-                           f"{filter_string!r}" if filter_string else
-                           f"experiment {experiment!r} holds no SegXAL, PEBAL or jobs.train run")
-    log.info("%s: %d SegXAL, %d PEBAL and %d jobs.train runs of %d matched", experiment, len(al), len(pebal),
-             len(supervised), len(runs))
+        raise CompareError(
+            f"no SegXAL, PEBAL or jobs.train run in experiment {experiment!r} matches the filter "
+            f"{filter_string!r}"
+            if filter_string
+            else f"experiment {experiment!r} holds no SegXAL, PEBAL or jobs.train run"
+        )
+    log.info(
+        "%s: %d SegXAL, %d PEBAL and %d jobs.train runs of %d matched",
+        experiment,
+        len(al),
+        len(pebal),
+        len(supervised),
+        len(runs),
+    )
     curves = al_curves(client, al)
-    return Comparison(experiment, found.experiment_id, curves, al_run_table(curves), anomaly_table(pebal),
-                      supervised_table(client, supervised))
+    return Comparison(
+        experiment,
+        found.experiment_id,
+        curves,
+        al_run_table(curves),
+        anomaly_table(pebal),
+        supervised_table(client, supervised),
+    )
 
 
 def percent(value: float, std: float = math.nan) -> str:
@@ -199,39 +251,86 @@ def report_markdown(comparison: Comparison, summary: pd.DataFrame | None) -> str
     if not runs.empty:
         columns = miou_columns(runs)
         sections.append("## SegXAL: mIoU (%) over seeds, mean ± std\n")
-        sections.append(markdown_table(
-            [*GROUP, "runs", *columns],
-            [[*(str(row[k]) for k in GROUP), str(row["runs"]),
-              *(percent(row[f"{c}_mean"], row[f"{c}_std"]) for c in columns)] for _, row in summary.iterrows()]))
+        sections.append(
+            markdown_table(
+                [*GROUP, "runs", *columns],
+                [
+                    [
+                        *(str(row[k]) for k in GROUP),
+                        str(row["runs"]),
+                        *(percent(row[f"{c}_mean"], row[f"{c}_std"]) for c in columns),
+                    ]
+                    for _, row in summary.iterrows()
+                ],
+            )
+        )
         sections.append("## SegXAL runs: mIoU (%) per cycle\n")
-        sections.append(markdown_table(
-            ["run", *GROUP, "seed", "status", *columns],
-            [[row["run"], *(str(row[k]) for k in GROUP), _text(row["seed"]), row["status"],
-              *(percent(row[c]) for c in columns)] for _, row in runs.iterrows()]))
+        sections.append(
+            markdown_table(
+                ["run", *GROUP, "seed", "status", *columns],
+                [
+                    [
+                        row["run"],
+                        *(str(row[k]) for k in GROUP),
+                        _text(row["seed"]),
+                        row["status"],
+                        *(percent(row[c]) for c in columns),
+                    ]
+                    for _, row in runs.iterrows()
+                ],
+            )
+        )
     supervised = comparison.supervised
     if not supervised.empty:
         sections.append("## Full supervision (jobs.train): best validation mIoU (%)\n")
-        rows = [[row["run"], _text(row["seed"]), percent(row["miou"])] for _, row in supervised.iterrows()]
-        rows.append([f"mean of {len(supervised)}", "-", percent(supervised["miou"].mean(), supervised["miou"].std())])
+        rows = [
+            [row["run"], _text(row["seed"]), percent(row["miou"])]
+            for _, row in supervised.iterrows()
+        ]
+        rows.append(
+            [
+                f"mean of {len(supervised)}",
+                "-",
+                percent(supervised["miou"].mean(), supervised["miou"].std()),
+            ]
+        )
         sections.append(markdown_table(["run", "seed", "mIoU"], rows))
     if not comparison.anomaly.empty:
         sections.append("## PEBAL: anomaly segmentation (%)\n")
-        sections.append(markdown_table(
-            ["run", "variant", "dataset", "method", "AP", "FPR95", "AUROC"],
-            [[row["run"], row["variant"] or "-", row["dataset"], row["method"],
-              *(percent(row[m]) for m in ANOMALY_METRICS)] for _, row in comparison.anomaly.iterrows()]))
+        sections.append(
+            markdown_table(
+                ["run", "variant", "dataset", "method", "AP", "FPR95", "AUROC"],
+                [
+                    [
+                        row["run"],
+                        row["variant"] or "-",
+                        row["dataset"],
+                        row["method"],
+                        *(percent(row[m]) for m in ANOMALY_METRICS),
+                    ]
+                    for _, row in comparison.anomaly.iterrows()
+                ],
+            )
+        )
     return "\n".join(sections)
 
 
 def write_report(comparison: Comparison, out_dir: Path) -> tuple[str, list[Path]]:
     """CSVs, the Markdown report and the plots under ``out_dir``: (the Markdown, the files written)."""
-    from orchestrator.compare_plots import plot_anomaly_ap, plot_miou  # matplotlib only when writing
+    from orchestrator.compare_plots import (
+        plot_anomaly_ap,
+        plot_miou,
+    )  # matplotlib only when writing
 
     out_dir.mkdir(parents=True, exist_ok=True)
     files = []
     summary = al_summary(comparison.al_runs) if not comparison.al_runs.empty else None
-    tables = {"al_runs.csv": comparison.al_runs, "al_summary.csv": summary, "anomaly.csv": comparison.anomaly,
-              "supervised.csv": comparison.supervised}
+    tables = {
+        "al_runs.csv": comparison.al_runs,
+        "al_summary.csv": summary,
+        "anomaly.csv": comparison.anomaly,
+        "supervised.csv": comparison.supervised,
+    }
     for name, frame in tables.items():
         if frame is not None and not frame.empty:
             frame.to_csv(out_dir / name, index=False)
@@ -240,16 +339,22 @@ def write_report(comparison: Comparison, out_dir: Path) -> tuple[str, list[Path]
     (out_dir / "comparison.md").write_text(markdown)
     files.append(out_dir / "comparison.md")
     if not comparison.curves.empty:
-        files.append(plot_miou(comparison.curves, out_dir / "miou_vs_labelled.png", comparison.supervised))
+        files.append(
+            plot_miou(comparison.curves, out_dir / "miou_vs_labelled.png", comparison.supervised)
+        )
     if not comparison.anomaly.empty:
         files.append(plot_anomaly_ap(comparison.anomaly, out_dir / "anomaly_ap.png"))
     return markdown, files
 
 
-def log_comparison(client: MlflowClient, comparison: Comparison, files: list[Path], filter_string: str = "") -> str:
+def log_comparison(
+    client: MlflowClient, comparison: Comparison, files: list[Path], filter_string: str = ""
+) -> str:
     """Log ``files`` as the artifacts (under ``compare/``) of a new run ``compare`` tagged job=compare in
     the compared experiment; returns its run id."""
-    run = client.create_run(comparison.experiment_id, run_name=COMPARE_JOB, tags={JOB_TAG: COMPARE_JOB})
+    run = client.create_run(
+        comparison.experiment_id, run_name=COMPARE_JOB, tags={JOB_TAG: COMPARE_JOB}
+    )
     run_id = run.info.run_id
     try:
         client.log_param(run_id, "compare.filter", filter_string)

@@ -34,18 +34,40 @@ def plot_miou(curves: pd.DataFrame, path: Path, supervised: pd.DataFrame | None 
     plt = _pyplot()
     fig, axis = plt.subplots(figsize=(7, 4.5))
     for key, group in curves.dropna(subset=["labelled_fraction"]).groupby(GROUP, sort=True):
-        by_cycle = group.groupby("cycle").agg(x=("labelled_fraction", "mean"), mean=("miou", "mean"),
-                                              low=("miou", "min"), high=("miou", "max"),
-                                              runs=("run_id", "nunique"))
-        line, = axis.plot(100 * by_cycle["x"], 100 * by_cycle["mean"], marker="o",
-                          label=f"{' / '.join(key)} ({by_cycle['runs'].max()} runs)")
-        axis.fill_between(100 * by_cycle["x"], 100 * by_cycle["low"], 100 * by_cycle["high"],
-                          color=line.get_color(), alpha=0.2, linewidth=0)
+        by_cycle = group.groupby("cycle").agg(
+            x=("labelled_fraction", "mean"),
+            mean=("miou", "mean"),
+            low=("miou", "min"),
+            high=("miou", "max"),
+            runs=("run_id", "nunique"),
+        )
+        (line,) = axis.plot(
+            100 * by_cycle["x"],
+            100 * by_cycle["mean"],
+            marker="o",
+            label=f"{' / '.join(key)} ({by_cycle['runs'].max()} runs)",
+        )
+        axis.fill_between(
+            100 * by_cycle["x"],
+            100 * by_cycle["low"],
+            100 * by_cycle["high"],
+            color=line.get_color(),
+            alpha=0.2,
+            linewidth=0,
+        )
     if supervised is not None and not supervised.empty:
-        axis.axhline(100 * supervised["miou"].mean(), color="black", linestyle="--", linewidth=1,
-                     label=f"full supervision ({len(supervised)} runs)")
-    axis.set(xlabel="labelled fraction of the training pool (%)", ylabel="validation mIoU (%)",
-             title="mIoU against labelled data (mean, min-max band over seeds)")
+        axis.axhline(
+            100 * supervised["miou"].mean(),
+            color="black",
+            linestyle="--",
+            linewidth=1,
+            label=f"full supervision ({len(supervised)} runs)",
+        )
+    axis.set(
+        xlabel="labelled fraction of the training pool (%)",
+        ylabel="validation mIoU (%)",
+        title="mIoU against labelled data (mean, min-max band over seeds)",
+    )
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     return _save(fig, path)
@@ -64,7 +86,9 @@ def plot_anomaly_ap(anomaly: pd.DataFrame, path: Path) -> Path:
         positions = np.arange(len(methods))
         for i, run in enumerate(runs):
             ap = rows[rows["run"] == run].set_index("method")["ap"].reindex(methods)
-            axis.bar(positions + (i - (len(runs) - 1) / 2) * width, 100 * ap.to_numpy(), width, label=run)
+            axis.bar(
+                positions + (i - (len(runs) - 1) / 2) * width, 100 * ap.to_numpy(), width, label=run
+            )
         axis.set_xticks(positions, methods, rotation=30, ha="right")
         axis.set(ylabel="AP (%)", title=dataset, ylim=(0, 100))
         axis.grid(axis="y", alpha=0.3)

@@ -21,7 +21,10 @@ class DataConfig:
     root: str = "data/synthetic"
     train_split: str = "train"
     val_split: str = "val"
-    image_size: tuple[int, int] | None = (256, 512)  # (H, W) every image is resized to; null keeps file size
+    image_size: tuple[int, int] | None = (
+        256,
+        512,
+    )  # (H, W) every image is resized to; null keeps file size
     crop_size: tuple[int, int] | None = None  # random training crop (H, W) after resizing
     max_train_images: int | None = None  # first N of the sorted manifest, for quick runs
     max_val_images: int | None = None

@@ -18,7 +18,9 @@ def label_set_for(config: DataConfig) -> LabelSet:
     return CAMVID if config.dataset == "camvid" else CITYSCAPES
 
 
-def manifest_for(config: DataConfig, split: str, limit: int | None = None, progress: bool = False) -> pa.Table:
+def manifest_for(
+    config: DataConfig, split: str, limit: int | None = None, progress: bool = False
+) -> pa.Table:
     """The split's manifest; synthetic data is generated first if it is not on disk yet."""
     root = Path(config.root)
     if config.dataset == "synthetic":
@@ -28,7 +30,9 @@ def manifest_for(config: DataConfig, split: str, limit: int | None = None, progr
     return manifest if limit is None else manifest.slice(0, limit)
 
 
-def datasets_for(config: DataConfig, progress: bool = False) -> tuple[SegmentationDataset, SegmentationDataset]:
+def datasets_for(
+    config: DataConfig, progress: bool = False
+) -> tuple[SegmentationDataset, SegmentationDataset]:
     """(train, validation) datasets: training with random crop and flip, validation plain."""
     label_set = label_set_for(config)
     train = manifest_for(config, config.train_split, config.max_train_images, progress)
@@ -36,6 +40,8 @@ def datasets_for(config: DataConfig, progress: bool = False) -> tuple[Segmentati
     size = None if config.image_size is None else tuple(config.image_size)
     crop = None if config.crop_size is None else tuple(config.crop_size)
     return (
-        SegmentationDataset(train, label_set, SampleTransform(size=size, augment=True, crop_size=crop)),
+        SegmentationDataset(
+            train, label_set, SampleTransform(size=size, augment=True, crop_size=crop)
+        ),
         SegmentationDataset(val, label_set, SampleTransform(size=size)),
     )

@@ -81,7 +81,9 @@ def image_dice(prediction, annotation, num_classes: int, ignore_index: int = IGN
     prediction = _as_label_tensor(prediction)
     annotation = _as_label_tensor(annotation)
     if prediction.shape != annotation.shape:
-        raise ValueError(f"prediction shape {tuple(prediction.shape)} != annotation shape {tuple(annotation.shape)}")
+        raise ValueError(
+            f"prediction shape {tuple(prediction.shape)} != annotation shape {tuple(annotation.shape)}"
+        )
     return mean_dice(prediction, annotation.to(prediction.device), num_classes, ignore_index)
 
 

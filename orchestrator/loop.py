@@ -40,7 +40,9 @@ PROGRESS_FILE = "progress.json"
 @dataclass(frozen=True)
 class TrainOutcome:
     checkpoint: Path  # segxal.checkpoint file with "model" = UNet.to_checkpoint()
-    metrics: dict[str, float]  # validation metrics of that checkpoint: val/miou, val/iou/<class>, ...
+    metrics: dict[
+        str, float
+    ]  # validation metrics of that checkpoint: val/miou, val/iou/<class>, ...
 
 
 @dataclass(frozen=True)
@@ -60,11 +62,17 @@ class Explained:
 class CycleBackend(Protocol):
     """Where the heavy work runs (Ray actors and Ray Train in ``actors/``; fakes in tests)."""
 
-    def train(self, cycle: int, train: pa.Table, val: pa.Table, init_checkpoint: Path | None) -> TrainOutcome: ...
+    def train(
+        self, cycle: int, train: pa.Table, val: pa.Table, init_checkpoint: Path | None
+    ) -> TrainOutcome: ...
 
-    def score(self, cycle: int, checkpoint: Path, candidates: pa.Table, labelled: pa.Table | None) -> ScoreOutcome: ...
+    def score(
+        self, cycle: int, checkpoint: Path, candidates: pa.Table, labelled: pa.Table | None
+    ) -> ScoreOutcome: ...
 
-    def explain(self, cycle: int, checkpoint: Path, selected: pa.Table, panel_dir: Path, panels: int) -> Explained: ...
+    def explain(
+        self, cycle: int, checkpoint: Path, selected: pa.Table, panel_dir: Path, panels: int
+    ) -> Explained: ...
 
 
 @dataclass(frozen=True)
@@ -99,7 +107,10 @@ class Progress:
         return cls(**json.loads(path.read_text())) if path.is_file() else cls()
 
     def save(self, run_dir: Path) -> None:
-        write_atomically(run_dir / PROGRESS_FILE, lambda handle: handle.write(json.dumps(self.__dict__, indent=2).encode()))
+        write_atomically(
+            run_dir / PROGRESS_FILE,
+            lambda handle: handle.write(json.dumps(self.__dict__, indent=2).encode()),
+        )
 
 
 class StageTimer:
@@ -143,7 +154,9 @@ def run_cycles(
         if cycle > 0:
             query = None if handoff is None else handoff.take_back(cycle)
             if query is None:
-                query = query_cycle(cycle, coordinator, backend, strategy, run_dir, previous, panels)
+                query = query_cycle(
+                    cycle, coordinator, backend, strategy, run_dir, previous, panels
+                )
                 if handoff is not None:
                     handoff.hand_over(cycle, query)
                     break  # people annotate now; a later run takes the query back
@@ -152,8 +165,12 @@ def run_cycles(
             with timer("annotate"):
                 metrics.update(annotate_cycle(cycle, coordinator, query.requests, run_dir))
         with timer("train"):
-            outcome = backend.train(cycle, pq.read_table(coordinator.training_manifest(cycle)),
-                                    pq.read_table(coordinator.validation_manifest(cycle)), previous if warm_start else None)
+            outcome = backend.train(
+                cycle,
+                pq.read_table(coordinator.training_manifest(cycle)),
+                pq.read_table(coordinator.validation_manifest(cycle)),
+                previous if warm_start else None,
+            )
         model_path = cycle_dir(run_dir, cycle) / "model.pt"
         model_path.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(outcome.checkpoint, model_path)
@@ -164,14 +181,25 @@ def run_cycles(
         on_cycle(cycle, metrics, artifacts)
         progress.completed_cycle, progress.checkpoint = cycle, str(model_path)
         progress.save(run_dir)
-        log.info("cycle %d: mIoU %.4f, labelled %.1f %%", cycle, metrics.get("val/miou", float("nan")),
-                 100 * metrics["pool/labelled_fraction"])
+        log.info(
+            "cycle %d: mIoU %.4f, labelled %.1f %%",
+            cycle,
+            metrics.get("val/miou", float("nan")),
+            100 * metrics["pool/labelled_fraction"],
+        )
         history.append(metrics)
     return history
 
 
-def query_cycle(cycle: int, coordinator: Coordinator, backend: CycleBackend, spec: StrategySpec, run_dir: Path,
-                checkpoint: Path, panels: int) -> Query:
+def query_cycle(
+    cycle: int,
+    coordinator: Coordinator,
+    backend: CycleBackend,
+    spec: StrategySpec,
+    run_dir: Path,
+    checkpoint: Path,
+    panels: int,
+) -> Query:
     """Score D^S, select the top n and explain them (EEM maps, prompts, panels)."""
     timer = StageTimer()
     folder = cycle_dir(run_dir, cycle)
@@ -181,17 +209,27 @@ def query_cycle(cycle: int, coordinator: Coordinator, backend: CycleBackend, spe
         scores = None
         labelled_features = None
         if spec.scorer is not Scorer.NONE:
-            labelled = pq.read_table(coordinator.training_manifest(cycle)) if spec.needs_labelled_features else None
+            labelled = (
+                pq.read_table(coordinator.training_manifest(cycle))
+                if spec.needs_labelled_features
+                else None
+            )
             scored = backend.score(cycle, checkpoint, pq.read_table(candidates), labelled)
             quarantine_unreadable(cycle, coordinator, scored.scores)
-            scores = write_parquet(folder / "scores.parquet", scored.scores.schema, [scored.scores.sort_by("sample_id")])
+            scores = write_parquet(
+                folder / "scores.parquet",
+                scored.scores.schema,
+                [scored.scores.sort_by("sample_id")],
+            )
             labelled_features = scored.labelled_features
     with timer("select"):
         selected = coordinator.select(cycle, candidates, scores, labelled_features)
     panel_dir = run_dir / "panels" / cycle_name(cycle)
     panel_dir.mkdir(parents=True, exist_ok=True)
     with timer("explain"):
-        explained = backend.explain(cycle, checkpoint, coordinator.unlabelled_manifest(selected), panel_dir, panels)
+        explained = backend.explain(
+            cycle, checkpoint, coordinator.unlabelled_manifest(selected), panel_dir, panels
+        )
     coordinator.quarantine(cycle, explained.unreadable)
     requests = explained.requests
     regions_file = run_dir / "panels" / f"{cycle_name(cycle)}_regions.json"
@@ -203,11 +241,14 @@ def quarantine_unreadable(cycle: int, coordinator: Coordinator, scores: pa.Table
     """Quarantine the candidates the scorers could not read (selection leaves them out too)."""
     if UNREADABLE in scores.column_names:
         broken = scores.filter(pc.is_valid(scores[UNREADABLE]))
-        coordinator.quarantine(cycle, dict(zip(broken["sample_id"].to_pylist(), broken[UNREADABLE].to_pylist())))
+        coordinator.quarantine(
+            cycle, dict(zip(broken["sample_id"].to_pylist(), broken[UNREADABLE].to_pylist()))
+        )
 
 
-def annotate_cycle(cycle: int, coordinator: Coordinator, requests: list[AnnotationRequest],
-                   run_dir: Path) -> dict[str, float]:
+def annotate_cycle(
+    cycle: int, coordinator: Coordinator, requests: list[AnnotationRequest], run_dir: Path
+) -> dict[str, float]:
     """The oracle re-annotates, the Dice gate updates the pool; the cycle's gate and oracle metrics."""
     decisions = coordinator.annotate(cycle, requests)
     write_parquet(cycle_dir(run_dir, cycle) / "decisions.parquet", decisions.schema, [decisions])

@@ -35,12 +35,16 @@ class AnnotationRequest:
 
     sample_id: str
     image_path: str
-    prediction: np.ndarray  # uint8 train ids: the model's segmentation (what the Dice gate compares)
+    prediction: (
+        np.ndarray
+    )  # uint8 train ids: the model's segmentation (what the Dice gate compares)
     tta_prediction: np.ndarray  # uint8 train ids under flip test-time augmentation
     tta_confidence: np.ndarray  # float32 max softmax probability under the augmentation
     region_map: np.ndarray  # int32 EEM region ids (0 = none), matching ``regions``
     regions: list[dict]  # JSON records: prompt point, area, mean EEM, dominant class, bbox
-    label_path: str | None = None  # the dataset's ground truth, if any: for the simulated oracle only
+    label_path: str | None = (
+        None  # the dataset's ground truth, if any: for the simulated oracle only
+    )
 
 
 @dataclass(frozen=True)
@@ -69,9 +73,13 @@ class PseudoLabelOracle(Oracle):
     def annotate(self, requests: Sequence[AnnotationRequest]) -> list[Annotation]:
         annotations = []
         for request in requests:
-            label = np.where(request.tta_confidence >= self.min_confidence, request.tta_prediction, IGNORE_INDEX)
+            label = np.where(
+                request.tta_confidence >= self.min_confidence, request.tta_prediction, IGNORE_INDEX
+            )
             label = label.astype(np.uint8)
-            annotations.append(Annotation(request.sample_id, label, 0.0, int((label != IGNORE_INDEX).sum())))
+            annotations.append(
+                Annotation(request.sample_id, label, 0.0, int((label != IGNORE_INDEX).sum()))
+            )
         return annotations
 
 
@@ -102,7 +110,9 @@ class SimulatedOracle(Oracle):
         for request in requests:
             truth = self.load_truth(request)
             if truth.shape != request.prediction.shape:
-                raise ValueError(f"{request.sample_id}: ground truth {truth.shape} != prediction {request.prediction.shape}")
+                raise ValueError(
+                    f"{request.sample_id}: ground truth {truth.shape} != prediction {request.prediction.shape}"
+                )
             touched, count = objects_touching(truth, request.region_map > 0)
             label = np.where(touched, truth, request.prediction).astype(np.uint8)
             corrected = int((label != request.prediction).sum())
@@ -121,11 +131,23 @@ class DatasetGroundTruth:
 
     def __call__(self, request: AnnotationRequest) -> np.ndarray:
         if request.label_path is None:
-            raise ValueError(f"{request.sample_id}: the simulated oracle needs ground truth, and the dataset has "
-                             "no label for this image; use al.oracle=pseudo or labelstudio")
-        row = pa.table({"sample_id": [request.sample_id], "image_path": [request.image_path],
-                        "label_path": [request.label_path], "depth_path": pa.array([None], pa.string())})
-        return SegmentationDataset(row, self.label_set, self.transform)[0]["label"].numpy().astype(np.uint8)
+            raise ValueError(
+                f"{request.sample_id}: the simulated oracle needs ground truth, and the dataset has "
+                "no label for this image; use al.oracle=pseudo or labelstudio"
+            )
+        row = pa.table(
+            {
+                "sample_id": [request.sample_id],
+                "image_path": [request.image_path],
+                "label_path": [request.label_path],
+                "depth_path": pa.array([None], pa.string()),
+            }
+        )
+        return (
+            SegmentationDataset(row, self.label_set, self.transform)[0]["label"]
+            .numpy()
+            .astype(np.uint8)
+        )
 
 
 class LabelStudioOracle(Oracle):
@@ -146,9 +168,15 @@ class LabelStudioOracle(Oracle):
         annotations = []
         for request in requests:
             if request.sample_id not in self.labels:
-                raise ValueError(f"{request.sample_id}: no Label Studio annotation was imported for it")
-            label = resize_nearest(torch.tensor(self.labels[request.sample_id]), request.prediction.shape).numpy()
+                raise ValueError(
+                    f"{request.sample_id}: no Label Studio annotation was imported for it"
+                )
+            label = resize_nearest(
+                torch.tensor(self.labels[request.sample_id]), request.prediction.shape
+            ).numpy()
             changed = (label != IGNORE_INDEX) & (label != request.prediction)
             _, objects = objects_touching(label, changed)
-            annotations.append(Annotation(request.sample_id, label, float(objects), int(changed.sum())))
+            annotations.append(
+                Annotation(request.sample_id, label, float(objects), int(changed.sum()))
+            )
         return annotations

@@ -39,10 +39,17 @@ from orchestrator.parquet_io import read_batches, write_tables
 from orchestrator.strategies import Budget, IdsLike, as_ids, budget_count, draw_subset
 from segxal.files import tmp_name, write_atomically, write_synced
 
-LABELLED, UNLABELLED, VALIDATION, QUARANTINED = "labelled", "unlabelled", "validation", "quarantined"
+LABELLED, UNLABELLED, VALIDATION, QUARANTINED = (
+    "labelled",
+    "unlabelled",
+    "validation",
+    "quarantined",
+)
 ROLES = (LABELLED, UNLABELLED, VALIDATION, QUARANTINED)
 NEVER = -1  # cycle_labelled / last_cycle of a sample never labelled / never sent to an oracle
-INITIAL_CYCLE = 0  # cycle_labelled of the initial labelled pool; active-learning cycles count from 1
+INITIAL_CYCLE = (
+    0  # cycle_labelled of the initial labelled pool; active-learning cycles count from 1
+)
 
 POOL_SCHEMA = pa.schema(
     [
@@ -58,7 +65,9 @@ POOL_SCHEMA = pa.schema(
         pa.field("annotation_cost", pa.float64(), nullable=False),  # summed over all annotations
         pa.field("times_returned", pa.int32(), nullable=False),  # times the gate sent it back
         pa.field("quarantine_reason", pa.string()),
-        pa.field("label_source", pa.string()),  # the label training uses: ground truth or accepted re-annotation
+        pa.field(
+            "label_source", pa.string()
+        ),  # the label training uses: ground truth or accepted re-annotation
     ]
 )
 
@@ -90,7 +99,9 @@ def previous_path(path: str | Path) -> Path:
     path = Path(path)
     if path.name.endswith(".prev.parquet"):
         return path
-    return path.with_name(f"{path.stem}.prev{path.suffix}" if path.suffix == ".parquet" else f"{path.name}.prev")
+    return path.with_name(
+        f"{path.stem}.prev{path.suffix}" if path.suffix == ".parquet" else f"{path.name}.prev"
+    )
 
 
 def checksum_path(path: str | Path) -> Path:
@@ -114,14 +125,18 @@ class IdsDigest:
     def update(self, ids: pa.Array) -> None:
         ids = ids.cast(pa.large_string())
         offsets_buffer, data_buffer = ids.buffers()[1], ids.buffers()[2]
-        offsets = np.frombuffer(offsets_buffer, dtype=np.int64)[ids.offset : ids.offset + len(ids) + 1]
+        offsets = np.frombuffer(offsets_buffer, dtype=np.int64)[
+            ids.offset : ids.offset + len(ids) + 1
+        ]
         self._lengths.update(np.diff(offsets).tobytes())
         if data_buffer is not None and len(ids):
             self._bytes.update(memoryview(data_buffer)[int(offsets[0]) : int(offsets[-1])])
         self.count += len(ids)
 
     def hexdigest(self) -> str:
-        return hashlib.sha256(f"{self.count}:{self._lengths.hexdigest()}:{self._bytes.hexdigest()}".encode()).hexdigest()
+        return hashlib.sha256(
+            f"{self.count}:{self._lengths.hexdigest()}:{self._bytes.hexdigest()}".encode()
+        ).hexdigest()
 
 
 def ids_fingerprint(ids: pa.Array) -> str:
@@ -147,7 +162,9 @@ def _scatter_strings(column: pa.Array, rows: np.ndarray, values: pa.Array) -> pa
     """``column`` with ``column[rows[i]] = values[i]``, vectorised."""
     positions = np.full(len(column), len(values), dtype=np.int64)
     positions[rows] = np.arange(len(values))
-    spread = pa.concat_arrays([values.cast(pa.string()), pa.nulls(1, pa.string())]).take(pa.array(positions))
+    spread = pa.concat_arrays([values.cast(pa.string()), pa.nulls(1, pa.string())]).take(
+        pa.array(positions)
+    )
     return pc.if_else(_mask(len(column), rows), spread, column)
 
 
@@ -165,13 +182,17 @@ def _per_row(values, count: int, name: str) -> np.ndarray:
     if array.ndim == 0:
         array = np.full(count, float(array))
     if array.shape != (count,):
-        raise PoolStateError(f"{name}: expected {count} values (one per id), got shape {array.shape}")
+        raise PoolStateError(
+            f"{name}: expected {count} values (one per id), got shape {array.shape}"
+        )
     return array
 
 
 def _check_cycle(cycle: int) -> int:
     if isinstance(cycle, bool) or not isinstance(cycle, (int, np.integer)) or cycle < 1:
-        raise PoolStateError(f"cycle must be an int >= 1 (cycle {INITIAL_CYCLE} is the initial pool), got {cycle!r}")
+        raise PoolStateError(
+            f"cycle must be an int >= 1 (cycle {INITIAL_CYCLE} is the initial pool), got {cycle!r}"
+        )
     return int(cycle)
 
 
@@ -198,7 +219,9 @@ def _check_dice(dice, count: int) -> np.ndarray:
 def _manifest_part(manifest: pa.Table, name: str) -> pa.Table:
     missing = [c for c in _MANIFEST_COLUMNS if c not in manifest.column_names]
     if missing:
-        raise PoolStateError(f"{name}: missing columns {missing} (expected segxal.data.manifest.MANIFEST_SCHEMA)")
+        raise PoolStateError(
+            f"{name}: missing columns {missing} (expected segxal.data.manifest.MANIFEST_SCHEMA)"
+        )
     return manifest.select(list(_MANIFEST_COLUMNS)).cast(
         pa.schema([POOL_SCHEMA.field(c).with_nullable(True) for c in _MANIFEST_COLUMNS])
     )
@@ -227,7 +250,9 @@ class _Checker:
         _check_schema(table.schema)
         for field in POOL_SCHEMA:
             if not field.nullable and table.column(field.name).null_count:
-                raise PoolStateError(f"column {field.name!r}: {table.column(field.name).null_count} nulls")
+                raise PoolStateError(
+                    f"column {field.name!r}: {table.column(field.name).null_count} nulls"
+                )
         ids = _column(table, "sample_id")
         _check_sorted_unique(ids, self.last_id)
         role = _column(table, "role")
@@ -256,7 +281,9 @@ class _Checker:
                 f"the pool has {self.digest.count} samples but was created with {self.expected_count}: samples were added or lost"
             )
         if self.digest.hexdigest() != self.expected_ids:
-            raise PoolStateError(f"the pool's sample ids differ from those it was created with ({self.expected_count} samples)")
+            raise PoolStateError(
+                f"the pool's sample ids differ from those it was created with ({self.expected_count} samples)"
+            )
         return _Summary(dict(self.counts), self.cost)
 
 
@@ -267,7 +294,10 @@ def _broken_rows(table: pa.Table) -> list[tuple[str, pa.Array]]:
     cycle, cost = _column(table, "cycle_labelled"), _column(table, "annotation_cost")
     return [
         ("labelled samples need cycle_labelled >= 0", pc.and_(is_[LABELLED], pc.less(cycle, 0))),
-        ("labelled samples need a label_source", pc.and_(is_[LABELLED], pc.is_null(_column(table, "label_source")))),
+        (
+            "labelled samples need a label_source",
+            pc.and_(is_[LABELLED], pc.is_null(_column(table, "label_source"))),
+        ),
         (
             "unlabelled and validation samples need cycle_labelled = -1 and no label_source",
             pc.and_(
@@ -280,10 +310,16 @@ def _broken_rows(table: pa.Table) -> list[tuple[str, pa.Array]]:
             pc.xor(is_[QUARANTINED], pc.is_valid(_column(table, "quarantine_reason"))),
         ),
         ("times_returned must be >= 0", pc.less(_column(table, "times_returned"), 0)),
-        ("annotation_cost must be finite and >= 0", pc.invert(pc.and_(pc.is_finite(cost), pc.greater_equal(cost, 0)))),
+        (
+            "annotation_cost must be finite and >= 0",
+            pc.invert(pc.and_(pc.is_finite(cost), pc.greater_equal(cost, 0))),
+        ),
         (
             "dice must be in [0, 1] or null",
-            pc.fill_null(pc.or_(pc.less(_column(table, "dice"), 0), pc.greater(_column(table, "dice"), 1)), False),
+            pc.fill_null(
+                pc.or_(pc.less(_column(table, "dice"), 0), pc.greater(_column(table, "dice"), 1)),
+                False,
+            ),
         ),
     ]
 
@@ -326,8 +362,14 @@ class PoolState:
             raise PoolStateError("manifest: the training pool is empty")
         val = pa.concat_tables(val_parts) if val_parts else train.slice(0, 0)
 
-        table = pa.concat_tables([train, val]).combine_chunks() if val.num_rows else train.combine_chunks()
-        ids = as_ids(_column(table, "sample_id"), "manifest sample_id")  # nulls and duplicates are errors
+        table = (
+            pa.concat_tables([train, val]).combine_chunks()
+            if val.num_rows
+            else train.combine_chunks()
+        )
+        ids = as_ids(
+            _column(table, "sample_id"), "manifest sample_id"
+        )  # nulls and duplicates are errors
         is_val = np.zeros(table.num_rows, dtype=bool)
         is_val[train.num_rows :] = True
 
@@ -344,11 +386,15 @@ class PoolState:
             )
 
         n = table.num_rows
-        role = pc.if_else(pa.array(is_val), VALIDATION, pc.if_else(is_labelled, LABELLED, UNLABELLED))
+        role = pc.if_else(
+            pa.array(is_val), VALIDATION, pc.if_else(is_labelled, LABELLED, UNLABELLED)
+        )
         columns = {
             **{c: _column(table, c) for c in _MANIFEST_COLUMNS},
             "role": role,
-            "cycle_labelled": pc.if_else(is_labelled, pa.scalar(INITIAL_CYCLE, pa.int32()), pa.scalar(NEVER, pa.int32())),
+            "cycle_labelled": pc.if_else(
+                is_labelled, pa.scalar(INITIAL_CYCLE, pa.int32()), pa.scalar(NEVER, pa.int32())
+            ),
             "last_cycle": pa.array(np.full(n, NEVER, dtype=np.int32)),
             "oracle": pa.nulls(n, pa.string()),
             "dice": pa.nulls(n, pa.float64()),
@@ -358,15 +404,19 @@ class PoolState:
             "label_source": pc.if_else(is_labelled, labels, pa.scalar(None, pa.string())),
         }
         table = pa.Table.from_arrays([columns[f.name] for f in POOL_SCHEMA], schema=POOL_SCHEMA)
-        if not pc.all(pc.less(ids.slice(0, n - 1), ids.slice(1))).as_py():  # manifests usually come sorted
+        if not pc.all(
+            pc.less(ids.slice(0, n - 1), ids.slice(1))
+        ).as_py():  # manifests usually come sorted
             table = table.take(pc.sort_indices(ids))
-        schema = POOL_SCHEMA.with_metadata({
-            _META_FORMAT: FORMAT_VERSION.encode(),
-            _META_COUNT: str(n).encode(),
-            _META_IDS: ids_fingerprint(_column(table, "sample_id")).encode(),
-            b"segxal.pool_state.seed": str(seed).encode(),
-            b"segxal.pool_state.initial_labelled": str(initial_labelled).encode(),
-        })
+        schema = POOL_SCHEMA.with_metadata(
+            {
+                _META_FORMAT: FORMAT_VERSION.encode(),
+                _META_COUNT: str(n).encode(),
+                _META_IDS: ids_fingerprint(_column(table, "sample_id")).encode(),
+                b"segxal.pool_state.seed": str(seed).encode(),
+                b"segxal.pool_state.initial_labelled": str(initial_labelled).encode(),
+            }
+        )
         return cls._write(Path(path), schema, [table])  # the caller holds the manifest whole anyway
 
     @classmethod
@@ -396,7 +446,9 @@ class PoolState:
             try:
                 state = cls._load_verified(previous)
             except PoolStateFileError as previous_error:
-                raise PoolStateFileError(path, f"{error.reason}; previous state unusable too: {previous_error}") from error
+                raise PoolStateFileError(
+                    path, f"{error.reason}; previous state unusable too: {previous_error}"
+                ) from error
             warnings.warn(f"{path}: {error.reason}; loaded the previous good state {previous}")
             return state
 
@@ -408,7 +460,8 @@ class PoolState:
         actual = _sha256_file(path)
         if actual != expected:
             raise PoolStateFileError(
-                path, f"checksum mismatch (sha256 {actual}, expected {expected}): the file is truncated or corrupted"
+                path,
+                f"checksum mismatch (sha256 {actual}, expected {expected}): the file is truncated or corrupted",
             )
         try:
             schema = pq.read_schema(path)
@@ -462,8 +515,10 @@ class PoolState:
     def ids(self, role: str) -> pa.StringArray:
         """Sample ids with ``role``, sorted (materialised: one string per sample of that role)."""
         _check_role(role)
-        parts = [pc.filter(_column(t, "sample_id"), pc.equal(_column(t, "role"), role))
-                 for t in self.batches(["sample_id", "role"])]
+        parts = [
+            pc.filter(_column(t, "sample_id"), pc.equal(_column(t, "role"), role))
+            for t in self.batches(["sample_id", "role"])
+        ]
         return pa.concat_arrays(parts) if parts else pa.array([], pa.string())
 
     def count(self, role: str) -> int:
@@ -506,8 +561,13 @@ class PoolState:
         except ValueError as error:
             raise PoolStateError(f"{action}: {error}") from None
 
-    def _transition(self, action: str, ids: pa.StringArray, allowed: tuple[str, ...],
-                    change: Callable[[pa.Table, np.ndarray, np.ndarray], Mapping[str, pa.Array]]) -> None:
+    def _transition(
+        self,
+        action: str,
+        ids: pa.StringArray,
+        allowed: tuple[str, ...],
+        change: Callable[[pa.Table, np.ndarray, np.ndarray], Mapping[str, pa.Array]],
+    ) -> None:
         """Rewrite the file with ``change(batch, rows, at)`` applied to each batch holding some of ``ids``
         (``rows``: their rows in the batch, ``at``: their positions in ``ids``). Unknown ids or ids in a
         role other than ``allowed`` are errors, and then the file is left as it was."""
@@ -526,14 +586,20 @@ class PoolState:
                 wrong = pc.invert(pc.is_in(roles, value_set=pa.array(allowed)))
                 if pc.any(wrong).as_py():
                     found_roles = sorted(set(pc.filter(roles, wrong).to_pylist()))
-                    raise PoolStateError(f"{action}: sample ids {_examples(ids.take(pa.array(at)), wrong)} have role"
-                                         f" {found_roles}, expected one of {list(allowed)}")
+                    raise PoolStateError(
+                        f"{action}: sample ids {_examples(ids.take(pa.array(at)), wrong)} have role"
+                        f" {found_roles}, expected one of {list(allowed)}"
+                    )
                 found[at] = True
                 updates = change(table, rows, at)
-                yield pa.Table.from_arrays([updates.get(f.name, _column(table, f.name)) for f in POOL_SCHEMA],
-                                           schema=table.schema)
+                yield pa.Table.from_arrays(
+                    [updates.get(f.name, _column(table, f.name)) for f in POOL_SCHEMA],
+                    schema=table.schema,
+                )
             if not found.all():
-                raise PoolStateError(f"{action}: unknown sample ids {_examples(ids, pa.array(~found))}")
+                raise PoolStateError(
+                    f"{action}: unknown sample ids {_examples(ids, pa.array(~found))}"
+                )
 
         self._summary = PoolState._write(self.path, self._schema, updated())._summary
 
@@ -551,7 +617,9 @@ class PoolState:
         else:
             paths = pa.array(list(label_paths), type=pa.string())
         if len(paths) != len(ids) or paths.null_count or pc.any(pc.equal(paths, "")).as_py():
-            raise PoolStateError(f"label_paths: expected {len(ids)} non-empty paths (one per id), got {paths.to_pylist()[:5]}")
+            raise PoolStateError(
+                f"label_paths: expected {len(ids)} non-empty paths (one per id), got {paths.to_pylist()[:5]}"
+            )
 
         def change(t: pa.Table, rows: np.ndarray, at: np.ndarray) -> dict[str, pa.Array]:
             mask = _mask(t.num_rows, rows)
@@ -561,8 +629,12 @@ class PoolState:
                 "last_cycle": _set_numbers(_column(t, "last_cycle"), rows, cycle),
                 "oracle": pc.if_else(mask, oracle, _column(t, "oracle")),
                 "dice": _set_numbers(_column(t, "dice"), rows, dice[at]),
-                "annotation_cost": _set_numbers(_column(t, "annotation_cost"), rows, costs[at], add=True),
-                "label_source": _scatter_strings(_column(t, "label_source"), rows, paths.take(pa.array(at))),
+                "annotation_cost": _set_numbers(
+                    _column(t, "annotation_cost"), rows, costs[at], add=True
+                ),
+                "label_source": _scatter_strings(
+                    _column(t, "label_source"), rows, paths.take(pa.array(at))
+                ),
             }
 
         self._transition("accept", ids, (UNLABELLED,), change)
@@ -581,7 +653,9 @@ class PoolState:
                 "last_cycle": _set_numbers(_column(t, "last_cycle"), rows, cycle),
                 "oracle": pc.if_else(_mask(t.num_rows, rows), oracle, _column(t, "oracle")),
                 "dice": _set_numbers(_column(t, "dice"), rows, dice[at]),
-                "annotation_cost": _set_numbers(_column(t, "annotation_cost"), rows, costs[at], add=True),
+                "annotation_cost": _set_numbers(
+                    _column(t, "annotation_cost"), rows, costs[at], add=True
+                ),
                 "times_returned": _set_numbers(_column(t, "times_returned"), rows, 1, add=True),
             }
 
@@ -595,13 +669,17 @@ class PoolState:
             return
         reasons = [reasons] * len(ids) if isinstance(reasons, str) else list(reasons)
         if len(reasons) != len(ids):
-            raise PoolStateError(f"reasons: expected {len(ids)} (one per id) or one for all, got {len(reasons)}")
+            raise PoolStateError(
+                f"reasons: expected {len(ids)} (one per id) or one for all, got {len(reasons)}"
+            )
         reasons = pa.array([_check_text(reason, "reason") for reason in reasons], pa.string())
 
         def change(t: pa.Table, rows: np.ndarray, at: np.ndarray) -> dict[str, pa.Array]:
             return {
                 "role": pc.if_else(_mask(t.num_rows, rows), QUARANTINED, _column(t, "role")),
-                "quarantine_reason": _scatter_strings(_column(t, "quarantine_reason"), rows, reasons.take(pa.array(at))),
+                "quarantine_reason": _scatter_strings(
+                    _column(t, "quarantine_reason"), rows, reasons.take(pa.array(at))
+                ),
             }
 
         self._transition("quarantine", ids, (LABELLED, UNLABELLED, VALIDATION), change)
@@ -621,7 +699,9 @@ def _check_schema(schema: pa.Schema) -> None:
         raise PoolStateError(f"pool table columns {names} differ from {POOL_SCHEMA.names}")
     for field in POOL_SCHEMA:
         if schema.field(field.name).type != field.type:
-            raise PoolStateError(f"column {field.name!r} has type {schema.field(field.name).type}, expected {field.type}")
+            raise PoolStateError(
+                f"column {field.name!r} has type {schema.field(field.name).type}, expected {field.type}"
+            )
 
 
 def _check_sorted_unique(ids: pa.Array, previous: str | None) -> None:
@@ -638,8 +718,12 @@ def _check_sorted_unique(ids: pa.Array, previous: str | None) -> None:
     later = ids.slice(1)
     duplicate = pc.and_(pc.invert(ascending), pc.equal(ids.slice(0, len(ids) - 1), later))
     if pc.any(duplicate).as_py():
-        raise PoolStateError(f"column 'sample_id': duplicate sample ids {_examples(later, duplicate)}")
-    raise PoolStateError(f"column 'sample_id': not sorted, first out of order at {_examples(later, pc.invert(ascending))}")
+        raise PoolStateError(
+            f"column 'sample_id': duplicate sample ids {_examples(later, duplicate)}"
+        )
+    raise PoolStateError(
+        f"column 'sample_id': not sorted, first out of order at {_examples(later, pc.invert(ascending))}"
+    )
 
 
 def _created_with(metadata: Mapping[bytes, bytes]) -> tuple[int, str]:
@@ -655,7 +739,9 @@ def _created_with(metadata: Mapping[bytes, bytes]) -> tuple[int, str]:
         raise PoolStateError(f"pool table metadata lacks a valid {error}") from None
 
 
-def _publish(path: Path, write: Callable[[BinaryIO], Any], expected_digest: str | None = None) -> Any:
+def _publish(
+    path: Path, write: Callable[[BinaryIO], Any], expected_digest: str | None = None
+) -> Any:
     """Write a new version of ``path`` through ``write(handle)`` in the crash-safe order of the module doc;
     returns what ``write`` returns. With ``expected_digest``, the written file must have that SHA-256."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -664,7 +750,9 @@ def _publish(path: Path, write: Callable[[BinaryIO], Any], expected_digest: str 
         result = write_synced(tmp, write)
         digest = _sha256_file(tmp)
         if expected_digest is not None and digest != expected_digest:
-            raise PoolStateFileError(path, f"copy has sha256 {digest}, expected {expected_digest}: the source changed")
+            raise PoolStateFileError(
+                path, f"copy has sha256 {digest}, expected {expected_digest}: the source changed"
+            )
         current = _verified_digest(path)
         if current is not None:
             # Order matters: each window between these steps leaves one file that verifies.
@@ -672,7 +760,9 @@ def _publish(path: Path, write: Callable[[BinaryIO], Any], expected_digest: str 
             os.replace(path, previous_path(path))
             _fsync_dir(path.parent)
         elif path.exists():
-            warnings.warn(f"{path}: failed verification; overwriting it and keeping {previous_path(path)}")
+            warnings.warn(
+                f"{path}: failed verification; overwriting it and keeping {previous_path(path)}"
+            )
         os.replace(tmp, path)
         _fsync_dir(path.parent)
         _write_checksum(path, digest)
@@ -708,7 +798,9 @@ def _fsync_dir(directory: Path) -> None:
 def _write_checksum(path: Path, digest: str) -> None:
     """Atomically write ``path``'s sidecar in ``sha256sum`` format."""
     target = checksum_path(path)
-    write_atomically(target, lambda handle: handle.write(f"{digest}  {path.name}\n".encode("ascii")))
+    write_atomically(
+        target, lambda handle: handle.write(f"{digest}  {path.name}\n".encode("ascii"))
+    )
     _fsync_dir(target.parent)
 
 
@@ -717,9 +809,13 @@ def _read_checksum(path: Path) -> str:
     try:
         text = sidecar.read_text(encoding="ascii")
     except FileNotFoundError:
-        raise PoolStateFileError(path, f"checksum file {sidecar.name} not found, cannot verify the state") from None
+        raise PoolStateFileError(
+            path, f"checksum file {sidecar.name} not found, cannot verify the state"
+        ) from None
     except (OSError, UnicodeDecodeError) as error:
-        raise PoolStateFileError(path, f"cannot read checksum file {sidecar.name} ({error})") from None
+        raise PoolStateFileError(
+            path, f"cannot read checksum file {sidecar.name} ({error})"
+        ) from None
     digest = text.split(maxsplit=1)[0] if text.strip() else ""
     if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
         raise PoolStateFileError(path, f"checksum file {sidecar.name} is malformed")

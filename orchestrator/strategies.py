@@ -81,12 +81,28 @@ STRATEGIES: Mapping[str, StrategySpec] = MappingProxyType(
     {
         spec.name: spec
         for spec in (
-            StrategySpec("eem", Scorer.EEM, Selection.TOP_N, "SegXAL: EEM = alpha*ProxGradCAM + beta*entropy"),
-            StrategySpec("eem_no_ebu", Scorer.PAE, Selection.TOP_N, "ablation: PAE only (beta = 0)"),
-            StrategySpec("eem_no_pae", Scorer.EBU, Selection.TOP_N, "ablation: entropy inside the EEM pipeline (alpha = 0)"),
+            StrategySpec(
+                "eem", Scorer.EEM, Selection.TOP_N, "SegXAL: EEM = alpha*ProxGradCAM + beta*entropy"
+            ),
+            StrategySpec(
+                "eem_no_ebu", Scorer.PAE, Selection.TOP_N, "ablation: PAE only (beta = 0)"
+            ),
+            StrategySpec(
+                "eem_no_pae",
+                Scorer.EBU,
+                Selection.TOP_N,
+                "ablation: entropy inside the EEM pipeline (alpha = 0)",
+            ),
             StrategySpec("random", Scorer.NONE, Selection.RANDOM, "baseline: uniform random"),
-            StrategySpec("entropy", Scorer.ENTROPY, Selection.TOP_N, "baseline: mean pixel entropy"),
-            StrategySpec("coreset", Scorer.EMBEDDING, Selection.K_CENTER, "baseline: k-center greedy on encoder features"),
+            StrategySpec(
+                "entropy", Scorer.ENTROPY, Selection.TOP_N, "baseline: mean pixel entropy"
+            ),
+            StrategySpec(
+                "coreset",
+                Scorer.EMBEDDING,
+                Selection.K_CENTER,
+                "baseline: k-center greedy on encoder features",
+            ),
         )
     }
 )
@@ -96,7 +112,9 @@ def get_strategy(name: str) -> StrategySpec:
     try:
         return STRATEGIES[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown strategy {name!r}; valid strategies: {', '.join(sorted(STRATEGIES))}") from None
+        raise ValueError(
+            f"unknown strategy {name!r}; valid strategies: {', '.join(sorted(STRATEGIES))}"
+        ) from None
 
 
 def cycle_rng(seed: int, cycle: int, stream: str) -> np.random.Generator:
@@ -110,7 +128,9 @@ def _as_generator(rng: np.random.Generator | int) -> np.random.Generator:
         return rng
     if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
         return np.random.default_rng(int(rng))
-    raise TypeError(f"rng must be a numpy Generator or an int seed (selection must be reproducible), got {rng!r}")
+    raise TypeError(
+        f"rng must be a numpy Generator or an int seed (selection must be reproducible), got {rng!r}"
+    )
 
 
 def as_ids(ids: IdsLike, name: str = "ids", *, sort: bool = False) -> pa.StringArray:
@@ -119,7 +139,10 @@ def as_ids(ids: IdsLike, name: str = "ids", *, sort: bool = False) -> pa.StringA
     if isinstance(ids, pa.ChunkedArray):
         ids = ids.combine_chunks()
     if not isinstance(ids, pa.Array):
-        ids = pa.array(np.asarray(ids, dtype=object) if isinstance(ids, np.ndarray) else list(ids), type=pa.string())
+        ids = pa.array(
+            np.asarray(ids, dtype=object) if isinstance(ids, np.ndarray) else list(ids),
+            type=pa.string(),
+        )
     if not pa.types.is_string(ids.type):
         ids = ids.cast(pa.string())
     if ids.null_count:
@@ -143,7 +166,9 @@ def _resolve(value: Budget, total: int, name: str) -> int:
             raise ValueError(f"{name} fraction must be in (0, 1], got {value}")
         count = math.floor(value * total + 0.5)
         if count < 1:
-            raise ValueError(f"{name} fraction {value} of {total} samples is 0 samples; use a larger fraction or a count")
+            raise ValueError(
+                f"{name} fraction {value} of {total} samples is 0 samples; use a larger fraction or a count"
+            )
         return count
     if value < 1:
         raise ValueError(f"{name} must be positive, got {value}")
@@ -161,7 +186,9 @@ def budget_count(budget: Budget, pool_size: int, *, name: str = "budget") -> int
     return count
 
 
-def subset_positions(pool_size: int, size_or_fraction: Budget, rng: np.random.Generator | int) -> np.ndarray:
+def subset_positions(
+    pool_size: int, size_or_fraction: Budget, rng: np.random.Generator | int
+) -> np.ndarray:
     """Sorted positions of D^S among the ``pool_size`` unlabelled ids in id order: a fraction of the pool,
     or a count (one larger than the pool takes the whole pool, as late cycles may have fewer unlabelled
     images than the configured subset size)."""
@@ -174,7 +201,9 @@ def subset_positions(pool_size: int, size_or_fraction: Budget, rng: np.random.Ge
     return np.sort(generator.choice(pool_size, size=count, replace=False))
 
 
-def draw_subset(unlabelled_ids: IdsLike, size_or_fraction: Budget, rng: np.random.Generator | int) -> pa.StringArray:
+def draw_subset(
+    unlabelled_ids: IdsLike, size_or_fraction: Budget, rng: np.random.Generator | int
+) -> pa.StringArray:
     """The random subset D^S of the unlabelled pool, sorted by id (see ``subset_positions``)."""
     ids = as_ids(unlabelled_ids, "unlabelled_ids", sort=True)
     return ids.take(pa.array(subset_positions(len(ids), size_or_fraction, rng)))
@@ -211,15 +240,21 @@ def _top_n_order(ids: pa.StringArray, scores, n: int) -> pa.Array:
         scores = scores.to_numpy()
     scores = np.asarray(scores, dtype=np.float64)
     if scores.shape != (len(ids),):
-        raise ValueError(f"scores: expected {len(ids)} scores (one per id), got shape {scores.shape}")
+        raise ValueError(
+            f"scores: expected {len(ids)} scores (one per id), got shape {scores.shape}"
+        )
     nan = np.isnan(scores)
     if nan.any():
-        raise ValueError(f"scores: NaN for {int(nan.sum())} ids, e.g. {ids.filter(pa.array(nan))[:5].to_pylist()}")
+        raise ValueError(
+            f"scores: NaN for {int(nan.sum())} ids, e.g. {ids.filter(pa.array(nan))[:5].to_pylist()}"
+        )
     n = _check_n(n, len(ids))
     if n == 0:
         return pa.array([], pa.int64())
     table = pa.table({"id": ids, "score": scores})
-    return pc.select_k_unstable(table, k=n, sort_keys=[("score", "descending"), ("id", "ascending")])
+    return pc.select_k_unstable(
+        table, k=n, sort_keys=[("score", "descending"), ("id", "ascending")]
+    )
 
 
 def top_n(ids: IdsLike, scores, n: int) -> pa.StringArray:
@@ -252,13 +287,21 @@ def _as_features(features, name: str) -> np.ndarray:
     return array
 
 
-def _squared_distances(points: np.ndarray, point_norms: np.ndarray, centres: np.ndarray) -> np.ndarray:
+def _squared_distances(
+    points: np.ndarray, point_norms: np.ndarray, centres: np.ndarray
+) -> np.ndarray:
     """(len(points), len(centres)) squared Euclidean distances, clamped at 0 against round-off."""
-    d = point_norms[:, None] - 2.0 * (points @ centres.T) + np.einsum("ij,ij->i", centres, centres)[None, :]
+    d = (
+        point_norms[:, None]
+        - 2.0 * (points @ centres.T)
+        + np.einsum("ij,ij->i", centres, centres)[None, :]
+    )
     return np.maximum(d, 0.0)
 
 
-def k_center_greedy(features_unlabelled, features_labelled, n: int, *, chunk_bytes: int = 256 << 20) -> np.ndarray:
+def k_center_greedy(
+    features_unlabelled, features_labelled, n: int, *, chunk_bytes: int = 256 << 20
+) -> np.ndarray:
     """Core-set selection (Sener & Savarese, 2018): n row indices of ``features_unlabelled``, in the
     order picked, each the point farthest from the centres chosen so far (the labelled points plus
     earlier picks).
@@ -272,7 +315,9 @@ def k_center_greedy(features_unlabelled, features_labelled, n: int, *, chunk_byt
     n = _check_n(n, len(points))
     norms = np.einsum("ij,ij->i", points, points)
     chosen: list[int] = []
-    labelled = None if features_labelled is None else _as_features(features_labelled, "features_labelled")
+    labelled = (
+        None if features_labelled is None else _as_features(features_labelled, "features_labelled")
+    )
     if labelled is not None and len(labelled):
         if labelled.shape[1] != points.shape[1]:
             raise ValueError(
@@ -295,7 +340,9 @@ def k_center_greedy(features_unlabelled, features_labelled, n: int, *, chunk_byt
     while len(chosen) < n:
         pick = int(np.argmax(nearest))  # first maximum: lowest index among ties
         chosen.append(pick)
-        np.minimum(nearest, _squared_distances(points, norms, points[pick : pick + 1])[:, 0], out=nearest)
+        np.minimum(
+            nearest, _squared_distances(points, norms, points[pick : pick + 1])[:, 0], out=nearest
+        )
         nearest[pick] = -1.0  # never pick a centre twice, even among duplicate points
     return np.asarray(chosen, dtype=np.int64)
 

@@ -37,13 +37,19 @@ class SweepConfig:
         for name in ("m_in", "margin_gap", "beta_smooth", "beta_sparse", "lam"):
             low, high = getattr(self, name)
             if not low < high:
-                raise ValueError(f"{name}: the range must be (low, high) with low < high, got {(low, high)}")
+                raise ValueError(
+                    f"{name}: the range must be (low, high) with low < high, got {(low, high)}"
+                )
         if self.margin_gap[0] <= 0:
             raise ValueError("margin_gap must be positive so that m_in < m_out")
         for name in ("beta_smooth", "beta_sparse", "lam"):
             if getattr(self, name)[0] <= 0:
-                raise ValueError(f"{name}: a log-uniform range needs low > 0, got {getattr(self, name)}")
+                raise ValueError(
+                    f"{name}: a log-uniform range needs low > 0, got {getattr(self, name)}"
+                )
         if self.grace_period < 1 or self.reduction_factor < 2:
-            raise ValueError(f"grace_period must be >= 1 and reduction_factor >= 2, got {self.grace_period}, {self.reduction_factor}")
+            raise ValueError(
+                f"grace_period must be >= 1 and reduction_factor >= 2, got {self.grace_period}, {self.reduction_factor}"
+            )
         if self.trial_cpus < 0:
             raise ValueError(f"trial_cpus must be >= 0, got {self.trial_cpus}")

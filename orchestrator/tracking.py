@@ -53,8 +53,10 @@ def _probe_server(tracking_uri: str, timeout_s: float) -> None:
         return  # it answered: credentials and the like are MLflow's to report
     except (OSError, ValueError) as error:
         reason = getattr(error, "reason", error)
-        raise TrackingError(f"MLflow tracking server {tracking_uri} is unreachable ({reason}); start it or "
-                            "set tracking.tracking_uri") from error
+        raise TrackingError(
+            f"MLflow tracking server {tracking_uri} is unreachable ({reason}); start it or "
+            "set tracking.tracking_uri"
+        ) from error
 
 
 def _check_sqlite_file(tracking_uri: str) -> None:
@@ -64,12 +66,16 @@ def _check_sqlite_file(tracking_uri: str) -> None:
     path = Path(database).absolute()
     if path.exists():
         if not path.is_file() or not os.access(path, os.R_OK | os.W_OK):
-            raise TrackingError(f"MLflow tracking URI {tracking_uri}: {path} is not a writable file")
+            raise TrackingError(
+                f"MLflow tracking URI {tracking_uri}: {path} is not a writable file"
+            )
         return
     folder = next(p for p in path.parents if p.exists())  # MLflow creates the missing folders
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        raise TrackingError(f"MLflow tracking URI {tracking_uri}: cannot create {path} ({folder} is not a "
-                            "writable folder)")
+        raise TrackingError(
+            f"MLflow tracking URI {tracking_uri}: cannot create {path} ({folder} is not a "
+            "writable folder)"
+        )
 
 
 def is_transient(error: BaseException) -> bool:
@@ -93,14 +99,24 @@ def retrying(call: Callable[[], T], what: str, tracking_uri: str | None = None) 
                 raise
             if delay is None:
                 uri = tracking_uri or mlflow.get_tracking_uri()
-                raise TrackingError(f"MLflow {what} at {uri} failed {attempt} times; last error: {error}") from error
-            log.warning("MLflow %s failed (%s); retry %d of %d in %.0f s", what, error, attempt, len(delays), delay)
+                raise TrackingError(
+                    f"MLflow {what} at {uri} failed {attempt} times; last error: {error}"
+                ) from error
+            log.warning(
+                "MLflow %s failed (%s); retry %d of %d in %.0f s",
+                what,
+                error,
+                attempt,
+                len(delays),
+                delay,
+            )
             time.sleep(delay)
 
 
 @contextlib.contextmanager
-def experiment_run(tracking_uri: str, experiment: str, run_name: str | None, config: Any,
-                   run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+def experiment_run(
+    tracking_uri: str, experiment: str, run_name: str | None, config: Any, run_id: str | None = None
+) -> Iterator[mlflow.ActiveRun]:
     """Start (and always end) an MLflow run with the flattened ``config`` logged as params; with
     ``run_id``, continue that run (a resumed experiment) instead."""
     mlflow.set_tracking_uri(tracking_uri)
@@ -122,7 +138,9 @@ class RetryingClient:
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         method = getattr(self.client, name)
-        return lambda *args, **kwargs: retrying(lambda: method(*args, **kwargs), f"client.{name}", self.tracking_uri)
+        return lambda *args, **kwargs: retrying(
+            lambda: method(*args, **kwargs), f"client.{name}", self.tracking_uri
+        )
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
@@ -142,4 +160,7 @@ def set_tags(tags: dict[str, Any]) -> None:
 
 
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
-    retrying(lambda: mlflow.log_artifact(str(path), artifact_path=artifact_path), f"log_artifact {Path(path).name}")
+    retrying(
+        lambda: mlflow.log_artifact(str(path), artifact_path=artifact_path),
+        f"log_artifact {Path(path).name}",
+    )

@@ -31,7 +31,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     origin, args = get_origin(tp), get_args(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {type(value).__name__}")
+            raise ConfigError(
+                f"{key}: expected a mapping for {tp.__name__}, got {type(value).__name__}"
+            )
         return from_dict(tp, value, key)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -42,7 +44,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 return _convert(value, option, key)
             except ConfigError as error:
                 errors.append(str(error))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {_describe(tp)}")
+        raise ConfigError(
+            errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {_describe(tp)}"
+        )
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
@@ -59,7 +63,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         return float(value)
     if tp in (bool, int, float, str):
         if type(value) is not tp:
-            raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+            raise ConfigError(
+                f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}"
+            )
         return value
     raise TypeError(f"{key}: unsupported config field type {tp!r}")
 
@@ -92,6 +98,7 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
 
 def to_dict(config: Any) -> dict:
     """Plain nested dict (tuples as lists), suitable for YAML."""
+
     def plain(value):
         if isinstance(value, tuple):
             return [plain(v) for v in value]

@@ -25,11 +25,15 @@ class ConfusionMatrix:
     def update(self, prediction: torch.Tensor, target: torch.Tensor) -> None:
         """``prediction`` and ``target``: integer tensors of the same shape (any device)."""
         if prediction.shape != target.shape:
-            raise ValueError(f"prediction shape {tuple(prediction.shape)} != target shape {tuple(target.shape)}")
+            raise ValueError(
+                f"prediction shape {tuple(prediction.shape)} != target shape {tuple(target.shape)}"
+            )
         valid = target != self.ignore_index
         target = target[valid].long()
         if target.numel() and (target.min() < 0 or target.max() >= self.num_classes):
-            raise ValueError(f"target ids must be in [0, {self.num_classes}) or {self.ignore_index}")
+            raise ValueError(
+                f"target ids must be in [0, {self.num_classes}) or {self.ignore_index}"
+            )
         index = target * self.num_classes + prediction[valid].long()
         counts = torch.bincount(index, minlength=self.num_classes**2)
         self.matrix += counts.reshape(self.num_classes, self.num_classes).cpu()
@@ -62,25 +66,38 @@ class ConfusionMatrix:
         return result
 
 
-def dice_per_class(a: torch.Tensor, b: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def dice_per_class(
+    a: torch.Tensor, b: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
     """Dice 2|A∩B|/(|A|+|B|) per class between two label maps; pixels where either is void are
     ignored; NaN for classes absent from both."""
     valid = (a != ignore_index) & (b != ignore_index)
     a, b = a[valid].long(), b[valid].long()
     inter = torch.bincount(a[a == b], minlength=num_classes)[:num_classes].double()
-    sizes = (torch.bincount(a, minlength=num_classes)[:num_classes] + torch.bincount(b, minlength=num_classes)[:num_classes]).double()
-    return torch.where(sizes > 0, 2 * inter / sizes.clamp(min=1), torch.full_like(inter, float("nan")))
+    sizes = (
+        torch.bincount(a, minlength=num_classes)[:num_classes]
+        + torch.bincount(b, minlength=num_classes)[:num_classes]
+    ).double()
+    return torch.where(
+        sizes > 0, 2 * inter / sizes.clamp(min=1), torch.full_like(inter, float("nan"))
+    )
 
 
-def mean_dice(a: torch.Tensor, b: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> float:
+def mean_dice(
+    a: torch.Tensor, b: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX
+) -> float:
     """Mean Dice over classes present in either map (NaN when no pixel is valid)."""
     per_class = dice_per_class(a, b, num_classes, ignore_index)
     return float(torch.nanmean(per_class)) if (~per_class.isnan()).any() else float("nan")
 
 
 def _pooled(scores, labels, ignore_index: int) -> tuple[np.ndarray, np.ndarray]:
-    scores = np.asarray(scores.detach().cpu() if isinstance(scores, torch.Tensor) else scores, dtype=np.float64).ravel()
-    labels = np.asarray(labels.detach().cpu() if isinstance(labels, torch.Tensor) else labels).ravel()
+    scores = np.asarray(
+        scores.detach().cpu() if isinstance(scores, torch.Tensor) else scores, dtype=np.float64
+    ).ravel()
+    labels = np.asarray(
+        labels.detach().cpu() if isinstance(labels, torch.Tensor) else labels
+    ).ravel()
     if scores.shape != labels.shape:
         raise ValueError(f"{scores.size} scores but {labels.size} labels")
     valid = labels != ignore_index
@@ -111,7 +128,9 @@ def anomaly_metrics(scores, labels, ignore_index: int = IGNORE_INDEX) -> dict[st
     scores, positives = _pooled(scores, labels, ignore_index)
     n_pos, n_neg = int(positives.sum()), int((~positives).sum())
     if n_pos == 0 or n_neg == 0:
-        raise ValueError(f"need both anomaly and inlier pixels, got {n_pos} anomaly and {n_neg} inlier")
+        raise ValueError(
+            f"need both anomaly and inlier pixels, got {n_pos} anomaly and {n_neg} inlier"
+        )
     tps, fps = roc_points(scores, positives)
     tpr = np.r_[0.0, tps / n_pos]
     fpr = np.r_[0.0, fps / n_neg]

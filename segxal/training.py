@@ -48,11 +48,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_optimizer(parameters: Iterable[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(
+    parameters: Iterable[nn.Parameter], config: TrainConfig
+) -> torch.optim.Optimizer:
     params = [p for p in parameters if p.requires_grad]
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    return torch.optim.SGD(
+        params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
 
 
 def train_one_epoch(
@@ -66,7 +70,9 @@ def train_one_epoch(
         label = batch["label"].to(device, non_blocking=True)
         loss = F.cross_entropy(model(image), label, ignore_index=IGNORE_INDEX)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss is {loss.item()} at batch of {batch['sample_id'][:4]}")
+            raise FloatingPointError(
+                f"training loss is {loss.item()} at batch of {batch['sample_id'][:4]}"
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -77,7 +83,9 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable[dict], num_classes: int, device: torch.device) -> ConfusionMatrix:
+def evaluate(
+    model: nn.Module, loader: Iterable[dict], num_classes: int, device: torch.device
+) -> ConfusionMatrix:
     model.eval()
     confusion = ConfusionMatrix(num_classes)
     for batch in loader:
@@ -86,8 +94,9 @@ def evaluate(model: nn.Module, loader: Iterable[dict], num_classes: int, device:
     return confusion
 
 
-def validation_metrics(model: nn.Module, loader: Iterable[dict], class_names: tuple[str, ...],
-                       device: torch.device) -> dict[str, float]:
+def validation_metrics(
+    model: nn.Module, loader: Iterable[dict], class_names: tuple[str, ...], device: torch.device
+) -> dict[str, float]:
     """``val/miou``, ``val/pixel_accuracy`` and ``val/iou/<class>`` of ``model`` on ``loader``."""
     summary = evaluate(model, loader, len(class_names), device).summary(class_names)
     return {f"val/{k}": v for k, v in summary.items()}
@@ -95,7 +104,12 @@ def validation_metrics(model: nn.Module, loader: Iterable[dict], class_names: tu
 
 def training_state(model: UNet, optimizer: torch.optim.Optimizer, epoch: int, **extra) -> dict:
     """A resumable checkpoint: model, optimizer, the epoch just finished and ``extra`` (metrics, counters)."""
-    return {"model": model.to_checkpoint(), "optimizer": optimizer.state_dict(), "epoch": epoch, **extra}
+    return {
+        "model": model.to_checkpoint(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        **extra,
+    }
 
 
 def restore_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> int:
@@ -138,7 +152,9 @@ def fit(
         train_stats = train_one_epoch(model, train_loader, optimizer, device)
         metrics = {f"train/{k}": v for k, v in train_stats.items()}
         metrics.update(validation_metrics(model, val_loader, class_names, device))
-        log.info("epoch %d: loss %.4f, val mIoU %.4f", epoch, train_stats["loss"], metrics["val/miou"])
+        log.info(
+            "epoch %d: loss %.4f, val mIoU %.4f", epoch, train_stats["loss"], metrics["val/miou"]
+        )
         if checkpoint_dir is not None:
             best_miou = max(best_miou, metrics["val/miou"])
             state = training_state(model, optimizer, epoch, best_miou=best_miou, metrics=metrics)

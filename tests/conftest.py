@@ -11,7 +11,9 @@ from segxal.data.synthetic import SyntheticConfig, generate_synthetic
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
 
-TINY_SYNTHETIC = SyntheticConfig(num_train=12, num_val=4, num_anomaly=4, height=64, width=128, seed=7, workers=1)
+TINY_SYNTHETIC = SyntheticConfig(
+    num_train=12, num_val=4, num_anomaly=4, height=64, width=128, seed=7, workers=1
+)
 
 
 @pytest.fixture(scope="session")

@@ -80,7 +80,9 @@ def kill_exactly(processes: dict[int, int]) -> None:
 
 def _address(hex_address: str, family: int) -> str:
     raw = bytes.fromhex(hex_address)
-    raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # /proc stores 32-bit words little-endian
+    raw = b"".join(
+        raw[i : i + 4][::-1] for i in range(0, len(raw), 4)
+    )  # /proc stores 32-bit words little-endian
     address = ipaddress.ip_address(socket.inet_ntop(family, raw))
     mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 is 127.0.0.1
     return str(mapped or address)
@@ -115,7 +117,7 @@ def socket_inodes(pids) -> set[str]:
             for fd in (PROC / str(pid) / "fd").iterdir():
                 target = os.readlink(fd)
                 if target.startswith("socket:["):
-                    inodes.add(target[len("socket:["):-1])
+                    inodes.add(target[len("socket:[") : -1])
         except OSError:
             pass
     return inodes
@@ -124,7 +126,13 @@ def socket_inodes(pids) -> set[str]:
 def command_line(pid: int) -> str:
     """The command line of ``pid`` as ``ps`` shows it (Ray renames its workers: ``ray::Name``)."""
     try:
-        return (PROC / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        return (
+            (PROC / str(pid) / "cmdline")
+            .read_bytes()
+            .replace(b"\0", b" ")
+            .decode(errors="replace")
+            .strip()
+        )
     except OSError:
         return ""
 

@@ -11,28 +11,40 @@ from conftest import TINY_SYNTHETIC
 @pytest.fixture(autouse=True)
 def no_ray_left():
     yield
-    if ray.is_initialized():  # a case that wrongly got as far as starting Ray must not leak into the next
+    if (
+        ray.is_initialized()
+    ):  # a case that wrongly got as far as starting Ray must not leak into the next
         ray.shutdown()
 
 
 def run(synthetic_root, tmp_path, *overrides):
     data = [f"data.synthetic.{k}={v}" for k, v in TINY_SYNTHETIC.__dict__.items()]
-    argv = ["--config", "jobs/configs/demo.yaml", "--quiet", "--set", f"data.root={synthetic_root}",
-            "--set", f"output_dir={tmp_path}"]
+    argv = [
+        "--config",
+        "jobs/configs/demo.yaml",
+        "--quiet",
+        "--set",
+        f"data.root={synthetic_root}",
+        "--set",
+        f"output_dir={tmp_path}",
+    ]
     for item in data + list(overrides):
         argv += ["--set", item]
     al_job.main(argv)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("al.budget=100", "al.budget 100 is larger than the pool (12 samples)"),
-    ("al.budget=11", "al.budget: 11 images per cycle but the unlabelled pool has 10"),
-    ("al.theta=1.5", "al: theta must be in [0, 1]"),
-    ("al.strategy=bald", "al: unknown strategy 'bald'; valid strategies: coreset, eem"),
-    ("al.oracle=crowd", "al.oracle: 'crowd' is not one of"),
-    ("eem.depth.backend=zoe", "eem.depth.backend: 'zoe' is not one of"),
-    ("al.initial_labelled=50", "initial_labelled"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("al.budget=100", "al.budget 100 is larger than the pool (12 samples)"),
+        ("al.budget=11", "al.budget: 11 images per cycle but the unlabelled pool has 10"),
+        ("al.theta=1.5", "al: theta must be in [0, 1]"),
+        ("al.strategy=bald", "al: unknown strategy 'bald'; valid strategies: coreset, eem"),
+        ("al.oracle=crowd", "al.oracle: 'crowd' is not one of"),
+        ("eem.depth.backend=zoe", "eem.depth.backend: 'zoe' is not one of"),
+        ("al.initial_labelled=50", "initial_labelled"),
+    ],
+)
 def test_bad_settings_fail_before_ray(synthetic_root, tmp_path, capsys, override, message):
     with pytest.raises(SystemExit) as exit_info:
         run(synthetic_root, tmp_path, override)
@@ -45,6 +57,15 @@ def test_empty_dataset_is_refused(tmp_path):
     (tmp_path / "empty" / "leftImg8bit" / "train").mkdir(parents=True)
     (tmp_path / "empty" / "synthetic.json").write_text("{}")
     with pytest.raises(SystemExit, match="leftImg8bit/train: no images found"):
-        al_job.main(["--quiet", "--set", "data.dataset=cityscapes", "--set", f"data.root={tmp_path / 'empty'}",
-                     "--set", f"output_dir={tmp_path / 'runs'}"])
+        al_job.main(
+            [
+                "--quiet",
+                "--set",
+                "data.dataset=cityscapes",
+                "--set",
+                f"data.root={tmp_path / 'empty'}",
+                "--set",
+                f"output_dir={tmp_path / 'runs'}",
+            ]
+        )
     assert not ray.is_initialized()

@@ -22,21 +22,41 @@ THETA = 0.3
 
 def tiny(synthetic_root, output_dir, tracking_uri, name, cycles):
     settings = {
-        "name": name, "output_dir": output_dir, "tracking.tracking_uri": tracking_uri,
-        "tracking.experiment": "al-test", "data.root": synthetic_root, "data.image_size": "[32, 64]",
+        "name": name,
+        "output_dir": output_dir,
+        "tracking.tracking_uri": tracking_uri,
+        "tracking.experiment": "al-test",
+        "data.root": synthetic_root,
+        "data.image_size": "[32, 64]",
         **{f"data.synthetic.{k}": v for k, v in TINY_SYNTHETIC.__dict__.items()},
-        "model.width": 4, "model.depth": 2, "train.epochs": 1, "train.batch_size": 4,
-        "al.cycles": cycles, "al.initial_labelled": 4, "al.budget": 2, "al.subset": 1.0, "al.theta": THETA,
-        "al.num_scorers": 2, "al.panels": 1, "eem.min_region_area": 2,
+        "model.width": 4,
+        "model.depth": 2,
+        "train.epochs": 1,
+        "train.batch_size": 4,
+        "al.cycles": cycles,
+        "al.initial_labelled": 4,
+        "al.budget": 2,
+        "al.subset": 1.0,
+        "al.theta": THETA,
+        "al.num_scorers": 2,
+        "al.panels": 1,
+        "eem.min_region_area": 2,
     }
-    return ["--config", "jobs/configs/demo.yaml", "--quiet"] + [a for k, v in settings.items() for a in ("--set", f"{k}={v}")]
+    return ["--config", "jobs/configs/demo.yaml", "--quiet"] + [
+        a for k, v in settings.items() for a in ("--set", f"{k}={v}")
+    ]
 
 
 def comparable_pool_state(run_dir) -> pa.Table:
     """A run's final pool state with its run folder in paths (accepted labels) written as RUN."""
     table = PoolState.load(run_dir / "pool_state.parquet").table
-    sources = [None if s is None else s.replace(str(run_dir), "RUN") for s in table["label_source"].to_pylist()]
-    return table.set_column(table.schema.get_field_index("label_source"), "label_source", pa.array(sources, pa.string()))
+    sources = [
+        None if s is None else s.replace(str(run_dir), "RUN")
+        for s in table["label_source"].to_pylist()
+    ]
+    return table.set_column(
+        table.schema.get_field_index("label_source"), "label_source", pa.array(sources, pa.string())
+    )
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +81,21 @@ def test_two_cycles_on_ray(straight_run):
     state.check_invariants()
     labelled_before = 4
     for cycle in (1, 2):
-        scores = pq.read_table(run_dir / "cycles" / f"cycle_{cycle:02d}" / "scores.parquet").to_pylist()
-        unlabelled = set(PoolState.load(snapshot_path(run_dir, cycle - 1)).ids(UNLABELLED).to_pylist())
-        assert {s["sample_id"] for s in scores} == unlabelled  # subset 1.0: every unlabelled image scored once
-        top = [s["sample_id"] for s in sorted(scores, key=lambda s: (-s["score"], s["sample_id"]))[:2]]
-        decisions = pq.read_table(run_dir / "cycles" / f"cycle_{cycle:02d}" / "decisions.parquet").to_pylist()
+        scores = pq.read_table(
+            run_dir / "cycles" / f"cycle_{cycle:02d}" / "scores.parquet"
+        ).to_pylist()
+        unlabelled = set(
+            PoolState.load(snapshot_path(run_dir, cycle - 1)).ids(UNLABELLED).to_pylist()
+        )
+        assert {
+            s["sample_id"] for s in scores
+        } == unlabelled  # subset 1.0: every unlabelled image scored once
+        top = [
+            s["sample_id"] for s in sorted(scores, key=lambda s: (-s["score"], s["sample_id"]))[:2]
+        ]
+        decisions = pq.read_table(
+            run_dir / "cycles" / f"cycle_{cycle:02d}" / "decisions.parquet"
+        ).to_pylist()
         assert [d["sample_id"] for d in decisions] == top
         after = PoolState.load(snapshot_path(run_dir, cycle))
         moved = {i for i in top if after.record(i)["role"] == LABELLED}
@@ -78,16 +108,24 @@ def test_two_cycles_on_ray(straight_run):
 
     client = mlflow.MlflowClient(uri)
     mlflow.set_tracking_uri(uri)
-    (run,) = mlflow.search_runs(experiment_names=["al-test"], output_format="list", filter_string="tags.strategy = 'eem'")
+    (run,) = mlflow.search_runs(
+        experiment_names=["al-test"], output_format="list", filter_string="tags.strategy = 'eem'"
+    )
     assert run.info.status == "FINISHED" and run.data.params["al.strategy"] == "eem"
     for metric in ("val/miou", "pool/labelled_fraction", "time/train_s"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [0, 1, 2]
     for metric in ("gate/accepted", "gate/returned", "oracle/cost", "time/score_s"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [1, 2]
-    assert client.get_metric_history(run.info.run_id, "val/miou")[-1].value == pytest.approx(history[-1]["val/miou"])
+    assert client.get_metric_history(run.info.run_id, "val/miou")[-1].value == pytest.approx(
+        history[-1]["val/miou"]
+    )
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "cycle_01")}
-    assert "cycle_01/pool_state.parquet" in artifacts and "cycle_01/cycle_01_regions.json" in artifacts
-    assert any(a.path.endswith(".png") for a in client.list_artifacts(run.info.run_id, "cycle_01/panels"))
+    assert (
+        "cycle_01/pool_state.parquet" in artifacts and "cycle_01/cycle_01_regions.json" in artifacts
+    )
+    assert any(
+        a.path.endswith(".png") for a in client.list_artifacts(run.info.run_id, "cycle_01/panels")
+    )
     assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/model.pt"]
 
 
@@ -106,13 +144,22 @@ def test_resume_after_cycle_one_matches_uninterrupted(straight_run, synthetic_ro
     assert [m.step for m in history] == [0, 1, 2]  # the resumed run continued the same MLflow run
 
 
-def test_a_corrupt_unlabelled_image_is_quarantined_and_the_run_goes_on(local_ray, synthetic_root, tmp_path):
+def test_a_corrupt_unlabelled_image_is_quarantined_and_the_run_goes_on(
+    local_ray, synthetic_root, tmp_path
+):
     root = shutil.copytree(synthetic_root, tmp_path / "data")
-    pool = PoolState.create(tmp_path / "initial.parquet", cityscapes_manifest(root, "train"), 4, seed=0,  # as jobs.al
-                            validation=cityscapes_manifest(root, "val"))  # draws it (seed 0)
+    pool = PoolState.create(
+        tmp_path / "initial.parquet",
+        cityscapes_manifest(root, "train"),
+        4,
+        seed=0,  # as jobs.al
+        validation=cityscapes_manifest(root, "val"),
+    )  # draws it (seed 0)
     victim = pool.ids(UNLABELLED)[0].as_py()
     image = Path(pool.record(victim)["image_path"])
-    image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])  # the header survives: only decoding fails
+    image.write_bytes(
+        image.read_bytes()[: image.stat().st_size // 2]
+    )  # the header survives: only decoding fails
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     history = al_job.main(tiny(root, tmp_path / "runs", uri, "damaged", 1))
     state = PoolState.load(tmp_path / "runs" / "damaged" / "pool_state.parquet")

@@ -13,7 +13,14 @@ import torch
 from orchestrator.config import ActiveLearningConfig
 from orchestrator import parquet_io
 from orchestrator.coordinator import Coordinator, cycle_dir, snapshot_path
-from orchestrator.loop import UNREADABLE, Explained, Progress, ScoreOutcome, TrainOutcome, run_cycles
+from orchestrator.loop import (
+    UNREADABLE,
+    Explained,
+    Progress,
+    ScoreOutcome,
+    TrainOutcome,
+    run_cycles,
+)
 from orchestrator.oracles import AnnotationRequest, DatasetGroundTruth, SimulatedOracle
 from orchestrator.pool_state import LABELLED, QUARANTINED, UNLABELLED, PoolState
 from orchestrator.strategies import get_strategy
@@ -54,11 +61,23 @@ class FakeBackend:
         return wrong
 
     def explain(self, cycle, checkpoint, selected, panel_dir, panels):
-        return Explained([
-            AnnotationRequest(i, p, self.prediction(i), self.prediction(i), np.ones(SIZE, np.float32),
-                              np.ones(SIZE, np.int32), [{"id": 1}], label_path=label)
-            for i, p, label in zip(*(selected[c].to_pylist() for c in ("sample_id", "image_path", "label_path")))
-        ])
+        return Explained(
+            [
+                AnnotationRequest(
+                    i,
+                    p,
+                    self.prediction(i),
+                    self.prediction(i),
+                    np.ones(SIZE, np.float32),
+                    np.ones(SIZE, np.int32),
+                    [{"id": 1}],
+                    label_path=label,
+                )
+                for i, p, label in zip(
+                    *(selected[c].to_pylist() for c in ("sample_id", "image_path", "label_path"))
+                )
+            ]
+        )
 
 
 class DamagedPoolBackend(FakeBackend):
@@ -70,14 +89,28 @@ class DamagedPoolBackend(FakeBackend):
 
     def score(self, cycle, checkpoint, candidates, labelled):
         ids = candidates["sample_id"].to_pylist()
-        return ScoreOutcome(pa.table({
-            "sample_id": ids, "score": [None if i in self.unreadable else score_of(i) for i in ids],
-            UNREADABLE: [f"{i}.png: truncated" if i in self.unreadable else None for i in ids]}))
+        return ScoreOutcome(
+            pa.table(
+                {
+                    "sample_id": ids,
+                    "score": [None if i in self.unreadable else score_of(i) for i in ids],
+                    UNREADABLE: [
+                        f"{i}.png: truncated" if i in self.unreadable else None for i in ids
+                    ],
+                }
+            )
+        )
 
     def explain(self, cycle, checkpoint, selected, panel_dir, panels):
         explained = super().explain(cycle, checkpoint, selected, panel_dir, panels)
-        return Explained([r for r in explained.requests if r.sample_id not in self.unreadable],
-                         {i: f"{i}.png: truncated" for i in selected["sample_id"].to_pylist() if i in self.unreadable})
+        return Explained(
+            [r for r in explained.requests if r.sample_id not in self.unreadable],
+            {
+                i: f"{i}.png: truncated"
+                for i in selected["sample_id"].to_pylist()
+                if i in self.unreadable
+            },
+        )
 
 
 def ground_truth(manifest: pa.Table, size: tuple[int, int]) -> Callable[[str], np.ndarray]:
@@ -91,15 +124,26 @@ def ground_truth(manifest: pa.Table, size: tuple[int, int]) -> Callable[[str], n
 def pool(synthetic_root, tmp_path):
     train = cityscapes_manifest(synthetic_root, "train")
     val = cityscapes_manifest(synthetic_root, "val")
-    state = PoolState.create(tmp_path / "initial" / "pool_state.parquet", train, 4, seed=3, validation=val)
+    state = PoolState.create(
+        tmp_path / "initial" / "pool_state.parquet", train, 4, seed=3, validation=val
+    )
     return state, ground_truth(train, SIZE)
 
 
 def run(run_dir, state, truth, cycles, al, progress=None, backend=None):
     run_dir.mkdir(parents=True, exist_ok=True)
-    coordinator = Coordinator(run_dir, state, al, CITYSCAPES, seed=3, oracle=SimulatedOracle(DatasetGroundTruth(CITYSCAPES, SIZE)))
+    coordinator = Coordinator(
+        run_dir,
+        state,
+        al,
+        CITYSCAPES,
+        seed=3,
+        oracle=SimulatedOracle(DatasetGroundTruth(CITYSCAPES, SIZE)),
+    )
     backend = backend or FakeBackend(truth, run_dir)
-    history = run_cycles(coordinator, backend, get_strategy(al.strategy), run_dir, progress or Progress(), cycles)
+    history = run_cycles(
+        coordinator, backend, get_strategy(al.strategy), run_dir, progress or Progress(), cycles
+    )
     return coordinator, backend, history
 
 
@@ -110,27 +154,49 @@ def test_cycles_select_top_n_and_gate_by_dice(pool, tmp_path):
     final = coordinator.state
     final.check_invariants()
     for cycle in (1, 2):
-        scores = pq.read_table(tmp_path / "cycles" / f"cycle_{cycle:02d}" / "scores.parquet").to_pylist()
-        expected = [r["sample_id"] for r in sorted(scores, key=lambda r: (-r["score"], r["sample_id"]))[:3]]
-        decisions = pq.read_table(tmp_path / "cycles" / f"cycle_{cycle:02d}" / "decisions.parquet").to_pylist()
+        scores = pq.read_table(
+            tmp_path / "cycles" / f"cycle_{cycle:02d}" / "scores.parquet"
+        ).to_pylist()
+        expected = [
+            r["sample_id"] for r in sorted(scores, key=lambda r: (-r["score"], r["sample_id"]))[:3]
+        ]
+        decisions = pq.read_table(
+            tmp_path / "cycles" / f"cycle_{cycle:02d}" / "decisions.parquet"
+        ).to_pylist()
         assert [d["sample_id"] for d in decisions] == expected
         before = PoolState.load(snapshot_path(tmp_path, cycle - 1))
         after = PoolState.load(snapshot_path(tmp_path, cycle))
         assert set(expected) <= set(before.ids(UNLABELLED).to_pylist())
         for decision in decisions:
             sample_id = decision["sample_id"]
-            dice = mean_dice(torch.from_numpy(backend.prediction(sample_id)), torch.from_numpy(truth(sample_id)), 19)
+            dice = mean_dice(
+                torch.from_numpy(backend.prediction(sample_id)),
+                torch.from_numpy(truth(sample_id)),
+                19,
+            )
             assert decision["dice"] == pytest.approx(dice)
             assert decision["accepted"] == (dice > 0.9)
             record = after.record(sample_id)
             assert record["role"] == (LABELLED if dice > 0.9 else UNLABELLED)
             if record["role"] == LABELLED:
                 assert record["cycle_labelled"] == cycle
-                relabel = np.asarray(SegmentationDataset(
-                    pa.table({"sample_id": [sample_id], "image_path": [record["image_path"]],
-                              "label_path": [record["label_source"]], "depth_path": [None]}),
-                    CITYSCAPES, SampleTransform(size=SIZE))[0]["label"])
-                assert (relabel == truth(sample_id)).all()  # the accepted re-annotation is what training reads
+                relabel = np.asarray(
+                    SegmentationDataset(
+                        pa.table(
+                            {
+                                "sample_id": [sample_id],
+                                "image_path": [record["image_path"]],
+                                "label_path": [record["label_source"]],
+                                "depth_path": [None],
+                            }
+                        ),
+                        CITYSCAPES,
+                        SampleTransform(size=SIZE),
+                    )[0]["label"]
+                )
+                assert (
+                    relabel == truth(sample_id)
+                ).all()  # the accepted re-annotation is what training reads
             else:
                 assert record["times_returned"] >= 1
     accepted = sum(h["gate/accepted"] for h in history[1:])
@@ -141,7 +207,9 @@ def test_cycles_select_top_n_and_gate_by_dice(pool, tmp_path):
 
 def test_theta_zero_accepts_everything(pool, tmp_path):
     state, truth = pool
-    coordinator, _, history = run(tmp_path, state, truth, 1, ActiveLearningConfig(strategy="entropy", budget=3, theta=0.0))
+    coordinator, _, history = run(
+        tmp_path, state, truth, 1, ActiveLearningConfig(strategy="entropy", budget=3, theta=0.0)
+    )
     assert history[1]["gate/accepted"] == 3 and coordinator.state.count(LABELLED) == 7
 
 
@@ -157,10 +225,19 @@ def test_resume_after_cycle_one_equals_uninterrupted(pool, tmp_path):
     assert len(history) == 2  # only cycles 2 and 3 ran again
 
     def comparable(table, run_dir):
-        paths = [None if p is None else p.replace(str(run_dir), "RUN") for p in table["label_source"].to_pylist()]
-        return table.set_column(table.schema.get_field_index("label_source"), "label_source", pa.array(paths, pa.string()))
+        paths = [
+            None if p is None else p.replace(str(run_dir), "RUN")
+            for p in table["label_source"].to_pylist()
+        ]
+        return table.set_column(
+            table.schema.get_field_index("label_source"),
+            "label_source",
+            pa.array(paths, pa.string()),
+        )
 
-    assert comparable(resumed.state.table, tmp_path / "b").equals(comparable(straight.state.table, tmp_path / "a"))
+    assert comparable(resumed.state.table, tmp_path / "b").equals(
+        comparable(straight.state.table, tmp_path / "a")
+    )
 
 
 def test_budget_larger_than_pool_is_refused_before_work(pool, tmp_path):
@@ -170,33 +247,49 @@ def test_budget_larger_than_pool_is_refused_before_work(pool, tmp_path):
     assert not (tmp_path / "pool_state.parquet").exists()
 
 
-@pytest.mark.parametrize("strategy", ["entropy", "random"])  # found unreadable by scoring / by explaining
+@pytest.mark.parametrize(
+    "strategy", ["entropy", "random"]
+)  # found unreadable by scoring / by explaining
 def test_unreadable_images_are_quarantined_and_the_run_goes_on(pool, tmp_path, strategy):
     state, truth = pool
     al = ActiveLearningConfig(strategy=strategy, budget=3, subset=1.0, theta=0.0)
     if strategy == "random":  # two of the images it picks in cycle 1, so that explaining meets them
         run(tmp_path / "clean", state, truth, 1, al)
-        picked = pq.read_table(tmp_path / "clean" / "cycles" / "cycle_01" / "decisions.parquet")["sample_id"]
+        picked = pq.read_table(tmp_path / "clean" / "cycles" / "cycle_01" / "decisions.parquet")[
+            "sample_id"
+        ]
         broken = set(picked.to_pylist()[:2])
     else:  # every unlabelled image is a candidate (subset 1.0): scoring meets them
         broken = set(state.ids(UNLABELLED).to_pylist()[:2])
-    coordinator, _, history = run(tmp_path / "run", state, truth, 2, al,
-                                  backend=DamagedPoolBackend(truth, tmp_path, broken))
+    coordinator, _, history = run(
+        tmp_path / "run", state, truth, 2, al, backend=DamagedPoolBackend(truth, tmp_path, broken)
+    )
     final = coordinator.state
     final.check_invariants()
     assert set(final.ids(QUARANTINED).to_pylist()) == broken
     for sample_id in broken:
-        assert final.record(sample_id)["quarantine_reason"] == f"cycle 1: {sample_id}.png: truncated"
-    decisions = [d["sample_id"] for c in (1, 2)
-                 for d in pq.read_table(tmp_path / "run" / "cycles" / f"cycle_{c:02d}" / "decisions.parquet").to_pylist()]
+        assert (
+            final.record(sample_id)["quarantine_reason"] == f"cycle 1: {sample_id}.png: truncated"
+        )
+    decisions = [
+        d["sample_id"]
+        for c in (1, 2)
+        for d in pq.read_table(
+            tmp_path / "run" / "cycles" / f"cycle_{c:02d}" / "decisions.parquet"
+        ).to_pylist()
+    ]
     assert not broken & set(decisions)
     assert history[1]["pool/quarantined"] == 2 and history[2]["pool/quarantined"] == 2
-    assert history[1]["gate/selected"] == (1 if strategy == "random" else 3)  # explaining lost 2 of the 3
+    assert history[1]["gate/selected"] == (
+        1 if strategy == "random" else 3
+    )  # explaining lost 2 of the 3
     assert PoolState.load(snapshot_path(tmp_path / "run", 1)).count(QUARANTINED) == 2
 
 
 @pytest.mark.parametrize("strategy", ["entropy", "random"])
-def test_cycles_on_a_pool_streamed_in_small_row_groups_match_one_group(pool, tmp_path, monkeypatch, strategy):
+def test_cycles_on_a_pool_streamed_in_small_row_groups_match_one_group(
+    pool, tmp_path, monkeypatch, strategy
+):
     """The coordinator streams the pool state, D^S and its scores in row groups: cut into groups of 3 rows,
     a run selects, gates and writes exactly what it does when everything fits in one group."""
     state, truth = pool
@@ -208,6 +301,11 @@ def test_cycles_on_a_pool_streamed_in_small_row_groups_match_one_group(pool, tmp
     for cycle in (1, 2):
         for name in ("candidates.parquet", "decisions.parquet", "train_manifest.parquet"):
             assert pq.read_table(cycle_dir(tmp_path / "grouped", cycle) / name).to_pylist() == [
-                {k: v.replace(str(tmp_path / "whole"), str(tmp_path / "grouped")) if isinstance(v, str) else v
-                 for k, v in row.items()}
-                for row in pq.read_table(cycle_dir(tmp_path / "whole", cycle) / name).to_pylist()]
+                {
+                    k: v.replace(str(tmp_path / "whole"), str(tmp_path / "grouped"))
+                    if isinstance(v, str)
+                    else v
+                    for k, v in row.items()
+                }
+                for row in pq.read_table(cycle_dir(tmp_path / "whole", cycle) / name).to_pylist()
+            ]

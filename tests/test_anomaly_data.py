@@ -37,11 +37,16 @@ def test_fishyscapes_validation_layouts(tmp_path):
             write_label(tmp_path / split / "labels" / f"{stem}.png", [0, 1, 255, 2])
     bench = anomaly_benchmark(tmp_path / "LostAndFound")
     assert (bench.name, bench.layout) == ("fishyscapes_lost_and_found", "original_labels")
-    assert bench.manifest.column("sample_id").to_pylist() == ["fishyscapes_lost_and_found/0001", "fishyscapes_lost_and_found/0002"]
+    assert bench.manifest.column("sample_id").to_pylist() == [
+        "fishyscapes_lost_and_found/0001",
+        "fishyscapes_lost_and_found/0002",
+    ]
     assert mapped(bench, [0, 1, 255, 2]) == [0, 1, 255, 255]
     assert anomaly_benchmark(tmp_path / "Static").name == "fishyscapes_static"
     assert anomaly_manifest(tmp_path / "Static").num_rows == 2
-    with pytest.raises(DataError, match="holds several anomaly benchmarks \\(LostAndFound, Static\\); pass one"):
+    with pytest.raises(
+        DataError, match="holds several anomaly benchmarks \\(LostAndFound, Static\\); pass one"
+    ):
         anomaly_benchmark(tmp_path)
 
 
@@ -63,7 +68,13 @@ def test_synthetic_split_from_its_dataset_root(synthetic_root):
     assert set(np.unique(labels)) <= {0, 1, 255} and (labels == 1).any() and (labels == 0).any()
 
 
-@pytest.mark.parametrize("folder, suffix, name", [("dataset_AnomalyTrack", ".jpg", "road_anomaly_21"), ("dataset_ObstacleTrack", ".webp", "road_obstacle_21")])
+@pytest.mark.parametrize(
+    "folder, suffix, name",
+    [
+        ("dataset_AnomalyTrack", ".jpg", "road_anomaly_21"),
+        ("dataset_ObstacleTrack", ".webp", "road_obstacle_21"),
+    ],
+)
 def test_segment_me_if_you_can(tmp_path, folder, suffix, name):
     root = tmp_path / folder
     write_image(root / "images" / f"validation_1{suffix}")
@@ -80,7 +91,9 @@ def test_segment_me_if_you_can_without_labels_is_an_error(tmp_path):
     root = tmp_path / "dataset_AnomalyTrack"
     write_image(root / "images" / "test_1.jpg")
     (root / "labels_masks").mkdir()
-    with pytest.raises(DataError, match="labels_masks: no \\*_labels_semantic.png .* withholds test labels"):
+    with pytest.raises(
+        DataError, match="labels_masks: no \\*_labels_semantic.png .* withholds test labels"
+    ):
         anomaly_benchmark(root)
 
 
@@ -94,21 +107,34 @@ def test_road_anomaly_release(tmp_path):
     assert (bench.name, bench.layout, bench.root) == ("road_anomaly", "road_anomaly", root)
     assert mapped(bench, [0, 2], index=1) == [0, 1]
     write_label(root / "frames" / "cones02_cones.labels" / "labels_semantic.png", [0, 1])
-    with pytest.raises(ValueError, match="cones02_cones.labels/labels_semantic.png: label ids \\[1\\]"):
+    with pytest.raises(
+        ValueError, match="cones02_cones.labels/labels_semantic.png: label ids \\[1\\]"
+    ):
         bench.dataset()[1]
 
 
 def test_lost_and_found_release(tmp_path):
     for split in ("train", "test"):
         fid = "04_Maurener_Weg_8_000000_000030"
-        write_image(tmp_path / "leftImg8bit" / split / "04_Maurener_Weg_8" / f"{fid}_leftImg8bit.png")
-        write_label(tmp_path / "gtCoarse" / split / "04_Maurener_Weg_8" / f"{fid}_gtCoarse_labelIds.png", [1, 0, 2, 31, 43])
+        write_image(
+            tmp_path / "leftImg8bit" / split / "04_Maurener_Weg_8" / f"{fid}_leftImg8bit.png"
+        )
+        write_label(
+            tmp_path / "gtCoarse" / split / "04_Maurener_Weg_8" / f"{fid}_gtCoarse_labelIds.png",
+            [1, 0, 2, 31, 43],
+        )
     bench = anomaly_benchmark(tmp_path)
     assert (bench.name, bench.layout) == ("lost_and_found", "lost_and_found")
-    assert bench.manifest.column("sample_id").to_pylist() == ["test/04_Maurener_Weg_8_000000_000030"]
+    assert bench.manifest.column("sample_id").to_pylist() == [
+        "test/04_Maurener_Weg_8_000000_000030"
+    ]
     assert mapped(bench, [1, 0, 2, 31, 43]) == [0, 255, 1, 1, 1]
-    assert anomaly_benchmark(tmp_path, split="train").manifest.column("split").to_pylist() == ["train"]
-    with pytest.raises(DataError, match="split 'val' not found \\(splits there: \\['test', 'train'\\]\\)"):
+    assert anomaly_benchmark(tmp_path, split="train").manifest.column("split").to_pylist() == [
+        "train"
+    ]
+    with pytest.raises(
+        DataError, match="split 'val' not found \\(splits there: \\['test', 'train'\\]\\)"
+    ):
         anomaly_benchmark(tmp_path, split="val")
 
 
@@ -118,7 +144,9 @@ def test_missing_label_and_unknown_layout_are_errors_naming_the_folder(tmp_path)
     with pytest.raises(DataError, match="labels/0001.png: label not found for image"):
         anomaly_benchmark(tmp_path / "Static")
     (tmp_path / "empty" / "pictures").mkdir(parents=True)
-    with pytest.raises(DataError, match=f"{tmp_path / 'empty'}: not a known anomaly benchmark layout"):
+    with pytest.raises(
+        DataError, match=f"{tmp_path / 'empty'}: not a known anomaly benchmark layout"
+    ):
         anomaly_benchmark(tmp_path / "empty")
     with pytest.raises(DataError, match="anomaly dataset folder not found"):
         anomaly_benchmark(tmp_path / "nowhere")

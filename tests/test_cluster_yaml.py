@@ -65,7 +65,9 @@ def test_token_auth_on_every_node(config):
     for command in starts:
         assert "RAY_AUTH_MODE=token ray start" in command
     assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"]
-    assert config["file_mounts"]["/home/ray/.ray"] == "~/.ray"  # where `ray get-auth-token --generate` writes
+    assert (
+        config["file_mounts"]["/home/ray/.ray"] == "~/.ray"
+    )  # where `ray get-auth-token --generate` writes
     assert "disabled" not in CLUSTER_YAML.read_text()
 
 
@@ -75,13 +77,25 @@ def test_dashboard_on_loopback(config):
     assert "0.0.0.0" not in CLUSTER_YAML.read_text()
 
 
-@pytest.mark.parametrize("break_it", [
-    lambda c: c.update(unknown_key=1),
-    lambda c: c.update(max_workers="8"),
-    lambda c: c["available_node_types"]["gpu"]["resources"].update(GPU=0.5),
-    lambda c: c["available_node_types"]["gpu"].pop("node_config"),
-    lambda c: c["available_node_types"]["gpu"].update(min_workers=9),  # more than max_workers in all
-], ids=["unknown key", "max_workers as string", "fractional GPU resource", "no node_config", "min over max"])
+@pytest.mark.parametrize(
+    "break_it",
+    [
+        lambda c: c.update(unknown_key=1),
+        lambda c: c.update(max_workers="8"),
+        lambda c: c["available_node_types"]["gpu"]["resources"].update(GPU=0.5),
+        lambda c: c["available_node_types"]["gpu"].pop("node_config"),
+        lambda c: c["available_node_types"]["gpu"].update(
+            min_workers=9
+        ),  # more than max_workers in all
+    ],
+    ids=[
+        "unknown key",
+        "max_workers as string",
+        "fractional GPU resource",
+        "no node_config",
+        "min over max",
+    ],
+)
 def test_ray_rejects_broken_copies(config, break_it):
     broken = copy.deepcopy(config)
     break_it(broken)

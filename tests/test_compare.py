@@ -24,11 +24,20 @@ ANOMALY = {  # run -> (variant, {method: (ap, fpr95, auroc)}) on the dataset "fs
     "pebal-paper": ("paper", {"pebal": (0.60, 0.05, 0.97), "energy": (0.16, 0.42, 0.88)}),
     "pebal-reference": ("reference", {"pebal": (0.55, 0.07, 0.96), "energy": (0.16, 0.42, 0.88)}),
 }
-SUPERVISED = {0: [0.5, 0.8, 0.7], 1: [0.6, 0.76, 0.74]}  # jobs.train runs: val/miou per epoch; best 0.8, 0.76
+SUPERVISED = {
+    0: [0.5, 0.8, 0.7],
+    1: [0.6, 0.76, 0.74],
+}  # jobs.train runs: val/miou per epoch; best 0.8, 0.76
 
 
-def log_run(client: MlflowClient, experiment_id: str, name: str, tags: dict, params: dict,
-            metrics: list[Metric]) -> str:
+def log_run(
+    client: MlflowClient,
+    experiment_id: str,
+    name: str,
+    tags: dict,
+    params: dict,
+    metrics: list[Metric],
+) -> str:
     run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
     client.log_batch(run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()])
     client.set_terminated(run_id, "FINISHED")
@@ -43,31 +52,72 @@ def store(tracking_uri):
     client.create_experiment("empty")
     for (strategy, seed), values in MIOU.items():
         metrics = [Metric("val/miou", v, 1000 + cycle, cycle) for cycle, v in enumerate(values)]
-        metrics += [Metric("pool/labelled_fraction", f, 1000 + cycle, cycle) for cycle, f in enumerate(LABELLED)]
-        if (strategy, seed) == ("eem", 0):  # cycle 1 logged twice (a resumed run): the later value counts
+        metrics += [
+            Metric("pool/labelled_fraction", f, 1000 + cycle, cycle)
+            for cycle, f in enumerate(LABELLED)
+        ]
+        if (strategy, seed) == (
+            "eem",
+            0,
+        ):  # cycle 1 logged twice (a resumed run): the later value counts
             metrics.append(Metric("val/miou", 0.99, 900, 1))
-        log_run(client, experiment_id, f"al-{strategy}-s{seed}",
-                {"strategy": strategy, "oracle": "simulated", "depth_backend": "dataset", "dataset": "synthetic"},
-                {"seed": seed, "al.strategy": strategy}, metrics)
+        log_run(
+            client,
+            experiment_id,
+            f"al-{strategy}-s{seed}",
+            {
+                "strategy": strategy,
+                "oracle": "simulated",
+                "depth_backend": "dataset",
+                "dataset": "synthetic",
+            },
+            {"seed": seed, "al.strategy": strategy},
+            metrics,
+        )
     for name, (variant, methods) in ANOMALY.items():
-        metrics = [Metric(f"anomaly/fs_lf/{method}/{key}", value, 0, 0)
-                   for method, values in methods.items() for key, value in zip(("ap", "fpr95", "auroc"), values)]
+        metrics = [
+            Metric(f"anomaly/fs_lf/{method}/{key}", value, 0, 0)
+            for method, values in methods.items()
+            for key, value in zip(("ap", "fpr95", "auroc"), values)
+        ]
         log_run(client, experiment_id, name, {}, {"seed": 0, "pebal.variant": variant}, metrics)
     log_run(client, experiment_id, "train-demo", {}, {"seed": 0}, [Metric("val/miou", 0.7, 0, 0)])
     for seed, history in SUPERVISED.items():
-        log_run(client, experiment_id, f"train-s{seed}", {"job": "train"}, {"seed": seed},
-                [Metric("val/miou", v, 0, epoch) for epoch, v in enumerate(history)])
+        log_run(
+            client,
+            experiment_id,
+            f"train-s{seed}",
+            {"job": "train"},
+            {"seed": seed},
+            [Metric("val/miou", v, 0, epoch) for epoch, v in enumerate(history)],
+        )
     return client
 
 
 def run_compare(tracking_uri, out, *extra):
-    return main(["--experiment", EXPERIMENT, "--tracking-uri", tracking_uri, "--out", str(out), "--quiet", *extra])
+    return main(
+        [
+            "--experiment",
+            EXPERIMENT,
+            "--tracking-uri",
+            tracking_uri,
+            "--out",
+            str(out),
+            "--quiet",
+            *extra,
+        ]
+    )
 
 
 def test_tables_values(store, tracking_uri, tmp_path, capsys):
     run_compare(tracking_uri, tmp_path / "out", "--no-log")
     runs = pd.read_csv(tmp_path / "out" / "al_runs.csv")
-    assert list(runs["run"]) == ["al-eem-s0", "al-eem-s1", "al-random-s0", "al-random-s1"]  # not train-demo
+    assert list(runs["run"]) == [
+        "al-eem-s0",
+        "al-eem-s1",
+        "al-random-s0",
+        "al-random-s1",
+    ]  # not train-demo
     assert list(runs.columns[-4:]) == ["cycle_0", "cycle_1", "cycle_2", "final"]
     for _, row in runs.iterrows():
         values = MIOU[(row["strategy"], row["seed"])]
@@ -86,14 +136,22 @@ def test_tables_values(store, tracking_uri, tmp_path, capsys):
 
     anomaly = pd.read_csv(tmp_path / "out" / "anomaly.csv").set_index(["run", "method"])
     assert len(anomaly) == 4
-    assert anomaly.loc[("pebal-paper", "pebal"), ["ap", "fpr95", "auroc"]].tolist() == pytest.approx([0.60, 0.05, 0.97])
+    assert anomaly.loc[
+        ("pebal-paper", "pebal"), ["ap", "fpr95", "auroc"]
+    ].tolist() == pytest.approx([0.60, 0.05, 0.97])
     assert anomaly.loc[("pebal-reference", "pebal"), "variant"] == "reference"
     assert anomaly.loc[("pebal-reference", "energy"), "ap"] == pytest.approx(0.16)
 
     markdown = (tmp_path / "out" / "comparison.md").read_text()
     assert markdown in capsys.readouterr().out
-    assert "| eem | simulated | dataset | 2 | 41.00 ± 1.41 | 52.00 ± 2.83 | 61.00 ± 1.41 | 61.00 ± 1.41 |" in markdown
-    assert "| al-random-s1 | random | simulated | dataset | 1 | FINISHED | 38.00 | 43.00 | 50.00 | 50.00 |" in markdown
+    assert (
+        "| eem | simulated | dataset | 2 | 41.00 ± 1.41 | 52.00 ± 2.83 | 61.00 ± 1.41 | 61.00 ± 1.41 |"
+        in markdown
+    )
+    assert (
+        "| al-random-s1 | random | simulated | dataset | 1 | FINISHED | 38.00 | 43.00 | 50.00 | 50.00 |"
+        in markdown
+    )
     assert "| pebal-paper | paper | fs_lf | pebal | 60.00 | 5.00 | 97.00 |" in markdown
 
 
@@ -106,16 +164,24 @@ def test_plots_are_images(store, tracking_uri, tmp_path):
 
 
 def test_filter(store, tracking_uri, tmp_path):
-    comparison = run_compare(tracking_uri, tmp_path, "--no-log", "--filter", "tags.strategy = 'eem'")
+    comparison = run_compare(
+        tracking_uri, tmp_path, "--no-log", "--filter", "tags.strategy = 'eem'"
+    )
     assert sorted(comparison.al_runs["run"]) == ["al-eem-s0", "al-eem-s1"]
     assert comparison.anomaly.empty
     assert not (tmp_path / "anomaly.csv").exists() and not (tmp_path / "anomaly_ap.png").exists()
     summary = pd.read_csv(tmp_path / "al_summary.csv")
     assert list(summary["strategy"]) == ["eem"]
 
-    pebal_only = run_compare(tracking_uri, tmp_path / "pebal", "--no-log", "--filter", "params.`pebal.variant` = 'paper'")
+    pebal_only = run_compare(
+        tracking_uri, tmp_path / "pebal", "--no-log", "--filter", "params.`pebal.variant` = 'paper'"
+    )
     assert pebal_only.al_runs.empty and set(pebal_only.anomaly["run"]) == {"pebal-paper"}
-    assert sorted(p.name for p in (tmp_path / "pebal").iterdir()) == ["anomaly.csv", "anomaly_ap.png", "comparison.md"]
+    assert sorted(p.name for p in (tmp_path / "pebal").iterdir()) == [
+        "anomaly.csv",
+        "anomaly_ap.png",
+        "comparison.md",
+    ]
 
 
 def test_logs_a_compare_run_and_leaves_it_out(store, tracking_uri, tmp_path):
@@ -125,20 +191,38 @@ def test_logs_a_compare_run_and_leaves_it_out(store, tracking_uri, tmp_path):
     assert len(compare_runs) == 1 and compare_runs[0].info.run_name == "compare"
     assert compare_runs[0].info.status == "FINISHED"
     logged = {f.path for f in store.list_artifacts(compare_runs[0].info.run_id, "compare")}
-    assert logged == {f"compare/{name}" for name in ("al_runs.csv", "al_summary.csv", "anomaly.csv", "supervised.csv",
-                                                     "comparison.md", "miou_vs_labelled.png", "anomaly_ap.png")}
+    assert logged == {
+        f"compare/{name}"
+        for name in (
+            "al_runs.csv",
+            "al_summary.csv",
+            "anomaly.csv",
+            "supervised.csv",
+            "comparison.md",
+            "miou_vs_labelled.png",
+            "anomaly_ap.png",
+        )
+    }
     again = run_compare(tracking_uri, tmp_path / "again", "--no-log")
     assert len(again.al_runs) == 4 and len(again.anomaly) == 4
 
 
 def test_errors(store, tracking_uri, tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(SystemExit, match=r"no MLflow experiment named 'nope'.*experiments there: Default, empty, segxal-test"):
+    with pytest.raises(
+        SystemExit,
+        match=r"no MLflow experiment named 'nope'.*experiments there: Default, empty, segxal-test",
+    ):
         main(["--experiment", "nope", "--tracking-uri", tracking_uri, "--out", str(out)])
-    with pytest.raises(SystemExit, match=r"no SegXAL, PEBAL or jobs.train run in experiment 'segxal-test' matches the filter "
-                                         r"\"tags.strategy = 'coreset'\""):
+    with pytest.raises(
+        SystemExit,
+        match=r"no SegXAL, PEBAL or jobs.train run in experiment 'segxal-test' matches the filter "
+        r"\"tags.strategy = 'coreset'\"",
+    ):
         run_compare(tracking_uri, out, "--filter", "tags.strategy = 'coreset'")
-    with pytest.raises(SystemExit, match="experiment 'empty' holds no SegXAL, PEBAL or jobs.train run"):
+    with pytest.raises(
+        SystemExit, match="experiment 'empty' holds no SegXAL, PEBAL or jobs.train run"
+    ):
         main(["--experiment", "empty", "--tracking-uri", tracking_uri, "--out", str(out)])
     with pytest.raises(SystemExit, match="bad filter 'tags.strategy =='"):
         run_compare(tracking_uri, out, "--filter", "tags.strategy ==")
@@ -151,4 +235,6 @@ def test_fully_supervised_runs_are_the_reference(store, tracking_uri, tmp_path, 
     assert list(supervised["run"]) == ["train-s0", "train-s1"]  # not train-demo: no job=train tag
     assert list(supervised["miou"]) == pytest.approx([0.8, 0.76])  # the best epoch of each
     assert list(comparison.supervised["seed"]) == [0, 1]
-    assert "| mean of 2 | - | 78.00 ± 2.83 |" in capsys.readouterr().out  # std of 0.80, 0.76: 0.04 / sqrt(2)
+    assert (
+        "| mean of 2 | - | 78.00 ± 2.83 |" in capsys.readouterr().out
+    )  # std of 0.80, 0.76: 0.04 / sqrt(2)

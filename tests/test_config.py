@@ -14,7 +14,9 @@ def write(tmp_path, text):
 
 
 def test_loads_yaml_with_nested_sections_and_defaults(tmp_path):
-    config = load_experiment(write(tmp_path, "name: x\ndata:\n  image_size: [64, 128]\ntrain:\n  lr: 1\n"))
+    config = load_experiment(
+        write(tmp_path, "name: x\ndata:\n  image_size: [64, 128]\ntrain:\n  lr: 1\n")
+    )
     assert config.name == "x"
     assert config.data.image_size == (64, 128)
     assert config.train.lr == 1.0 and isinstance(config.train.lr, float)
@@ -24,8 +26,15 @@ def test_loads_yaml_with_nested_sections_and_defaults(tmp_path):
 
 
 def test_overrides_take_precedence(tmp_path):
-    config = load_experiment(write(tmp_path, "train:\n  epochs: 2\n"),
-                             ["train.epochs=7", "data.crop_size=[32, 64]", "tracking.run_name=abc", "data.image_size=null"])
+    config = load_experiment(
+        write(tmp_path, "train:\n  epochs: 2\n"),
+        [
+            "train.epochs=7",
+            "data.crop_size=[32, 64]",
+            "tracking.run_name=abc",
+            "data.image_size=null",
+        ],
+    )
     assert config.train.epochs == 7
     assert config.data.crop_size == (32, 64)
     assert config.tracking.run_name == "abc"

@@ -22,7 +22,10 @@ def png(path, array):
 
 def cityscapes_sample(root, split, city, stem, label, image_hw=None, disparity=None):
     hw = image_hw or label.shape
-    png(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", RNG.integers(0, 255, (*hw, 3), dtype=np.uint8))
+    png(
+        root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png",
+        RNG.integers(0, 255, (*hw, 3), dtype=np.uint8),
+    )
     png(root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png", label.astype(np.uint8))
     if disparity is not None:
         (root / "disparity" / split / city).mkdir(parents=True, exist_ok=True)
@@ -30,8 +33,72 @@ def cityscapes_sample(root, split, city, stem, label, image_hw=None, disparity=N
 
 
 def test_cityscapes_label_ids_map_to_official_train_ids():
-    raw = np.array([0, 1, 6, 7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33, 29, 30, 9, 10, 14, 15, 16, 18])
-    expected = [255, 255, 255, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 255, 255, 255, 255, 255, 255, 255, 255]
+    raw = np.array(
+        [
+            0,
+            1,
+            6,
+            7,
+            8,
+            11,
+            12,
+            13,
+            17,
+            19,
+            20,
+            21,
+            22,
+            23,
+            24,
+            25,
+            26,
+            27,
+            28,
+            31,
+            32,
+            33,
+            29,
+            30,
+            9,
+            10,
+            14,
+            15,
+            16,
+            18,
+        ]
+    )
+    expected = [
+        255,
+        255,
+        255,
+        0,
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+        7,
+        8,
+        9,
+        10,
+        11,
+        12,
+        13,
+        14,
+        15,
+        16,
+        17,
+        18,
+        255,
+        255,
+        255,
+        255,
+        255,
+        255,
+        255,
+        255,
+    ]
     assert CITYSCAPES.to_train_ids(raw, "x").tolist() == expected
     assert CITYSCAPES.num_classes == 19
     assert CITYSCAPES.class_names[13] == "car"
@@ -54,22 +121,38 @@ def test_cityscapes_manifest_and_dataset(tmp_path):
     cityscapes_sample(tmp_path, "train", "aachen", "aachen_000000_000019", label)
     manifest = cityscapes_manifest(tmp_path, "train")
     assert manifest.schema.equals(MANIFEST_SCHEMA)
-    assert manifest["sample_id"].to_pylist() == ["train/aachen_000000_000019", "train/bonn_000001_000019"]
-    assert manifest["depth_path"].to_pylist()[0] is None and manifest["depth_path"].to_pylist()[1].endswith("_disparity.png")
+    assert manifest["sample_id"].to_pylist() == [
+        "train/aachen_000000_000019",
+        "train/bonn_000001_000019",
+    ]
+    assert manifest["depth_path"].to_pylist()[0] is None and manifest["depth_path"].to_pylist()[
+        1
+    ].endswith("_disparity.png")
     assert manifest["height"].to_pylist() == [6, 6] and manifest["width"].to_pylist() == [10, 10]
     item = SegmentationDataset(manifest, CITYSCAPES, load_depth=True)[1]
     assert item["label"].dtype == torch.int64
-    assert item["label"][0, 0] == 10 and item["label"][3, 3] == 0 and item["label"][5, 0] == IGNORE_INDEX
+    assert (
+        item["label"][0, 0] == 10
+        and item["label"][3, 3] == 0
+        and item["label"][5, 0] == IGNORE_INDEX
+    )
     assert torch.allclose(item["depth"], torch.from_numpy(disparity), atol=1 / 256)
     assert item["image"].shape == (3, 6, 10)
     raw = np.array(Image.open(manifest["image_path"][1].as_py()))
-    assert torch.allclose(denormalize(item["image"]).permute(1, 2, 0) * 255, torch.from_numpy(raw).float(), atol=1e-3)
+    assert torch.allclose(
+        denormalize(item["image"]).permute(1, 2, 0) * 255, torch.from_numpy(raw).float(), atol=1e-3
+    )
 
 
 def test_camvid_manifest_and_resize(tmp_path):
     for split in ("train", "val"):
-        png(tmp_path / split / "0001TP_006690.png", RNG.integers(0, 255, (9, 12, 3), dtype=np.uint8))
-        png(tmp_path / f"{split}annot" / "0001TP_006690.png", np.tile(np.arange(12, dtype=np.uint8), (9, 1)))
+        png(
+            tmp_path / split / "0001TP_006690.png", RNG.integers(0, 255, (9, 12, 3), dtype=np.uint8)
+        )
+        png(
+            tmp_path / f"{split}annot" / "0001TP_006690.png",
+            np.tile(np.arange(12, dtype=np.uint8), (9, 1)),
+        )
     manifest = camvid_manifest(tmp_path, "val")
     assert manifest["sample_id"].to_pylist() == ["val/0001TP_006690"]
     item = SegmentationDataset(manifest, CAMVID, SampleTransform(size=(18, 24)))[0]
@@ -97,8 +180,12 @@ class TestBadInput:
             camvid_manifest(tmp_path, "train")
 
     def test_size_mismatch(self, tmp_path):
-        cityscapes_sample(tmp_path, "train", "c", "c_0_0", np.zeros((4, 4), np.uint8), image_hw=(4, 5))
-        with pytest.raises(DataError, match="c_0_0_gtFine_labelIds.png: size 4x4 does not match image"):
+        cityscapes_sample(
+            tmp_path, "train", "c", "c_0_0", np.zeros((4, 4), np.uint8), image_hw=(4, 5)
+        )
+        with pytest.raises(
+            DataError, match="c_0_0_gtFine_labelIds.png: size 4x4 does not match image"
+        ):
             cityscapes_manifest(tmp_path, "train")
 
     def test_corrupt_image(self, tmp_path):
@@ -130,10 +217,14 @@ def test_random_crop_flip_moves_image_label_and_depth_together():
     depth = image[1].clone()
     for seed in range(8):
         generator = torch.Generator().manual_seed(seed)
-        out_image, out_label, out_depth = random_crop_flip(image, label, (4, 5), generator, extra=depth)
+        out_image, out_label, out_depth = random_crop_flip(
+            image, label, (4, 5), generator, extra=depth
+        )
         assert out_image.shape == (2, 4, 5) and out_label.shape == (4, 5)
         assert torch.equal(out_image[0].long(), out_label) and torch.equal(out_image[1], out_depth)
-    padded_image, padded_label, _ = random_crop_flip(image, label, (8, 8), torch.Generator().manual_seed(0))
+    padded_image, padded_label, _ = random_crop_flip(
+        image, label, (8, 8), torch.Generator().manual_seed(0)
+    )
     assert (padded_label[6:] == IGNORE_INDEX).all() and (padded_image[:, 6:] == 0).all()
 
 

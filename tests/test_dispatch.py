@@ -69,8 +69,12 @@ def test_a_stalled_actor_keeps_only_its_first_parts_and_the_others_do_the_rest(l
             gate.open.remote()
 
     outcome = {}
-    thread = threading.Thread(target=lambda: outcome.update(results=map_on_idle_actors(
-        [stalled, free], parts, submit, in_flight=2, on_done=on_done)), daemon=True)
+    thread = threading.Thread(
+        target=lambda: outcome.update(
+            results=map_on_idle_actors([stalled, free], parts, submit, in_flight=2, on_done=on_done)
+        ),
+        daemon=True,
+    )
     thread.start()
     thread.join(timeout=60)
     if thread.is_alive():

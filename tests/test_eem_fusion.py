@@ -36,7 +36,9 @@ def test_quantile_and_fixed_thresholds():
     assert near_region(proximity, "fixed", fixed=0.5).sum() == 50
     flat_far = torch.zeros(1, 10, 10)
     flat_far[0, 0, :3] = 1.0
-    assert near_region(flat_far, "quantile", quantile=0.5).sum() == 3  # ties at the quantile stay far
+    assert (
+        near_region(flat_far, "quantile", quantile=0.5).sum() == 3
+    )  # ties at the quantile stay far
 
 
 def test_depth_informed_image_hard_and_soft():
@@ -85,15 +87,24 @@ def test_regions_records_known_layout_and_json():
     prediction[12:18, 20:24] = 11
     prediction[12:18, 24:28] = 0
     prediction[12:18, 20:25] = 11  # class 11 dominates the second blob (30 vs 18 px)
-    regions = extract_regions(eem, torch.from_numpy(prediction), threshold=0.5, min_area=4,
-                              class_names=CITYSCAPES.class_names)
+    regions = extract_regions(
+        eem,
+        torch.from_numpy(prediction),
+        threshold=0.5,
+        min_area=4,
+        class_names=CITYSCAPES.class_names,
+    )
     assert [r["id"] for r in regions] == [1, 2]
     first, second = regions
     assert first["prompt"] == {"x": 27, "y": 12} and first["area"] == 48
     assert first["class_id"] == 11 and first["class_name"] == "person"
     assert first["bbox"] == {"x0": 20, "y0": 12, "x1": 27, "y1": 17}
     assert first["mean_eem"] == pytest.approx((47 * 0.7 + 0.95) / 48)
-    assert second["prompt"] == {"x": 7, "y": 4} and second["area"] == 24 and second["class_name"] == "car"
+    assert (
+        second["prompt"] == {"x": 7, "y": 4}
+        and second["area"] == 24
+        and second["class_name"] == "car"
+    )
     assert json.loads(json.dumps(regions)) == regions
     assert len(extract_regions(eem, prediction, 0.5, 4, max_regions=1)) == 1
     assert extract_regions(eem, prediction, 0.5, 1)[0]["prompt"] == {"x": 29, "y": 0}
@@ -117,7 +128,9 @@ def test_alpha_zero_gives_pure_normalised_entropy():
     torch.manual_seed(0)
     model = UNet(UNetConfig(num_classes=5, width=4, depth=2))
     images = torch.randn(2, 3, 16, 24)
-    result = score_batch(model, images, EEMConfig(alpha=0.0, beta=1.0), GeometricDepth(), return_maps=True)
+    result = score_batch(
+        model, images, EEMConfig(alpha=0.0, beta=1.0), GeometricDepth(), return_maps=True
+    )
     with torch.no_grad():
         expected = normalized_entropy(model.eval()(images))
     assert torch.allclose(result.maps.eem, expected, atol=1e-6)
@@ -141,11 +154,15 @@ def test_score_batch_fuses_maps_and_records():
     assert result.near_fraction.tolist() == pytest.approx([6 / 16] * 3)
     assert maps.proxgradcam.amax(dim=(1, 2)).tolist() == pytest.approx([1.0] * 3)
     assert maps.proxgradcam[~maps.near].eq(0).all()  # gated: removed pixels carry no attribution
-    ungated = score_batch(model, images, EEMConfig(gate_cam=False), DatasetDepth(), depth=disparity, return_maps=True)
+    ungated = score_batch(
+        model, images, EEMConfig(gate_cam=False), DatasetDepth(), depth=disparity, return_maps=True
+    )
     informed = depth_informed_image(images, maps.proximity, maps.near, "hard")
     raw = grad_cam(model, informed, "features", maps.prediction, maps.near)
     assert torch.allclose(ungated.maps.proxgradcam, raw, atol=1e-6)
-    assert torch.allclose(maps.proxgradcam, raw * maps.near / (raw * maps.near).amax((1, 2), keepdim=True), atol=1e-6)
+    assert torch.allclose(
+        maps.proxgradcam, raw * maps.near / (raw * maps.near).amax((1, 2), keepdim=True), atol=1e-6
+    )
     assert model.training and all(p.grad is None for p in model.parameters())
     records = result.records(["a", "b", "c"])
     assert [r["sample_id"] for r in records] == ["a", "b", "c"]
@@ -165,13 +182,30 @@ def test_panel_is_written(tmp_path):
     torch.manual_seed(0)
     model = Constant(num_classes=19)
     images = torch.randn(1, 3, 32, 64)
-    result = score_batch(model, images, EEMConfig(min_region_area=1, region_threshold=0.2), GeometricDepth(),
-                         return_maps=True)
+    result = score_batch(
+        model,
+        images,
+        EEMConfig(min_region_area=1, region_threshold=0.2),
+        GeometricDepth(),
+        return_maps=True,
+    )
     maps = result.maps
-    regions = maps.regions(EEMConfig(min_region_area=1, region_threshold=0.2), CITYSCAPES.class_names)
+    regions = maps.regions(
+        EEMConfig(min_region_area=1, region_threshold=0.2), CITYSCAPES.class_names
+    )
     assert regions[0], "the panel should show at least one prompt"
-    path = save_panel(tmp_path / "p" / "panel.png", images[0], maps.prediction[0], maps.entropy[0],
-                      maps.proximity[0], maps.proxgradcam[0], maps.eem[0], regions[0], CITYSCAPES, "sample")
+    path = save_panel(
+        tmp_path / "p" / "panel.png",
+        images[0],
+        maps.prediction[0],
+        maps.entropy[0],
+        maps.proximity[0],
+        maps.proxgradcam[0],
+        maps.eem[0],
+        regions[0],
+        CITYSCAPES,
+        "sample",
+    )
     with Image.open(path) as png:
         assert png.format == "PNG" and png.size[0] >= 600
         assert np.asarray(png.convert("L")).std() > 5  # not a blank canvas
@@ -199,16 +233,34 @@ def test_bf16_precision_runs_the_segmenter_in_bfloat16_and_scores_close_to_fp32(
     images = torch.randn(2, 3, 32, 48)
     disparity = torch.linspace(0, 20, 32)[None, :, None].expand(2, 32, 48).contiguous()
     dtypes = []
-    hook = model.head.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
-    exact = score_batch(model, images, EEMConfig(), DatasetDepth(), depth=disparity, return_maps=True)
-    fast = score_batch(model, images, EEMConfig(precision="bf16"), DatasetDepth(), depth=disparity, return_maps=True)
+    hook = model.head.register_forward_hook(
+        lambda module, inputs, output: dtypes.append(output.dtype)
+    )
+    exact = score_batch(
+        model, images, EEMConfig(), DatasetDepth(), depth=disparity, return_maps=True
+    )
+    fast = score_batch(
+        model,
+        images,
+        EEMConfig(precision="bf16"),
+        DatasetDepth(),
+        depth=disparity,
+        return_maps=True,
+    )
     hook.remove()
-    assert dtypes == [torch.float32, torch.float32, torch.bfloat16, torch.bfloat16]  # two forwards each
+    assert dtypes == [
+        torch.float32,
+        torch.float32,
+        torch.bfloat16,
+        torch.bfloat16,
+    ]  # two forwards each
     assert fast.score.dtype == torch.float32 and fast.maps.eem.dtype == torch.float32
     assert torch.equal(fast.maps.near, exact.maps.near)
     assert (fast.score - exact.score).abs().max() < 1e-2
     assert (fast.maps.entropy - exact.maps.entropy).abs().max() < 5e-2
     with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
         score_batch(model, images, EEMConfig(precision="fp16"), DatasetDepth(), depth=disparity)
-    with pytest.raises(ValueError, match="EEMConfig.precision must be one of fp32, bf16, fp16; got 'fp8'"):
+    with pytest.raises(
+        ValueError, match="EEMConfig.precision must be one of fp32, bf16, fp16; got 'fp8'"
+    ):
         EEMConfig(precision="fp8")

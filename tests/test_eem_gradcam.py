@@ -13,7 +13,9 @@ class TinySegmenter(nn.Module):
 
     def __init__(self, num_classes: int = 3) -> None:
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True))
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True)
+        )
         self.mix = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.Tanh())
         self.head = nn.Conv2d(4, num_classes, 1)
 
@@ -38,9 +40,11 @@ def _hand_grad_cam(model, image, prediction, region, classes=None):
     logits = model.head(model.mix(activation))
     mask = region.float() * torch.ones_like(prediction, dtype=torch.float)
     maps = []
-    for c in (classes if classes is not None else [None]):
+    for c in classes if classes is not None else [None]:
         if c is None:
-            selected = torch.nn.functional.one_hot(prediction, logits.shape[1]).permute(2, 0, 1).float()
+            selected = (
+                torch.nn.functional.one_hot(prediction, logits.shape[1]).permute(2, 0, 1).float()
+            )
         else:
             selected = torch.zeros_like(logits[0])
             selected[c] = (prediction == c).float()
@@ -58,7 +62,7 @@ def _inputs(seed: int = 1, batch: int = 3, size=(10, 12)):
     images = torch.randn(batch, 3, *size, generator=generator)
     prediction = torch.randint(0, 3, (batch, *size), generator=generator)
     region = torch.zeros(batch, *size, dtype=torch.bool)
-    region[:, size[0] // 2:, : size[1] // 2 + 2] = True
+    region[:, size[0] // 2 :, : size[1] // 2 + 2] = True
     return images, prediction, region
 
 
@@ -69,7 +73,9 @@ def test_grad_cam_equals_hand_computed_and_batched_equals_per_image():
     assert batched.shape == (3, 10, 12)
     for b in range(3):
         expected = _hand_grad_cam(model, images[b], prediction[b], region[b])
-        single = grad_cam(model, images[b:b + 1], "features", prediction[b:b + 1], region[b:b + 1])
+        single = grad_cam(
+            model, images[b : b + 1], "features", prediction[b : b + 1], region[b : b + 1]
+        )
         assert torch.allclose(batched[b], expected, atol=1e-5)
         assert torch.allclose(single[0], batched[b], atol=1e-5)
         assert batched[b].max() == pytest.approx(1.0) and batched[b].min() >= 0
@@ -78,13 +84,17 @@ def test_grad_cam_equals_hand_computed_and_batched_equals_per_image():
 def test_max_target_is_pixelwise_max_of_per_class_maps():
     model = _model(3)
     images, prediction, region = _inputs(seed=4, batch=2)
-    prediction[1] = torch.where(prediction[1] == 2, 0, prediction[1])  # image 1: fewer classes than image 0
+    prediction[1] = torch.where(
+        prediction[1] == 2, 0, prediction[1]
+    )  # image 1: fewer classes than image 0
     batched = grad_cam(model, images, "features", prediction, region, target="max")
     for b in range(2):
         classes = sorted(set(prediction[b][region[b]].tolist()))
         expected = _hand_grad_cam(model, images[b], prediction[b], region[b], classes)
         assert torch.allclose(batched[b], expected, atol=1e-5)
-    assert not torch.allclose(batched, grad_cam(model, images, "features", prediction, region, target="sum"))
+    assert not torch.allclose(
+        batched, grad_cam(model, images, "features", prediction, region, target="sum")
+    )
 
 
 def test_grad_cam_leaves_model_untouched_under_no_grad():
@@ -116,7 +126,9 @@ def test_hooks_released_after_an_exception():
     with pytest.raises(ValueError, match="prediction"):
         grad_cam(model, images, "features", prediction[:, :5], region)
     with pytest.raises(RuntimeError):
-        grad_cam(model, images[:, :2], "features", prediction, region)  # conv rejects 2 channels mid-forward
+        grad_cam(
+            model, images[:, :2], "features", prediction, region
+        )  # conv rejects 2 channels mid-forward
     assert all(not m._forward_hooks for m in model.modules())
     assert torch.is_grad_enabled() and model.training
     with pytest.raises(KeyError, match="nope"):
@@ -158,6 +170,8 @@ def test_unet_padded_input_batched_equals_per_image():
         batched = grad_cam(model, images, layer, prediction, region)
         assert batched.shape == (3, 18, 22)
         for b in range(3):
-            single = grad_cam(model, images[b:b + 1], layer, prediction[b:b + 1], region[b:b + 1])
+            single = grad_cam(
+                model, images[b : b + 1], layer, prediction[b : b + 1], region[b : b + 1]
+            )
             assert torch.allclose(single[0], batched[b], atol=1e-5)
     assert all(p.grad is None for p in model.parameters())

@@ -25,14 +25,21 @@ LINGERING_AGENTS = {"ray::DashboardAgent", "ray::RuntimeEnvAgent"}
 
 
 def job_env() -> dict:
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}  # its own embedded Ray
+    env = {
+        key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"
+    }  # its own embedded Ray
     return {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 def start_job(args: list[str], log: Path) -> subprocess.Popen:
     with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "jobs.al", *args], cwd=REPO, env=job_env(), stdout=out,
-                                stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, "-m", "jobs.al", *args],
+            cwd=REPO,
+            env=job_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def finish_job(job: subprocess.Popen, log: Path) -> None:
@@ -61,24 +68,42 @@ def kill_when(job: subprocess.Popen, log: Path, ready: Path) -> dict[int, int]:
     """SIGKILL the driver ``job`` as soon as ``ready`` exists; returns the processes it had started."""
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while not ready.exists():
-        assert job.poll() is None, f"the driver ended before {ready.name}:\n{log.read_text()[-3000:]}"
+        assert job.poll() is None, (
+            f"the driver ended before {ready.name}:\n{log.read_text()[-3000:]}"
+        )
         assert time.monotonic() < deadline, f"no {ready} after {JOB_TIMEOUT_S} s"
         time.sleep(0.05)
     return kill_job(job)
 
 
-def test_driver_killed_mid_cycle_then_resumed_matches_an_uninterrupted_run(synthetic_root, tmp_path):
-    runs, uri, killed_dir = tmp_path / "runs", f"sqlite:///{tmp_path / 'killed.db'}", tmp_path / "runs" / "killed"
+def test_driver_killed_mid_cycle_then_resumed_matches_an_uninterrupted_run(
+    synthetic_root, tmp_path
+):
+    runs, uri, killed_dir = (
+        tmp_path / "runs",
+        f"sqlite:///{tmp_path / 'killed.db'}",
+        tmp_path / "runs" / "killed",
+    )
     straight_log, killed_log = tmp_path / "straight.log", tmp_path / "killed.log"
     # the uninterrupted run alongside the interrupted one: most of a job's time is Ray starting up
-    straight = start_job(tiny(synthetic_root, runs, f"sqlite:///{tmp_path / 'straight.db'}", "straight", 1), straight_log)
-    with cleaned_up(straight), cleaned_up(start_job(tiny(synthetic_root, runs, uri, "killed", 1), killed_log)) as killed:
-        ray_processes = kill_when(killed, killed_log, killed_dir / "cycles" / "cycle_01" / "decisions.parquet")
+    straight = start_job(
+        tiny(synthetic_root, runs, f"sqlite:///{tmp_path / 'straight.db'}", "straight", 1),
+        straight_log,
+    )
+    with (
+        cleaned_up(straight),
+        cleaned_up(start_job(tiny(synthetic_root, runs, uri, "killed", 1), killed_log)) as killed,
+    ):
+        ray_processes = kill_when(
+            killed, killed_log, killed_dir / "cycles" / "cycle_01" / "decisions.parquet"
+        )
         assert len(ray_processes) > 3  # GCS, raylet, dashboard, workers...
         left = {pid: command_line(pid) for pid in wait_gone(ray_processes, timeout_s=10)}
         kill_exactly({pid: ray_processes[pid] for pid in left})
         assert set(left.values()) <= LINGERING_AGENTS, f"the driver's Ray outlived it: {left}"
-        assert not (killed_dir / "cycles" / "cycle_01" / "model.pt").exists()  # killed before cycle 1 ended
+        assert not (
+            killed_dir / "cycles" / "cycle_01" / "model.pt"
+        ).exists()  # killed before cycle 1 ended
         with cleaned_up(start_job(["--resume", str(killed_dir), "--quiet"], killed_log)) as resumed:
             finish_job(resumed, killed_log)
         finish_job(straight, straight_log)

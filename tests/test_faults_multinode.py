@@ -8,19 +8,37 @@ from ray.cluster_utils import Cluster
 
 from actors.scoring import ScorerPool
 
-from test_faults_scoring import (SCORER_ARGS, actor_pid, assert_scored_once_like, model_version, pass_under_way,
-                                 pool_rows, tiny_checkpoint)
+from test_faults_scoring import (
+    SCORER_ARGS,
+    actor_pid,
+    assert_scored_once_like,
+    model_version,
+    pass_under_way,
+    pool_rows,
+    tiny_checkpoint,
+)
 
 pytestmark = pytest.mark.slow
 LOOPBACK = {"node_ip_address": "127.0.0.1"}
 # the GCS declares a node dead after about 2 s without an answer (default: 15 s)
-FAST_HEALTH_CHECKS = {"health_check_period_ms": 500, "health_check_timeout_ms": 500, "health_check_failure_threshold": 4}
+FAST_HEALTH_CHECKS = {
+    "health_check_period_ms": 500,
+    "health_check_timeout_ms": 500,
+    "health_check_failure_threshold": 4,
+}
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": False, "_system_config": FAST_HEALTH_CHECKS, **LOOPBACK})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 0,
+            "include_dashboard": False,
+            "_system_config": FAST_HEALTH_CHECKS,
+            **LOOPBACK,
+        },
+    )
     try:
         for _ in range(3):
             cluster.add_node(num_cpus=1, **LOOPBACK)
@@ -33,7 +51,9 @@ def cluster():
 
 
 def node_of(actor) -> str:
-    return ray.get(actor.__ray_call__.remote(lambda scorer: ray.get_runtime_context().get_node_id()))
+    return ray.get(
+        actor.__ray_call__.remote(lambda scorer: ray.get_runtime_context().get_node_id())
+    )
 
 
 def test_a_lost_worker_node_does_not_stop_pool_scoring(cluster, synthetic_root):
@@ -51,7 +71,12 @@ def test_a_lost_worker_node_does_not_stop_pool_scoring(cluster, synthetic_root):
         thread.join(timeout=300)
         assert not thread.is_alive() and "error" not in outcome, outcome.get("error")
         assert_scored_once_like(outcome["table"], reference, rows)
-        assert node_of(victim) not in (lost_node_id, node_of(pool.actors[1]))  # moved to the spare node
-        assert model_version(victim) == pool.version, "the restarted process scored no retried shard"
+        assert node_of(victim) not in (
+            lost_node_id,
+            node_of(pool.actors[1]),
+        )  # moved to the spare node
+        assert model_version(victim) == pool.version, (
+            "the restarted process scored no retried shard"
+        )
     finally:
         pool.shutdown()

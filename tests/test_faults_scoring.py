@@ -22,8 +22,13 @@ from segxal.models.unet import UNet, UNetConfig
 from procfs import cpu_ticks
 
 pytestmark = pytest.mark.slow
-SCORER_ARGS = {"eem": EEMConfig(min_region_area=2), "label_set": "cityscapes", "size": None, "batch_size": 1,
-               "device": "cpu"}
+SCORER_ARGS = {
+    "eem": EEMConfig(min_region_area=2),
+    "label_set": "cityscapes",
+    "size": None,
+    "batch_size": 1,
+    "device": "cpu",
+}
 
 
 def pool_rows(synthetic_root, copies: int) -> pa.Table:
@@ -32,8 +37,12 @@ def pool_rows(synthetic_root, copies: int) -> pa.Table:
     manifest = cityscapes_manifest(synthetic_root, "train")
     column = manifest.schema.get_field_index("sample_id")
     ids = manifest["sample_id"].to_pylist()
-    return pa.concat_tables([manifest.set_column(column, "sample_id", pa.array([f"{i}#{k}" for i in ids]))
-                             for k in range(copies)])
+    return pa.concat_tables(
+        [
+            manifest.set_column(column, "sample_id", pa.array([f"{i}#{k}" for i in ids]))
+            for k in range(copies)
+        ]
+    )
 
 
 def tiny_checkpoint() -> dict:
@@ -75,7 +84,9 @@ def assert_scored_once_like(result: pa.Table, reference: pa.Table, rows: pa.Tabl
     ids = result["sample_id"].to_pylist()
     assert Counter(ids) == Counter(rows["sample_id"].to_pylist())  # every id, exactly once
     assert ids == reference["sample_id"].to_pylist()
-    np.testing.assert_allclose(result["score"].to_numpy(), reference["score"].to_numpy(), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(
+        result["score"].to_numpy(), reference["score"].to_numpy(), rtol=1e-6, atol=1e-9
+    )
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +96,10 @@ def local_ray():
     ray.shutdown()
 
 
-KILLS = {"SIGKILL": lambda actor, pid: os.kill(pid, signal.SIGKILL),
-         "ray.kill": lambda actor, pid: ray.kill(actor, no_restart=False)}
+KILLS = {
+    "SIGKILL": lambda actor, pid: os.kill(pid, signal.SIGKILL),
+    "ray.kill": lambda actor, pid: ray.kill(actor, no_restart=False),
+}
 
 
 @pytest.mark.parametrize("kill", KILLS)
@@ -105,6 +118,8 @@ def test_an_actor_killed_mid_pass_restarts_and_the_pass_completes(local_ray, syn
         assert not thread.is_alive() and "error" not in outcome, outcome.get("error")
         assert_scored_once_like(outcome["table"], reference, rows)
         assert actor_pid(victim) != pid
-        assert model_version(victim) == pool.version, "the restarted process scored no retried shard"
+        assert model_version(victim) == pool.version, (
+            "the restarted process scored no retried shard"
+        )
     finally:
         pool.shutdown()

@@ -22,8 +22,16 @@ from jobs import al, pebal, sweep, train
 from jobs.common import free_loopback_port
 from orchestrator import tracking
 from orchestrator.config import ExperimentConfig
-from orchestrator.tracking import (RetryingClient, TrackingError, check_tracking_reachable, experiment_run,
-                                   log_artifact, log_metrics, log_params, set_tags)
+from orchestrator.tracking import (
+    RetryingClient,
+    TrackingError,
+    check_tracking_reachable,
+    experiment_run,
+    log_artifact,
+    log_metrics,
+    log_params,
+    set_tags,
+)
 
 from conftest import TINY_SYNTHETIC
 from procfs import listening_addresses
@@ -32,7 +40,9 @@ from procfs import listening_addresses
 def test_a_closed_port_fails_within_seconds_naming_the_uri():
     uri = f"http://127.0.0.1:{free_loopback_port()}"
     start = time.monotonic()
-    with pytest.raises(TrackingError, match=re.escape(f"MLflow tracking server {uri} is unreachable")):
+    with pytest.raises(
+        TrackingError, match=re.escape(f"MLflow tracking server {uri} is unreachable")
+    ):
         check_tracking_reachable(uri)
     assert time.monotonic() - start < 3
 
@@ -56,23 +66,41 @@ def test_sqlite_store_that_cannot_be_created_names_the_uri(tmp_path):
     (tmp_path / "a_folder.db").mkdir()
     with pytest.raises(TrackingError, match="is not a writable file"):
         check_tracking_reachable(f"sqlite:///{tmp_path / 'a_folder.db'}")
-    check_tracking_reachable(f"sqlite:///{tmp_path / 'new' / 'folders' / 'mlflow.db'}")  # MLflow creates them
+    check_tracking_reachable(
+        f"sqlite:///{tmp_path / 'new' / 'folders' / 'mlflow.db'}"
+    )  # MLflow creates them
 
 
 @pytest.mark.parametrize("job", [al, train, pebal, sweep], ids=lambda job: job.__name__)
 def test_jobs_stop_before_ray_and_before_work(job, synthetic_root, tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # should the check be missed: fail, don't hang
+    monkeypatch.setenv(
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0"
+    )  # should the check be missed: fail, don't hang
     uri = f"http://127.0.0.1:{free_loopback_port()}"
-    argv = ["--config", "jobs/configs/demo.yaml", "--quiet", "--set", f"tracking.tracking_uri={uri}",
-            "--set", f"output_dir={tmp_path}", "--set", f"data.root={synthetic_root}"]
+    argv = [
+        "--config",
+        "jobs/configs/demo.yaml",
+        "--quiet",
+        "--set",
+        f"tracking.tracking_uri={uri}",
+        "--set",
+        f"output_dir={tmp_path}",
+        "--set",
+        f"data.root={synthetic_root}",
+    ]
     for key, value in TINY_SYNTHETIC.__dict__.items():
         argv += ["--set", f"data.synthetic.{key}={value}"]
     start = time.monotonic()
-    with pytest.raises(SystemExit, match=re.escape(f"error: MLflow tracking server {uri} is unreachable")):
+    with pytest.raises(
+        SystemExit, match=re.escape(f"error: MLflow tracking server {uri} is unreachable")
+    ):
         job.main(argv)
     assert time.monotonic() - start < 10
     assert not ray.is_initialized()
-    assert not (tmp_path / "demo" / "progress.json").exists() and not (tmp_path / "demo" / "checkpoints").exists()
+    assert (
+        not (tmp_path / "demo" / "progress.json").exists()
+        and not (tmp_path / "demo" / "checkpoints").exists()
+    )
 
 
 def failing(times: int, error: Exception, real):
@@ -101,9 +129,14 @@ def run(store, monkeypatch):
         yield active
 
 
-def test_transient_logging_failures_are_retried_and_the_run_goes_on(run, store, tmp_path, monkeypatch, caplog):
-    metrics = failing(2, MlflowException("API request to http://x failed with exception ConnectionError"),
-                      mlflow.log_metrics)
+def test_transient_logging_failures_are_retried_and_the_run_goes_on(
+    run, store, tmp_path, monkeypatch, caplog
+):
+    metrics = failing(
+        2,
+        MlflowException("API request to http://x failed with exception ConnectionError"),
+        mlflow.log_metrics,
+    )
     artifact = failing(1, ConnectionRefusedError("connection refused"), mlflow.log_artifact)
     monkeypatch.setattr(mlflow, "log_metrics", metrics)
     monkeypatch.setattr(mlflow, "log_artifact", artifact)
@@ -112,23 +145,33 @@ def test_transient_logging_failures_are_retried_and_the_run_goes_on(run, store, 
         log_metrics({"val/miou": 0.5}, step=3)
         log_artifact(tmp_path / "note.txt", "notes")
     assert metrics.count == 3 and artifact.count == 2
-    assert [r.getMessage().split(" (")[0] for r in caplog.records] == ["MLflow log_metrics failed"] * 2 + [
-        "MLflow log_artifact note.txt failed"]
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == [
+        "MLflow log_metrics failed"
+    ] * 2 + ["MLflow log_artifact note.txt failed"]
     client = mlflow.MlflowClient(store)
-    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val/miou")] == [(3, 0.5)]
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val/miou")] == [
+        (3, 0.5)
+    ]
     assert [a.path for a in client.list_artifacts(run.info.run_id, "notes")] == ["notes/note.txt"]
 
 
 def test_params_and_tags_are_retried_too(run, store, monkeypatch):
     params = failing(1, ConnectionResetError("reset by peer"), mlflow.log_params)
-    tags = failing(2, MlflowException("API request failed", error_code=TEMPORARILY_UNAVAILABLE), mlflow.set_tags)
+    tags = failing(
+        2,
+        MlflowException("API request failed", error_code=TEMPORARILY_UNAVAILABLE),
+        mlflow.set_tags,
+    )
     monkeypatch.setattr(mlflow, "log_params", params)
     monkeypatch.setattr(mlflow, "set_tags", tags)
     log_params({"pebal.m_in_used": -4.0, "long": "x" * (tracking.MAX_PARAM_LENGTH + 10)})
     set_tags({"job": "al"})
     assert params.count == 2 and tags.count == 3
     logged = mlflow.MlflowClient(store).get_run(run.info.run_id).data
-    assert logged.params["pebal.m_in_used"] == "-4.0" and len(logged.params["long"]) == tracking.MAX_PARAM_LENGTH
+    assert (
+        logged.params["pebal.m_in_used"] == "-4.0"
+        and len(logged.params["long"]) == tracking.MAX_PARAM_LENGTH
+    )
     assert logged.tags["job"] == "al"
 
 
@@ -147,13 +190,17 @@ def test_a_retrying_client_retries_every_call(store, monkeypatch):
 def test_a_lasting_failure_gives_up_naming_the_uri(run, store, monkeypatch):
     metrics = failing(10, MlflowException("temporarily unavailable"), mlflow.log_metrics)
     monkeypatch.setattr(mlflow, "log_metrics", metrics)
-    with pytest.raises(TrackingError, match=re.escape(f"MLflow log_metrics at {store} failed 4 times")):
+    with pytest.raises(
+        TrackingError, match=re.escape(f"MLflow log_metrics at {store} failed 4 times")
+    ):
         log_metrics({"val/miou": 0.5})
     assert metrics.count == 4
 
 
 def test_a_refused_request_is_not_retried(run, monkeypatch):
-    metrics = failing(10, MlflowException.invalid_parameter_value("bad metric name"), mlflow.log_metrics)
+    metrics = failing(
+        10, MlflowException.invalid_parameter_value("bad metric name"), mlflow.log_metrics
+    )
     monkeypatch.setattr(mlflow, "log_metrics", metrics)
     with pytest.raises(MlflowException, match="bad metric name"):
         log_metrics({"val/miou": 0.5})
@@ -161,6 +208,7 @@ def test_a_refused_request_is_not_retried(run, monkeypatch):
 
 
 # -- a real MLflow server ---------------------------------------------------------------------------------
+
 
 class MlflowServer:
     """``mlflow server`` on 127.0.0.1 in its own process group, so that stopping it stops its workers."""
@@ -170,9 +218,22 @@ class MlflowServer:
         self.uri = f"http://127.0.0.1:{port}"
 
     def start(self) -> None:
-        command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-                   "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-                   "--artifacts-destination", str(self.root / "artifacts")]
+        command = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{self.root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(self.root / "artifacts"),
+        ]
         with open(self.root / "server.log", "ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
 
@@ -211,7 +272,9 @@ def server(tmp_path):
 @pytest.mark.slow
 def test_a_server_restarted_mid_run_loses_nothing(server, tmp_path, monkeypatch, caplog):
     assert listening_addresses(server.port) == {"127.0.0.1"}
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own retries would hide the outage
+    monkeypatch.setenv(
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0"
+    )  # MLflow's own retries would hide the outage
     monkeypatch.setattr(tracking, "RETRY_DELAYS_S", (1.0,) * 60)
     check_tracking_reachable(server.uri)
     with experiment_run(server.uri, "faults", "restarted", ExperimentConfig()) as run:
@@ -228,5 +291,8 @@ def test_a_server_restarted_mid_run_loses_nothing(server, tmp_path, monkeypatch,
     client = mlflow.MlflowClient(server.uri)
     finished = client.get_run(run.info.run_id)
     assert finished.info.status == "FINISHED"
-    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val/miou")] == [(0, 0.25), (1, 0.5)]
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val/miou")] == [
+        (0, 0.25),
+        (1, 0.5),
+    ]
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["note.txt"]

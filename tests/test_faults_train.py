@@ -48,7 +48,9 @@ def dies_once_after_a_checkpoint(loop_config: dict) -> None:
 @pytest.fixture(scope="module")
 def local_ray():
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import this module
+    cloudpickle.register_pickle_by_value(
+        sys.modules[__name__]
+    )  # Ray workers cannot import this module
     yield
     cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     ray.shutdown()
@@ -56,12 +58,30 @@ def local_ray():
 
 def test_a_dead_worker_resumes_from_its_last_checkpoint(local_ray, synthetic_root, tmp_path):
     job = tiny_training_job(synthetic_root, EPOCHS)
-    loop_config = {"job": job, "marker": str(tmp_path / "died"), "log": str(tmp_path / "reports.log"),
-                   "die_after_epoch": DIE_AFTER_EPOCH}
-    trainer = torch_trainer(dies_once_after_a_checkpoint, loop_config, ScalingConfig(num_workers=1, max_failures=1),
-                            tmp_path / "ray", "dies-once", "val/miou")
+    loop_config = {
+        "job": job,
+        "marker": str(tmp_path / "died"),
+        "log": str(tmp_path / "reports.log"),
+        "die_after_epoch": DIE_AFTER_EPOCH,
+    }
+    trainer = torch_trainer(
+        dies_once_after_a_checkpoint,
+        loop_config,
+        ScalingConfig(num_workers=1, max_failures=1),
+        tmp_path / "ray",
+        "dies-once",
+        "val/miou",
+    )
     result = trainer.fit()
-    reports = [tuple(map(int, line.split())) for line in (tmp_path / "reports.log").read_text().splitlines()]
-    assert reports == [(1, 0), (1, 1), (2, 2), (2, 3)]  # the second attempt went on from epoch 1's checkpoint
+    reports = [
+        tuple(map(int, line.split()))
+        for line in (tmp_path / "reports.log").read_text().splitlines()
+    ]
+    assert reports == [
+        (1, 0),
+        (1, 1),
+        (2, 2),
+        (2, 3),
+    ]  # the second attempt went on from epoch 1's checkpoint
     assert result.metrics["epoch"] == EPOCHS - 1
     assert load_checkpoint(Path(result.checkpoint.path) / CHECKPOINT_FILE)["epoch"] == EPOCHS - 1

@@ -52,8 +52,12 @@ def test_image_dice_known_value_and_void_pixels():
     annotation = torch.tensor([[0, 1], [1, 1]])
     # class 0: 2*1/(2+1); class 1: 2*2/(2+3)
     assert image_dice(prediction, annotation, num_classes=3) == pytest.approx((2 / 3 + 4 / 5) / 2)
-    assert image_dice(prediction.numpy(), annotation.numpy(), num_classes=3) == pytest.approx((2 / 3 + 4 / 5) / 2)
-    voided = torch.tensor([[0, IGNORE_INDEX], [1, 1]])  # the disagreeing pixel is void: perfect agreement
+    assert image_dice(prediction.numpy(), annotation.numpy(), num_classes=3) == pytest.approx(
+        (2 / 3 + 4 / 5) / 2
+    )
+    voided = torch.tensor(
+        [[0, IGNORE_INDEX], [1, 1]]
+    )  # the disagreeing pixel is void: perfect agreement
     assert image_dice(prediction, voided, num_classes=3) == pytest.approx(1.0)
     assert math.isnan(image_dice(prediction, torch.full((2, 2), IGNORE_INDEX), num_classes=3))
     with pytest.raises(ValueError, match=r"prediction shape \(2, 2\) != annotation shape \(1, 4\)"):
@@ -65,11 +69,17 @@ def test_dice_per_image_feeds_the_gate():
     half = torch.tensor([[0, 0], [0, 0]])
     ids = ["good", "bad"]
     dice = dice_per_image(ids, [perfect, perfect], [perfect.clone(), half], num_classes=3)
-    assert dice[0] == 1.0 and dice[1] == pytest.approx((2 * 1 / 5) / 3)  # class 0 only: 2/5, classes 1, 2: 0
+    assert dice[0] == 1.0 and dice[1] == pytest.approx(
+        (2 * 1 / 5) / 3
+    )  # class 0 only: 2/5, classes 1, 2: 0
     decision = dice_gate(ids, dice, theta=0.5)
     assert decision.accepted == ("good",) and decision.returned == ("bad",)
     summary = gate_summary(decision)
-    assert summary["gate/accepted"] == 1 and summary["gate/returned"] == 1 and summary["gate/accepted_dice_mean"] == 1.0
+    assert (
+        summary["gate/accepted"] == 1
+        and summary["gate/returned"] == 1
+        and summary["gate/accepted_dice_mean"] == 1.0
+    )
     with pytest.raises(ValueError, match=r"^bad: prediction shape"):
         dice_per_image(ids, [perfect, perfect], [perfect, torch.zeros(3, 3, dtype=torch.long)], 3)
     with pytest.raises(ValueError, match="2 ids, 1 predictions"):

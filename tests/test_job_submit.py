@@ -46,7 +46,9 @@ def wait_for_dashboard(url: str, head: subprocess.Popen, log: Path, timeout_s: f
             return
         except OSError:
             time.sleep(1)
-    raise TimeoutError(f"the Ray dashboard at {url} did not come up in {timeout_s} s:\n{log.read_text()}")
+    raise TimeoutError(
+        f"the Ray dashboard at {url} did not come up in {timeout_s} s:\n{log.read_text()}"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +71,30 @@ def head_node(tmp_path_factory):
     log = root / "head.log"
     with log.open("w") as out:
         head = subprocess.Popen(
-            [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-             "--port", str(free_loopback_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port), "--num-cpus", "2",
-             "--temp-dir", str(temp_dir), "--disable-usage-stats"],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                RAY,
+                "start",
+                "--head",
+                "--block",
+                "--node-ip-address",
+                "127.0.0.1",
+                "--port",
+                str(free_loopback_port()),
+                "--dashboard-host",
+                "127.0.0.1",
+                "--dashboard-port",
+                str(dashboard_port),
+                "--num-cpus",
+                "2",
+                "--temp-dir",
+                str(temp_dir),
+                "--disable-usage-stats",
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
         wait_for_dashboard(address, head, log)
@@ -88,7 +110,9 @@ def head_node(tmp_path_factory):
 
 
 def ray_cli(args: list[str], env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([RAY, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [RAY, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def plain(text: str) -> str:
@@ -98,13 +122,18 @@ def plain(text: str) -> str:
 
 def submit(address: str, env: dict, entrypoint: list[str]) -> str:
     """``ray job submit`` from the repository root; returns the job's final status."""
-    done = ray_cli(["job", "submit", "--address", address, "--working-dir", ".", "--", "python", *entrypoint], env,
-                   timeout=JOB_TIMEOUT_S)
+    done = ray_cli(
+        ["job", "submit", "--address", address, "--working-dir", ".", "--", "python", *entrypoint],
+        env,
+        timeout=JOB_TIMEOUT_S,
+    )
     output = done.stdout + done.stderr
     match = re.search(r"Job '(raysubmit_\w+)'", output)
     assert match, output
     status = ray_cli(["job", "status", "--address", address, match.group(1)], env)
-    assert re.search(rf"Job '{match.group(1)}' succeeded", plain(status.stdout + status.stderr)), output
+    assert re.search(rf"Job '{match.group(1)}' succeeded", plain(status.stdout + status.stderr)), (
+        output
+    )
     return output
 
 
@@ -117,7 +146,9 @@ def finished_run(tracking_uri: str, experiment: str) -> mlflow.entities.Run:
 
 def test_a_wrong_token_is_refused(head_node):
     address, env = head_node
-    refused = ray_cli(["job", "list", "--address", address], {**env, "RAY_AUTH_TOKEN": "not-the-token"})
+    refused = ray_cli(
+        ["job", "list", "--address", address], {**env, "RAY_AUTH_TOKEN": "not-the-token"}
+    )
     assert refused.returncode != 0
     assert "Invalid authentication token" in refused.stdout + refused.stderr
     assert ray_cli(["job", "list", "--address", address], env).returncode == 0
@@ -126,19 +157,32 @@ def test_a_wrong_token_is_refused(head_node):
 def test_active_learning_job_round_trip(head_node, synthetic_root, tmp_path):
     address, env = head_node
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = tiny(synthetic_root, tmp_path / "runs", uri, "submitted", 1) + ["--set", "al.num_scorers=1"]
+    args = tiny(synthetic_root, tmp_path / "runs", uri, "submitted", 1) + [
+        "--set",
+        "al.num_scorers=1",
+    ]
     output = submit(address, env, ["-m", "jobs.al", *args])
     assert "cycle 1: mIoU" in output
     run = finished_run(uri, "al-test")
     client = mlflow.MlflowClient(uri)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/miou")] == [0, 1]
-    assert (tmp_path / "runs" / "submitted" / "cycles" / "cycle_01" / "pool_state.parquet").is_file()
+    assert (
+        tmp_path / "runs" / "submitted" / "cycles" / "cycle_01" / "pool_state.parquet"
+    ).is_file()
 
 
 def test_pebal_job_round_trip(head_node, synthetic_root, tmp_path):
     address, env = head_node
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    submit(address, env, ["-m", "jobs.pebal", "--config", write_config(tmp_path, synthetic_root, uri), "--quiet"])
+    submit(
+        address,
+        env,
+        ["-m", "jobs.pebal", "--config", write_config(tmp_path, synthetic_root, uri), "--quiet"],
+    )
     run = finished_run(uri, "pebal-test")
-    ap = [value for key, value in run.data.metrics.items() if key.startswith("anomaly/") and key.endswith("/ap")]
+    ap = [
+        value
+        for key, value in run.data.metrics.items()
+        if key.startswith("anomaly/") and key.endswith("/ap")
+    ]
     assert ap and all(0.0 <= value <= 1.0 for value in ap), sorted(run.data.metrics)

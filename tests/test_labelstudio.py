@@ -19,7 +19,12 @@ from jobs import al as al_job
 from orchestrator.config import ActiveLearningConfig, LabelStudioConfig
 from orchestrator.coordinator import Coordinator, snapshot_path
 from orchestrator.labelstudio import rle
-from orchestrator.labelstudio.handoff import LabelStudioHandoff, export_dir, import_cycle, instructions
+from orchestrator.labelstudio.handoff import (
+    LabelStudioHandoff,
+    export_dir,
+    import_cycle,
+    instructions,
+)
 from orchestrator.labelstudio.imports import LabelStudioImportError, polygon_mask
 from orchestrator.labelstudio.tasks import LOCAL_FILES, ImageReferences, labelling_config
 from orchestrator.loop import Explained, Progress, run_cycles
@@ -35,7 +40,10 @@ from segxal.data.transforms import resize_nearest
 from test_al_job import tiny
 from test_al_loop import FakeBackend, ground_truth
 
-SIZE = (24, 40)  # scoring resolution; the synthetic images are 64x128, so the ratios are not integers
+SIZE = (
+    24,
+    40,
+)  # scoring resolution; the synthetic images are 64x128, so the ratios are not integers
 NATIVE = (64, 128)
 AL = ActiveLearningConfig(strategy="entropy", budget=3, subset=1.0, theta=0.5)
 
@@ -43,23 +51,51 @@ AL = ActiveLearningConfig(strategy="entropy", budget=3, subset=1.0, theta=0.5)
 # -- brush RLE ------------------------------------------------------------------------------------
 def bits_to_bytes(bits: str) -> list[int]:
     bits += "0" * (-len(bits) % 8)
-    return [int(bits[i:i + 8], 2) for i in range(0, len(bits), 8)]
+    return [int(bits[i : i + 8], 2) for i in range(0, len(bits), 8)]
 
 
-HEADER = "00111" + "0010" + "0011" + "0111" + "1111"  # 8-bit words, length fields of 3, 4, 8, 16 bits
+HEADER = (
+    "00111" + "0010" + "0011" + "0111" + "1111"
+)  # 8-bit words, length fields of 3, 4, 8, 16 bits
 
 
 def test_rle_encode_known_answer():
     # runs: 5 x3 (kind 1, size 0, m=2), 0 x1, 7 x1; each with its 8-bit word
-    expected = f"{5:032b}" + HEADER + "1" + "00" + "010" + "00000101" + "1" + "00" + "000" + "00000000" \
-        + "1" + "00" + "000" + "00000111"
+    expected = (
+        f"{5:032b}"
+        + HEADER
+        + "1"
+        + "00"
+        + "010"
+        + "00000101"
+        + "1"
+        + "00"
+        + "000"
+        + "00000000"
+        + "1"
+        + "00"
+        + "000"
+        + "00000111"
+    )
     assert rle.encode(np.array([5, 5, 5, 0, 7], np.uint8)) == bits_to_bytes(expected)
 
 
 def test_rle_decode_known_answer_with_literals_and_runs():
     # a literal block (as Label Studio's editor writes them): 1, 2, 3; then 9 x20 in an 8-bit length field
-    bits = f"{23:032b}" + HEADER + "0" + "00" + "010" + "00000001" + "00000010" + "00000011" \
-        + "1" + "10" + f"{19:08b}" + "00001001"
+    bits = (
+        f"{23:032b}"
+        + HEADER
+        + "0"
+        + "00"
+        + "010"
+        + "00000001"
+        + "00000010"
+        + "00000011"
+        + "1"
+        + "10"
+        + f"{19:08b}"
+        + "00001001"
+    )
     assert rle.decode(bits_to_bytes(bits)).tolist() == [1, 2, 3] + [9] * 20
 
 
@@ -74,8 +110,13 @@ def test_rle_round_trip_of_masks_and_long_runs():
 
 
 def test_rle_mask_uses_the_alpha_channel():
-    rgba = np.array([[[255, 255, 255, 0], [0, 0, 0, 255]], [[9, 9, 9, 127], [1, 2, 3, 128]]], np.uint8)
-    assert rle.rle_to_mask(rle.encode(rgba.ravel()), 2, 2).tolist() == [[False, True], [False, True]]
+    rgba = np.array(
+        [[[255, 255, 255, 0], [0, 0, 0, 255]], [[9, 9, 9, 127], [1, 2, 3, 128]]], np.uint8
+    )
+    assert rle.rle_to_mask(rle.encode(rgba.ravel()), 2, 2).tolist() == [
+        [False, True],
+        [False, True],
+    ]
 
 
 def test_rle_errors():
@@ -93,8 +134,12 @@ def test_rle_matches_label_studio_sdk():
     rng = np.random.default_rng(1)
     for _ in range(5):
         mask = rng.random((23, 31)) < rng.random()
-        assert np.array_equal(brush.decode_rle(rle.mask_to_rle(mask)).reshape(23, 31, 4)[..., 3] >= 128, mask)
-        assert np.array_equal(rle.rle_to_mask(brush.mask2rle(mask.astype(np.uint8) * 255), 23, 31), mask)
+        assert np.array_equal(
+            brush.decode_rle(rle.mask_to_rle(mask)).reshape(23, 31, 4)[..., 3] >= 128, mask
+        )
+        assert np.array_equal(
+            rle.rle_to_mask(brush.mask2rle(mask.astype(np.uint8) * 255), 23, 31), mask
+        )
 
 
 # -- labelling config, references, polygons --------------------------------------------------------
@@ -108,7 +153,11 @@ def test_labelling_config_lists_every_class_and_prompt_rank():
         assert [label.get("value") for label in labels] == list(CITYSCAPES.class_names)
         assert labels[13].get("background") == "#00008e"  # car (0, 0, 142)
     (prompts,) = view.iter("KeyPointLabels")
-    assert prompts.get("name") == "prompt" and [p.get("value") for p in prompts] == ["EEM 1", "EEM 2", "EEM 3"]
+    assert prompts.get("name") == "prompt" and [p.get("value") for p in prompts] == [
+        "EEM 1",
+        "EEM 2",
+        "EEM 3",
+    ]
 
 
 def test_image_references(tmp_path):
@@ -119,10 +168,16 @@ def test_image_references(tmp_path):
     assert local.resolve(local.reference(image)) == image.resolve()
     above = ImageReferences.from_config(root, LabelStudioConfig(document_root=str(tmp_path)))
     assert above.reference(image) == LOCAL_FILES + "data/leftImg8bit/train/a%20b.png"
-    served = ImageReferences.from_config(root, LabelStudioConfig(url_prefix="http://127.0.0.1:8081/files/"))
+    served = ImageReferences.from_config(
+        root, LabelStudioConfig(url_prefix="http://127.0.0.1:8081/files/")
+    )
     assert served.reference(image) == "http://127.0.0.1:8081/files/leftImg8bit/train/a%20b.png"
     assert served.resolve(served.reference(image)) == image.resolve()
-    for bad in (LOCAL_FILES + "../secret.png", LOCAL_FILES + "/etc/passwd", "http://127.0.0.1:8081/files/../x.png"):
+    for bad in (
+        LOCAL_FILES + "../secret.png",
+        LOCAL_FILES + "/etc/passwd",
+        "http://127.0.0.1:8081/files/../x.png",
+    ):
         with pytest.raises(ValueError, match="outside the dataset root"):
             served.resolve(bad)
     with pytest.raises(ValueError, match="neither"):
@@ -130,12 +185,18 @@ def test_image_references(tmp_path):
     with pytest.raises(ValueError, match="not inside the dataset root"):
         local.reference(tmp_path / "elsewhere.png")
     with pytest.raises(ValueError, match="must be the dataset root .* or a folder above it"):
-        ImageReferences.from_config(root, LabelStudioConfig(document_root=str(root / "leftImg8bit")))
+        ImageReferences.from_config(
+            root, LabelStudioConfig(document_root=str(root / "leftImg8bit"))
+        )
 
 
 def test_labelstudio_config_is_validated():
     with pytest.raises(ConfigError, match="labelstudio: set document_root or url_prefix, not both"):
-        load_config(ActiveLearningConfig, None, ["labelstudio.document_root=/data", "labelstudio.url_prefix=http://x"])
+        load_config(
+            ActiveLearningConfig,
+            None,
+            ["labelstudio.document_root=/data", "labelstudio.url_prefix=http://x"],
+        )
     assert load_config(ActiveLearningConfig, None, ["oracle=labelstudio"]).oracle == "labelstudio"
 
 
@@ -144,7 +205,9 @@ def test_polygon_mask_takes_pixels_whose_centre_is_inside():
     expected = np.zeros((8, 8), bool)
     expected[2:6, 2:6] = True
     assert square.tolist() == expected.tolist()
-    triangle = polygon_mask([[0, 0], [100, 0], [0, 90]], 4, 4)  # x / 4 + y / 3.6 < 1 at pixel centres
+    triangle = polygon_mask(
+        [[0, 0], [100, 0], [0, 90]], 4, 4
+    )  # x / 4 + y / 3.6 < 1 at pixel centres
     assert triangle.astype(int).tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
     with pytest.raises(ValueError, match="at least 3"):
         polygon_mask([[0, 0], [10, 10]], 4, 4)
@@ -155,8 +218,15 @@ def test_oracle_counts_corrected_objects_and_pixels():
     native = np.zeros((8, 12), np.uint8)
     native[0:4, 0:4] = 13  # one car, 2x2 at the scoring resolution
     native[6:8, 8:12] = 255  # not annotated: not a correction
-    request = AnnotationRequest("s", "s.png", prediction, prediction, np.ones((4, 6), np.float32),
-                                np.zeros((4, 6), np.int32), [])
+    request = AnnotationRequest(
+        "s",
+        "s.png",
+        prediction,
+        prediction,
+        np.ones((4, 6), np.float32),
+        np.zeros((4, 6), np.int32),
+        [],
+    )
     (annotation,) = LabelStudioOracle({"s": native}).annotate([request])
     expected = np.zeros((4, 6), np.uint8)
     expected[0:2, 0:2] = 13
@@ -179,14 +249,43 @@ class PromptingBackend(FakeBackend):
         region_map = np.zeros(SIZE, np.int32)
         region_map[2:6, 3:9], region_map[10:12, 20:30] = 1, 2
         regions = [
-            {"id": 1, "prompt": {"x": 5, "y": 3}, "area": 24, "mean_eem": 0.8, "peak_eem": 0.9, "class_id": 13,
-             "class_name": "car", "bbox": {"x0": 3, "y0": 2, "x1": 8, "y1": 5}},
-            {"id": 2, "prompt": {"x": 29, "y": 11}, "area": 20, "mean_eem": 0.6, "peak_eem": 0.7, "class_id": 0,
-             "class_name": "road", "bbox": {"x0": 20, "y0": 10, "x1": 29, "y1": 11}},
+            {
+                "id": 1,
+                "prompt": {"x": 5, "y": 3},
+                "area": 24,
+                "mean_eem": 0.8,
+                "peak_eem": 0.9,
+                "class_id": 13,
+                "class_name": "car",
+                "bbox": {"x0": 3, "y0": 2, "x1": 8, "y1": 5},
+            },
+            {
+                "id": 2,
+                "prompt": {"x": 29, "y": 11},
+                "area": 20,
+                "mean_eem": 0.6,
+                "peak_eem": 0.7,
+                "class_id": 0,
+                "class_name": "road",
+                "bbox": {"x0": 20, "y0": 10, "x1": 29, "y1": 11},
+            },
         ]
-        return Explained([AnnotationRequest(i, p, self.prediction(i), self.prediction(i), np.ones(SIZE, np.float32),
-                                            region_map, regions)
-                          for i, p in zip(selected["sample_id"].to_pylist(), selected["image_path"].to_pylist())])
+        return Explained(
+            [
+                AnnotationRequest(
+                    i,
+                    p,
+                    self.prediction(i),
+                    self.prediction(i),
+                    np.ones(SIZE, np.float32),
+                    region_map,
+                    regions,
+                )
+                for i, p in zip(
+                    selected["sample_id"].to_pylist(), selected["image_path"].to_pylist()
+                )
+            ]
+        )
 
 
 @pytest.fixture
@@ -200,8 +299,12 @@ def exported(synthetic_root, tmp_path):
     state = PoolState.create(tmp_path / "initial.parquet", train, 4, seed=3, validation=val)
     coordinator = Coordinator(tmp_path, state, AL, CITYSCAPES, seed=3, oracle=LabelStudioOracle({}))
     handoff = LabelStudioHandoff(tmp_path, images, CITYSCAPES, 10)
-    history = run_cycles(coordinator, backend, get_strategy(AL.strategy), tmp_path, Progress(), 2, handoff=handoff)
-    assert len(history) == 1 and handoff.handed_over == 1  # cycle 0 trained, cycle 1 waits for people
+    history = run_cycles(
+        coordinator, backend, get_strategy(AL.strategy), tmp_path, Progress(), 2, handoff=handoff
+    )
+    assert (
+        len(history) == 1 and handoff.handed_over == 1
+    )  # cycle 0 trained, cycle 1 waits for people
     return tmp_path, images, backend
 
 
@@ -211,17 +314,29 @@ def continue_run(run_dir, images, backend, export_file, cycles=2):
     progress = Progress.load(run_dir)
     imported = import_cycle(run_dir, progress.completed_cycle + 1, export_file, images, CITYSCAPES)
     state = PoolState.load(snapshot_path(run_dir, progress.completed_cycle))
-    coordinator = Coordinator(run_dir, state, AL, CITYSCAPES, seed=3, oracle=LabelStudioOracle(imported.labels))
+    coordinator = Coordinator(
+        run_dir, state, AL, CITYSCAPES, seed=3, oracle=LabelStudioOracle(imported.labels)
+    )
     handoff = LabelStudioHandoff(run_dir, images, CITYSCAPES, 10, imported)
-    history = run_cycles(coordinator, backend, get_strategy(AL.strategy), run_dir, progress, cycles, handoff=handoff)
+    history = run_cycles(
+        coordinator, backend, get_strategy(AL.strategy), run_dir, progress, cycles, handoff=handoff
+    )
     return coordinator, history, handoff
 
 
 def accepted_unchanged(tasks: list[dict]) -> list[dict]:
     """The export of a person who accepted every pre-annotation as it was (Label Studio numbers tasks itself)."""
-    return [{"id": 100 + n, "data": task["data"], "predictions": task["predictions"],
-             "annotations": [{"id": 500 + n, "was_cancelled": False, "result": task["predictions"][0]["result"]}]}
-            for n, task in enumerate(tasks)]
+    return [
+        {
+            "id": 100 + n,
+            "data": task["data"],
+            "predictions": task["predictions"],
+            "annotations": [
+                {"id": 500 + n, "was_cancelled": False, "result": task["predictions"][0]["result"]}
+            ],
+        }
+        for n, task in enumerate(tasks)
+    ]
 
 
 def write_json(path: Path, data) -> Path:
@@ -247,11 +362,14 @@ def test_export_writes_tasks_config_and_instructions(exported):
         prediction = resize_nearest(torch.from_numpy(backend.prediction(sample_id)), NATIVE).numpy()
         brushes = [r for r in results if r["type"] == "brushlabels"]
         assert sorted(r["value"]["brushlabels"][0] for r in brushes) == sorted(
-            CITYSCAPES.class_names[c] for c in np.unique(prediction))
+            CITYSCAPES.class_names[c] for c in np.unique(prediction)
+        )
         for brush in brushes:
             class_id = CITYSCAPES.class_names.index(brush["value"]["brushlabels"][0])
             assert (brush["original_height"], brush["original_width"]) == NATIVE
-            assert np.array_equal(rle.rle_to_mask(brush["value"]["rle"], *NATIVE), prediction == class_id)
+            assert np.array_equal(
+                rle.rle_to_mask(brush["value"]["rle"], *NATIVE), prediction == class_id
+            )
         prompts = [r for r in results if r["type"] == "keypointlabels"]
         assert [p["value"]["keypointlabels"] for p in prompts] == [["EEM 1"], ["EEM 2"]]
         assert prompts[0]["value"]["x"] == pytest.approx(100 * 5.5 / 40)
@@ -277,20 +395,40 @@ def test_round_trip_accepted_pre_annotations_equal_the_predictions(exported):
     coordinator, history, handoff = continue_run(run_dir, images, backend, export_file)
     assert len(history) == 1 and handoff.handed_over == 2  # cycle 1 finished, cycle 2 exported
     metrics = history[0]
-    assert metrics["gate/selected"] == 3 and metrics["gate/accepted"] == 3 and metrics["gate/mean_dice"] == 1.0
+    assert (
+        metrics["gate/selected"] == 3
+        and metrics["gate/accepted"] == 3
+        and metrics["gate/mean_dice"] == 1.0
+    )
     assert metrics["oracle/cost"] == 0.0 and metrics["oracle/pixels"] == 0.0
-    assert "time/score_s" in metrics and "time/train_s" in metrics  # the query half, timed at export
+    assert (
+        "time/score_s" in metrics and "time/train_s" in metrics
+    )  # the query half, timed at export
     state = PoolState.load(snapshot_path(run_dir, 1))
     assert state.count(LABELLED) == 4 + 3
     for sample_id in ids:
         record = state.record(sample_id)
         assert (record["role"], record["cycle_labelled"], record["oracle"], record["dice"]) == (
-            LABELLED, 1, "labelstudio", 1.0)
+            LABELLED,
+            1,
+            "labelstudio",
+            1.0,
+        )
         relabel = SegmentationDataset(
-            pa.table({"sample_id": [sample_id], "image_path": [record["image_path"]],
-                      "label_path": [record["label_source"]], "depth_path": [None]}),
-            CITYSCAPES, SampleTransform(size=SIZE))[0]["label"].numpy()
-        assert np.array_equal(relabel, backend.prediction(sample_id))  # what training reads, pixel for pixel
+            pa.table(
+                {
+                    "sample_id": [sample_id],
+                    "image_path": [record["image_path"]],
+                    "label_path": [record["label_source"]],
+                    "depth_path": [None],
+                }
+            ),
+            CITYSCAPES,
+            SampleTransform(size=SIZE),
+        )[0]["label"].numpy()
+        assert np.array_equal(
+            relabel, backend.prediction(sample_id)
+        )  # what training reads, pixel for pixel
     assert (export_dir(run_dir, 1) / "export.json").read_text() == export_file.read_text()
     assert Progress.load(run_dir).completed_cycle == 1
 
@@ -301,18 +439,31 @@ def test_corrections_are_painted_over_the_pre_annotation_and_costed(exported):
     export = accepted_unchanged(tasks)
     # the person draws a bicycle polygon over the top-left quarter of the first image
     export[0]["annotations"][0]["result"].append(
-        {"id": "p1", "type": "polygonlabels", "from_name": "polygon", "to_name": "image", "original_width": 128,
-         "original_height": 64, "value": {"points": [[0, 0], [50, 0], [50, 50], [0, 50]], "polygonlabels": ["bicycle"]}})
+        {
+            "id": "p1",
+            "type": "polygonlabels",
+            "from_name": "polygon",
+            "to_name": "image",
+            "original_width": 128,
+            "original_height": 64,
+            "value": {"points": [[0, 0], [50, 0], [50, 50], [0, 50]], "polygonlabels": ["bicycle"]},
+        }
+    )
     # and skips the second image's first try before submitting it unchanged
     export[1]["annotations"].insert(0, {"id": 1, "was_cancelled": True, "result": []})
-    coordinator, history, _ = continue_run(run_dir, images, backend, write_json(run_dir / "ls.json", export))
+    coordinator, history, _ = continue_run(
+        run_dir, images, backend, write_json(run_dir / "ls.json", export)
+    )
     first = tasks[0]["data"]["sample_id"]
     native = resize_nearest(torch.from_numpy(backend.prediction(first)), NATIVE).numpy()
     native[:32, :64] = 18
     expected = resize_nearest(torch.from_numpy(native), SIZE).numpy()
     changed = int((expected != backend.prediction(first)).sum())
     assert changed > 0
-    decisions = {d["sample_id"]: d for d in pq.read_table(run_dir / "cycles" / "cycle_01" / "decisions.parquet").to_pylist()}
+    decisions = {
+        d["sample_id"]: d
+        for d in pq.read_table(run_dir / "cycles" / "cycle_01" / "decisions.parquet").to_pylist()
+    }
     assert decisions[first]["pixels"] == changed and decisions[first]["cost"] == 1.0  # one bicycle
     assert decisions[first]["dice"] < 1.0
     assert history[0]["oracle/pixels"] == changed
@@ -337,13 +488,17 @@ def wrong_size(export):
 
 
 def wrong_rle_length(export):
-    export[2]["annotations"][0]["result"][0]["value"]["rle"] = rle.mask_to_rle(np.ones((64, 127), bool))
+    export[2]["annotations"][0]["result"][0]["value"]["rle"] = rle.mask_to_rle(
+        np.ones((64, 127), bool)
+    )
     return rf"task 102 \({export[2]['data']['sample_id']}\): region class-\d+: brush mask holds 8128 pixels but the image is 128x64"
 
 
 def outside_root(export):
     export[0]["data"]["image"] = LOCAL_FILES + "../../../../etc/passwd"
-    return rf"task 100 \({export[0]['data']['sample_id']}\): image .* points outside the dataset root"
+    return (
+        rf"task 100 \({export[0]['data']['sample_id']}\): image .* points outside the dataset root"
+    )
 
 
 def missing_task(export):
@@ -356,8 +511,18 @@ def not_annotated(export):
     return rf"task 100 \({export[0]['data']['sample_id']}\): no submitted annotation"
 
 
-@pytest.mark.parametrize("spoil", [unknown_task, unknown_class, wrong_size, wrong_rle_length, outside_root,
-                                   missing_task, not_annotated])
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        unknown_task,
+        unknown_class,
+        wrong_size,
+        wrong_rle_length,
+        outside_root,
+        missing_task,
+        not_annotated,
+    ],
+)
 def test_bad_export_is_refused_and_the_pool_state_untouched(exported, spoil):
     run_dir, images, backend = exported
     export = accepted_unchanged(read_tasks(run_dir))
@@ -377,7 +542,9 @@ def test_truncated_export_is_refused_and_the_pool_state_untouched(exported):
     truncated = run_dir / "truncated.json"
     truncated.write_text(text[: len(text) // 2])
     before = (run_dir / "pool_state.parquet").read_bytes()
-    with pytest.raises(LabelStudioImportError, match=rf"{truncated}: not valid JSON .*is the export file complete"):
+    with pytest.raises(
+        LabelStudioImportError, match=rf"{truncated}: not valid JSON .*is the export file complete"
+    ):
         continue_run(run_dir, images, backend, truncated)
     assert (run_dir / "pool_state.parquet").read_bytes() == before
 
@@ -390,8 +557,12 @@ def test_import_without_a_pending_export_is_refused(exported):
 
 # -- jobs.al: the stages from the command line ------------------------------------------------------
 def test_stage_is_refused_where_it_does_not_apply(synthetic_root, tmp_path):
-    args = tiny(synthetic_root, tmp_path / "runs", f"sqlite:///{tmp_path / 'mlflow.db'}", "misuse", 1)
-    with pytest.raises(SystemExit, match="--stage is for al.oracle=labelstudio; this run's oracle is simulated"):
+    args = tiny(
+        synthetic_root, tmp_path / "runs", f"sqlite:///{tmp_path / 'mlflow.db'}", "misuse", 1
+    )
+    with pytest.raises(
+        SystemExit, match="--stage is for al.oracle=labelstudio; this run's oracle is simulated"
+    ):
         al_job.main(args + ["--stage", "export"])
     with pytest.raises(SystemExit, match="add --resume RUN_DIR"):
         al_job.main(args + ["--set", "al.oracle=labelstudio", "--stage", "import", "export.json"])
@@ -406,11 +577,16 @@ def test_jobs_al_stops_for_people_and_continues_with_their_export(synthetic_root
     run_dir = tmp_path / "runs" / "people"
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
     try:
-        history = al_job.main(tiny(synthetic_root, tmp_path / "runs", uri, "people", 1) + ["--set", "al.oracle=labelstudio"])
+        history = al_job.main(
+            tiny(synthetic_root, tmp_path / "runs", uri, "people", 1)
+            + ["--set", "al.oracle=labelstudio"]
+        )
         assert len(history) == 1  # cycle 0; cycle 1 exported
         command = f"python -m jobs.al --resume {run_dir} --stage import"
         assert command in capsys.readouterr().out
-        assert al_job.main(["--resume", str(run_dir), "--quiet"]) == []  # still waiting: the instructions again
+        assert (
+            al_job.main(["--resume", str(run_dir), "--quiet"]) == []
+        )  # still waiting: the instructions again
         assert command in capsys.readouterr().out
 
         tasks = read_tasks(run_dir)
@@ -423,12 +599,17 @@ def test_jobs_al_stops_for_people_and_continues_with_their_export(synthetic_root
         assert state_file.read_bytes() == before
 
         export = write_json(tmp_path / "export.json", accepted_unchanged(tasks))
-        history = al_job.main(["--resume", str(run_dir), "--quiet", "--stage", "import", str(export)])
+        history = al_job.main(
+            ["--resume", str(run_dir), "--quiet", "--stage", "import", str(export)]
+        )
     finally:
         ray.shutdown()
     assert len(history) == 1 and history[0]["gate/accepted"] == 2 and history[0]["oracle/cost"] == 0
     decisions = pq.read_table(run_dir / "cycles" / "cycle_01" / "decisions.parquet").to_pylist()
-    assert [d["dice"] for d in decisions] == [1.0, 1.0]  # the model's own segmentation, pixel for pixel
+    assert [d["dice"] for d in decisions] == [
+        1.0,
+        1.0,
+    ]  # the model's own segmentation, pixel for pixel
     state = PoolState.load(state_file)
     assert {state.record(d["sample_id"])["oracle"] for d in decisions} == {"labelstudio"}
     assert Progress.load(run_dir).completed_cycle == 1
@@ -438,5 +619,7 @@ def test_jobs_al_stops_for_people_and_continues_with_their_export(synthetic_root
     assert run.data.tags["oracle"] == "labelstudio"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/miou")] == [0, 1]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "time/explain_s")] == [1]
-    assert "cycle_01/export.json" in {a.path for a in client.list_artifacts(run.info.run_id, "cycle_01")}
+    assert "cycle_01/export.json" in {
+        a.path for a in client.list_artifacts(run.info.run_id, "cycle_01")
+    }
     assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/model.pt"]

@@ -60,7 +60,9 @@ def test_dice_matches_sklearn_f1_per_class():
     rng = np.random.default_rng(1)
     a, b = rng.integers(0, 3, 300), rng.integers(0, 3, 300)
     expected = skm.f1_score(a, b, labels=[0, 1, 2], average=None)
-    assert dice_per_class(torch.from_numpy(a), torch.from_numpy(b), 3).numpy() == pytest.approx(expected)
+    assert dice_per_class(torch.from_numpy(a), torch.from_numpy(b), 3).numpy() == pytest.approx(
+        expected
+    )
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

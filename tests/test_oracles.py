@@ -3,31 +3,49 @@ import pickle
 import numpy as np
 import pytest
 
-from orchestrator.oracles import (AnnotationRequest, DatasetGroundTruth, PseudoLabelOracle, SimulatedOracle,
-                                  objects_touching)
+from orchestrator.oracles import (
+    AnnotationRequest,
+    DatasetGroundTruth,
+    PseudoLabelOracle,
+    SimulatedOracle,
+    objects_touching,
+)
 from segxal.data.cityscapes import cityscapes_manifest
 from segxal.data.dataset import SampleTransform, SegmentationDataset
 from segxal.data.labels import CITYSCAPES
 
 
-def request(prediction, region_map, tta_prediction=None, confidence=None, sample_id="s", image_path="s.png",
-            label_path=None):
+def request(
+    prediction,
+    region_map,
+    tta_prediction=None,
+    confidence=None,
+    sample_id="s",
+    image_path="s.png",
+    label_path=None,
+):
     shape = prediction.shape
     return AnnotationRequest(
-        sample_id=sample_id, image_path=image_path, prediction=prediction.astype(np.uint8),
+        sample_id=sample_id,
+        image_path=image_path,
+        prediction=prediction.astype(np.uint8),
         tta_prediction=(prediction if tta_prediction is None else tta_prediction).astype(np.uint8),
         tta_confidence=np.ones(shape, np.float32) if confidence is None else confidence,
-        region_map=region_map.astype(np.int32), regions=[], label_path=label_path,
+        region_map=region_map.astype(np.int32),
+        regions=[],
+        label_path=label_path,
     )
 
 
 def test_simulated_oracle_corrects_whole_objects_under_regions():
-    truth = np.array([
-        [1, 1, 0, 0, 2, 2],
-        [1, 1, 0, 0, 2, 2],
-        [0, 0, 0, 0, 0, 0],
-        [3, 0, 0, 0, 0, 3],
-    ])
+    truth = np.array(
+        [
+            [1, 1, 0, 0, 2, 2],
+            [1, 1, 0, 0, 2, 2],
+            [0, 0, 0, 0, 0, 0],
+            [3, 0, 0, 0, 0, 3],
+        ]
+    )
     prediction = np.zeros_like(truth)  # the model sees only class 0
     region = np.zeros_like(truth)
     region[0, 0] = 1  # a prompt on the class-1 object only
@@ -51,14 +69,18 @@ def test_objects_touching_ignores_void_and_counts_objects_per_class():
 def test_simulated_oracle_without_regions_returns_the_prediction():
     truth = np.ones((3, 3), int)
     prediction = np.zeros((3, 3), int)
-    (annotation,) = SimulatedOracle(lambda _: truth).annotate([request(prediction, np.zeros((3, 3)))])
+    (annotation,) = SimulatedOracle(lambda _: truth).annotate(
+        [request(prediction, np.zeros((3, 3)))]
+    )
     assert (annotation.label == 0).all() and annotation.cost == 0 and annotation.pixels == 0
 
 
 def test_pseudo_oracle_ignores_low_confidence_pixels():
     tta = np.array([[1, 2], [3, 4]])
     confidence = np.array([[0.95, 0.5], [0.9, 0.89]], np.float32)
-    (annotation,) = PseudoLabelOracle(0.9).annotate([request(np.zeros((2, 2)), np.zeros((2, 2)), tta, confidence)])
+    (annotation,) = PseudoLabelOracle(0.9).annotate(
+        [request(np.zeros((2, 2)), np.zeros((2, 2)), tta, confidence)]
+    )
     assert annotation.label.tolist() == [[1, 255], [3, 255]]
     assert annotation.cost == 0.0 and annotation.pixels == 2
     with pytest.raises(ValueError, match="pseudo_confidence"):
@@ -78,12 +100,26 @@ def test_dataset_ground_truth_reads_the_requests_label_file_at_the_scoring_size(
     truth = DatasetGroundTruth(CITYSCAPES, size)
     first, second = manifest.slice(0, 2).to_pylist()
     blank = np.zeros(size)
-    got = truth(request(blank, blank, sample_id=first["sample_id"], image_path=first["image_path"],
-                        label_path=first["label_path"]))
+    got = truth(
+        request(
+            blank,
+            blank,
+            sample_id=first["sample_id"],
+            image_path=first["image_path"],
+            label_path=first["label_path"],
+        )
+    )
     assert got.dtype == np.uint8 and np.array_equal(got, expected[0]["label"].numpy())
     # the path decides, not the id: nothing is looked up in a pool-wide index
-    other = truth(request(blank, blank, sample_id=first["sample_id"], image_path=second["image_path"],
-                          label_path=second["label_path"]))
+    other = truth(
+        request(
+            blank,
+            blank,
+            sample_id=first["sample_id"],
+            image_path=second["image_path"],
+            label_path=second["label_path"],
+        )
+    )
     assert np.array_equal(other, expected[1]["label"].numpy()) and not np.array_equal(other, got)
 
 

@@ -49,7 +49,9 @@ def test_pasted_pixels_carry_the_anomaly_label_and_others_are_unchanged():
     assert torch.equal(out_labels[~pasted], labels[~pasted])
     assert torch.equal(out.permute(0, 2, 3, 1)[~pasted], images.permute(0, 2, 3, 1)[~pasted])
     red = normalize(torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)).flatten()
-    assert torch.allclose(out.permute(0, 2, 3, 1)[pasted], red.expand(int(pasted.sum()), 3), atol=1e-6)
+    assert torch.allclose(
+        out.permute(0, 2, 3, 1)[pasted], red.expand(int(pasted.sum()), 3), atol=1e-6
+    )
     assert out_labels.dtype == labels.dtype and out.dtype == images.dtype
 
 
@@ -78,7 +80,9 @@ def test_fractional_count_is_right_on_average():
 @pytest.mark.parametrize("flip", [0.0, 1.0])
 def test_scale_range_and_flip(flip):
     images, labels = batch(b=1, h=60, w=100)
-    config = AnomalyMixConfig(fraction=1.0, max_objects=1, scale_min=0.2, scale_max=0.3, flip_probability=flip)
+    config = AnomalyMixConfig(
+        fraction=1.0, max_objects=1, scale_min=0.2, scale_max=0.3, flip_probability=flip
+    )
     mix = AnomalyMix(config, Y, outliers=TwoColourBars())
     rng = np.random.default_rng(3)
     red = normalize(torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)).flatten()
@@ -88,7 +92,9 @@ def test_scale_range_and_flip(flip):
         rows, cols = torch.nonzero(out_labels[0] == Y, as_tuple=True)
         width, height = int(cols.max() - cols.min() + 1), int(rows.max() - rows.min() + 1)
         widths.append(width)
-        assert 0.2 * 60 - 1 <= width <= 0.3 * 60 + 1 and abs(height - width / 2) <= 1  # longer side = width
+        assert (
+            0.2 * 60 - 1 <= width <= 0.3 * 60 + 1 and abs(height - width / 2) <= 1
+        )  # longer side = width
         left_pixel = out[0, :, rows.min(), cols.min()]
         assert torch.allclose(left_pixel, red, atol=1e-5) == (flip == 0.0)
     assert len(set(widths)) > 1
@@ -110,7 +116,10 @@ def test_synthetic_outliers_are_the_default_and_vary():
     assert isinstance(mix.outliers, SyntheticOutliers)
     rng = np.random.default_rng(0)
     objects = [synthetic_outlier(rng) for _ in range(60)]
-    assert all(o.mask.any() and o.mask.shape == o.image.shape[:2] and o.image.dtype == np.uint8 for o in objects)
+    assert all(
+        o.mask.any() and o.mask.shape == o.image.shape[:2] and o.image.dtype == np.uint8
+        for o in objects
+    )
     assert len({o.source for o in objects}) >= 8  # shapes x textures
     colours = np.stack([o.image[o.mask].mean(0) for o in objects])
     assert colours.std(0).min() > 30  # many different colours
@@ -142,8 +151,13 @@ class ThinPole:
 
 
 def test_flipped_one_pixel_wide_object_is_pasted():
-    mix = AnomalyMix(AnomalyMixConfig(fraction=1.0, max_objects=1, flip_probability=1.0, scale_min=0.5, scale_max=0.5),
-                     Y, outliers=ThinPole())
+    mix = AnomalyMix(
+        AnomalyMixConfig(
+            fraction=1.0, max_objects=1, flip_probability=1.0, scale_min=0.5, scale_max=0.5
+        ),
+        Y,
+        outliers=ThinPole(),
+    )
     images, labels = torch.zeros(2, 3, 16, 16), torch.zeros(2, 16, 16, dtype=torch.long)
     _, mixed_labels, mixed = mix(images, labels, np.random.default_rng(0))
     assert mixed.all()

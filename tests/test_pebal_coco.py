@@ -75,16 +75,47 @@ def write_tiny_coco(root, name="instances_train2017.json"):
             {"id": 1, "file_name": "one.png", "height": 20, "width": 30},
             {"id": 2, "file_name": "two.png", "height": 12, "width": 10},
         ],
-        "categories": [{"id": 1, "name": "person"}, {"id": 38, "name": "kite"}, {"id": 24, "name": "zebra"}],
+        "categories": [
+            {"id": 1, "name": "person"},
+            {"id": 38, "name": "kite"},
+            {"id": 24, "name": "zebra"},
+        ],
         "annotations": [
-            {"id": 10, "image_id": 1, "category_id": 1, "iscrowd": 0, "area": 42.0,
-             "segmentation": [[2, 2, 8, 2, 8, 7, 2, 7]]},
-            {"id": 11, "image_id": 1, "category_id": 38, "iscrowd": 0, "area": 65.0,
-             "segmentation": {"counts": runs_column_major(kite), "size": [20, 30]}},
-            {"id": 12, "image_id": 1, "category_id": 38, "iscrowd": 1, "area": 600.0,
-             "segmentation": {"counts": [0, 600], "size": [20, 30]}},
-            {"id": 13, "image_id": 2, "category_id": 24, "iscrowd": 0, "area": 18.0,
-             "segmentation": {"counts": encode_rle_string(runs_column_major(zebra)), "size": [12, 10]}},
+            {
+                "id": 10,
+                "image_id": 1,
+                "category_id": 1,
+                "iscrowd": 0,
+                "area": 42.0,
+                "segmentation": [[2, 2, 8, 2, 8, 7, 2, 7]],
+            },
+            {
+                "id": 11,
+                "image_id": 1,
+                "category_id": 38,
+                "iscrowd": 0,
+                "area": 65.0,
+                "segmentation": {"counts": runs_column_major(kite), "size": [20, 30]},
+            },
+            {
+                "id": 12,
+                "image_id": 1,
+                "category_id": 38,
+                "iscrowd": 1,
+                "area": 600.0,
+                "segmentation": {"counts": [0, 600], "size": [20, 30]},
+            },
+            {
+                "id": 13,
+                "image_id": 2,
+                "category_id": 24,
+                "iscrowd": 0,
+                "area": 18.0,
+                "segmentation": {
+                    "counts": encode_rle_string(runs_column_major(zebra)),
+                    "size": [12, 10],
+                },
+            },
         ],
     }
     path = root / "annotations" / name
@@ -104,7 +135,9 @@ def test_uncompressed_rle_is_column_major():
     # mask [[0,1],[1,1],[0,0]] read down the columns: 0,1,0 | 1,1,0 -> runs 1 zero, 1 one, 1 zero, 2 ones, 1 zero
     expected = np.array([[0, 1], [1, 1], [0, 0]], bool)
     assert np.array_equal(rle_to_mask([1, 1, 1, 2, 1], 3, 2), expected)
-    assert np.array_equal(rle_to_mask([0, 6], 3, 2), np.ones((3, 2), bool))  # leading zero-length run
+    assert np.array_equal(
+        rle_to_mask([0, 6], 3, 2), np.ones((3, 2), bool)
+    )  # leading zero-length run
 
 
 def test_compressed_rle_strings_by_hand():
@@ -115,7 +148,9 @@ def test_compressed_rle_strings_by_hand():
     assert decode_rle_string("5T33F") == [5, 100, 3, 90]
     rng = np.random.default_rng(0)
     for _ in range(20):
-        mask = rng.uniform(size=(int(rng.integers(1, 40)), int(rng.integers(1, 40)))) < rng.uniform()
+        mask = (
+            rng.uniform(size=(int(rng.integers(1, 40)), int(rng.integers(1, 40)))) < rng.uniform()
+        )
         runs = runs_column_major(mask)
         assert decode_rle_string(encode_rle_string(runs)) == runs
         assert np.array_equal(rle_to_mask(encode_rle_string(runs), *mask.shape), mask)
@@ -131,7 +166,10 @@ def test_bad_rle_is_an_error(tmp_path):
 def test_instances_are_read_filtered_and_cropped(tmp_path):
     path, masks = write_tiny_coco(tmp_path)
     instances = coco_instances(path, tmp_path, excluded_classes=("person",))
-    assert [(i.annotation_id, i.category) for i in instances] == [(11, "kite"), (13, "zebra")]  # crowd skipped
+    assert [(i.annotation_id, i.category) for i in instances] == [
+        (11, "kite"),
+        (13, "zebra"),
+    ]  # crowd skipped
     assert instances[0].image_path == tmp_path / "images" / "train2017" / "one.png"
     assert np.array_equal(instance_mask(instances[0]), masks["kite"])
     image, mask = crop_instance(instances[0])
@@ -149,10 +187,16 @@ def test_instances_are_read_filtered_and_cropped(tmp_path):
     "content, message",
     [
         ('{"images": [], "annotations": [', "not valid JSON, truncated or corrupt"),
-        ('{"images": [], "annotations": []}', r"not a COCO instances JSON: missing or non-list keys \['categories'\]"),
+        (
+            '{"images": [], "annotations": []}',
+            r"not a COCO instances JSON: missing or non-list keys \['categories'\]",
+        ),
         ("[1, 2]", "top level is list"),
-        ('{"images": [], "categories": [], "annotations": [{"id": 1, "image_id": 1, "category_id": 1, '
-         '"segments_info": []}]}', r"annotation #0 lacks \['segmentation'\]"),
+        (
+            '{"images": [], "categories": [], "annotations": [{"id": 1, "image_id": 1, "category_id": 1, '
+            '"segments_info": []}]}',
+            r"annotation #0 lacks \['segmentation'\]",
+        ),
     ],
 )
 def test_not_an_instances_json_is_an_error_naming_the_file(tmp_path, content, message):
@@ -166,7 +210,9 @@ def test_not_an_instances_json_is_an_error_naming_the_file(tmp_path, content, me
 def test_missing_image_and_unknown_ids_are_errors(tmp_path):
     path, _ = write_tiny_coco(tmp_path)
     (tmp_path / "images" / "train2017" / "two.png").unlink()
-    with pytest.raises(DataError, match=r"image 'two.png' not found \(tried .*images/train2017/two.png\)"):
+    with pytest.raises(
+        DataError, match=r"image 'two.png' not found \(tried .*images/train2017/two.png\)"
+    ):
         coco_instances(path, tmp_path)
     data = json.loads(path.read_text())
     data["annotations"][0]["category_id"] = 99
@@ -180,7 +226,11 @@ def test_missing_image_and_unknown_ids_are_errors(tmp_path):
 def test_excluded_classes_are_never_pasted(tmp_path):
     write_tiny_coco(tmp_path)
     config = AnomalyMixConfig(
-        fraction=1.0, max_objects=3, coco_root=str(tmp_path), excluded_coco_classes=("person",), min_instance_area=0.0
+        fraction=1.0,
+        max_objects=3,
+        coco_root=str(tmp_path),
+        excluded_coco_classes=("person",),
+        min_instance_area=0.0,
     )
     mix = AnomalyMix(config, anomaly_index=5)
     assert isinstance(mix.outliers, CocoOutliers)
@@ -198,13 +248,19 @@ def test_excluded_classes_are_never_pasted(tmp_path):
     # kite is red and zebra yellow on blue: bilinear edges mix red, yellow and blue, but green only comes with
     # yellow (g <= r); the green person would give g > r
     assert (rgb[:, 1] <= rgb[:, 0] + 1e-5).all()
-    assert ((rgb[:, 0] > 0.9) & (rgb[:, 1] < 0.1)).any() and ((rgb[:, 0] > 0.9) & (rgb[:, 1] > 0.9)).any()
+    assert ((rgb[:, 0] > 0.9) & (rgb[:, 1] < 0.1)).any() and (
+        (rgb[:, 0] > 0.9) & (rgb[:, 1] > 0.9)
+    ).any()
 
 
 def test_excluding_every_class_is_an_error(tmp_path):
     write_tiny_coco(tmp_path)
-    config = AnomalyMixConfig(coco_root=str(tmp_path), excluded_coco_classes=("person", "kite", "zebra"))
-    with pytest.raises(DataError, match=r"instances_train2017.json: no instances left after excluding"):
+    config = AnomalyMixConfig(
+        coco_root=str(tmp_path), excluded_coco_classes=("person", "kite", "zebra")
+    )
+    with pytest.raises(
+        DataError, match=r"instances_train2017.json: no instances left after excluding"
+    ):
         AnomalyMix(config, anomaly_index=5)
 
 

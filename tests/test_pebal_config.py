@@ -13,9 +13,15 @@ def test_defaults_follow_the_paper():
     config = PebalConfig()
     assert (config.variant, config.m_in, config.m_out, config.lam) == ("paper", -12.0, -6.0, 0.1)
     assert (config.smoothness_weight, config.sparsity_weight) == (5e-4, 3e-6)
-    assert (config.smoothing_kernel, config.smoothing_sigma, config.trainable) == (7, 1.0, ("head",))
+    assert (config.smoothing_kernel, config.smoothing_sigma, config.trainable) == (
+        7,
+        1.0,
+        ("head",),
+    )
     assert config.anomalymix.coco_root is None and not config.anomalymix.uses_coco
-    assert {"person", "car", "train", "traffic light"} <= set(config.anomalymix.excluded_coco_classes)
+    assert {"person", "car", "train", "traffic light"} <= set(
+        config.anomalymix.excluded_coco_classes
+    )
 
 
 def test_reference_swaps_betas_unless_given():
@@ -28,7 +34,10 @@ def test_reference_swaps_betas_unless_given():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(m_in=-6.0, m_out=-12.0), r"m_in \(-6.0\) must be smaller than PebalConfig.m_out \(-12.0\)"),
+        (
+            dict(m_in=-6.0, m_out=-12.0),
+            r"m_in \(-6.0\) must be smaller than PebalConfig.m_out \(-12.0\)",
+        ),
         (dict(m_in=-6.0, m_out=-6.0), r"PebalConfig.m_in .* PebalConfig.m_out"),
         (dict(lam=-0.1), "PebalConfig.lam must be >= 0"),
         (dict(beta_sparse=-1e-6), "PebalConfig.beta_sparse must be >= 0"),
@@ -69,7 +78,9 @@ def _allowed(tp) -> bool:
     if tp in (int, float, str, bool):
         return True
     if dataclasses.is_dataclass(tp):
-        return tp.__dataclass_params__.frozen and all(_allowed(t) for t in typing.get_type_hints(tp).values())
+        return tp.__dataclass_params__.frozen and all(
+            _allowed(t) for t in typing.get_type_hints(tp).values()
+        )
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is typing.Literal:
         return True
@@ -87,7 +98,17 @@ def test_field_types_are_the_ones_the_yaml_loader_supports():
 def test_round_trips_through_the_experiment_yaml_loader():
     from orchestrator.typed_config import from_dict, to_dict
 
-    config = PebalConfig(variant="reference", m_in=-10.0, beta_sparse=1e-4, trainable=("decoder.3", "head"),
-                         anomalymix=AnomalyMixConfig(fraction=0.25, coco_root="/data/coco"))
+    config = PebalConfig(
+        variant="reference",
+        m_in=-10.0,
+        beta_sparse=1e-4,
+        trainable=("decoder.3", "head"),
+        anomalymix=AnomalyMixConfig(fraction=0.25, coco_root="/data/coco"),
+    )
     assert from_dict(PebalConfig, to_dict(config)) == config
-    assert from_dict(PebalConfig, {"m_in": -13, "anomalymix": {"excluded_coco_classes": ["person"]}}).m_in == -13.0
+    assert (
+        from_dict(
+            PebalConfig, {"m_in": -13, "anomalymix": {"excluded_coco_classes": ["person"]}}
+        ).m_in
+        == -13.0
+    )

@@ -19,14 +19,26 @@ DATASETS = ("synthetic", "cityscapes_anomalymix_val")
 
 def write_config(tmp_path, synthetic_root, tracking_uri, **pebal):
     config = {
-        "name": "pebal-test", "output_dir": str(tmp_path / "runs"), "progress": False,
-        "data": {"dataset": "synthetic", "root": str(synthetic_root), "image_size": [64, 128],
-                 "synthetic": asdict(TINY_SYNTHETIC)},
+        "name": "pebal-test",
+        "output_dir": str(tmp_path / "runs"),
+        "progress": False,
+        "data": {
+            "dataset": "synthetic",
+            "root": str(synthetic_root),
+            "image_size": [64, 128],
+            "synthetic": asdict(TINY_SYNTHETIC),
+        },
         "model": {"width": 8, "depth": 3},
         "train": {"epochs": 2, "batch_size": 4, "lr": 0.01, "device": "cpu"},
-        "pebal": {"m_in": -4.0, "m_out": -2.0, "trainable": ["decoder.2", "head"],
-                  "benchmarks": [str(synthetic_root / "anomaly")], "panel_images": 2,
-                  "finetune": {"epochs": 2, "batch_size": 4, "device": "cpu"}, **pebal},
+        "pebal": {
+            "m_in": -4.0,
+            "m_out": -2.0,
+            "trainable": ["decoder.2", "head"],
+            "benchmarks": [str(synthetic_root / "anomaly")],
+            "panel_images": 2,
+            "finetune": {"epochs": 2, "batch_size": 4, "device": "cpu"},
+            **pebal,
+        },
         "tracking": {"tracking_uri": tracking_uri, "experiment": "pebal-test"},
     }
     path = tmp_path / "pebal.yaml"
@@ -36,29 +48,52 @@ def write_config(tmp_path, synthetic_root, tracking_uri, **pebal):
 
 def no_run_started(tmp_path, tracking_uri):
     """Neither the MLflow store nor the run folder was created."""
-    return not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists() and tracking_uri.endswith("/mlflow.db")
+    return (
+        not (tmp_path / "mlflow.db").exists()
+        and not (tmp_path / "runs").exists()
+        and tracking_uri.endswith("/mlflow.db")
+    )
 
 
-def test_margins_in_the_wrong_order_are_a_config_error(tmp_path, synthetic_root, tracking_uri, capsys):
+def test_margins_in_the_wrong_order_are_a_config_error(
+    tmp_path, synthetic_root, tracking_uri, capsys
+):
     with pytest.raises(SystemExit) as caught:
-        main(["--config", write_config(tmp_path, synthetic_root, tracking_uri), "--set", "pebal.m_in=-1"])
+        main(
+            [
+                "--config",
+                write_config(tmp_path, synthetic_root, tracking_uri),
+                "--set",
+                "pebal.m_in=-1",
+            ]
+        )
     assert caught.value.code == 2
     assert "m_in (-1.0) must be smaller than PebalConfig.m_out (-2.0)" in capsys.readouterr().err
 
 
-def test_a_json_that_is_not_coco_instances_stops_before_training(tmp_path, synthetic_root, tracking_uri):
+def test_a_json_that_is_not_coco_instances_stops_before_training(
+    tmp_path, synthetic_root, tracking_uri
+):
     (tmp_path / "coco" / "annotations").mkdir(parents=True)
     bad = tmp_path / "coco" / "annotations" / "captions.json"
-    bad.write_text(json.dumps({"images": [], "annotations": [{"id": 1, "image_id": 1, "caption": "a kite"}]}))
-    config = write_config(tmp_path, synthetic_root, tracking_uri,
-                          anomalymix={"coco_root": str(tmp_path / "coco"), "coco_annotations": str(bad)})
+    bad.write_text(
+        json.dumps({"images": [], "annotations": [{"id": 1, "image_id": 1, "caption": "a kite"}]})
+    )
+    config = write_config(
+        tmp_path,
+        synthetic_root,
+        tracking_uri,
+        anomalymix={"coco_root": str(tmp_path / "coco"), "coco_annotations": str(bad)},
+    )
     with pytest.raises(SystemExit) as caught:
         main(["--config", config, "--quiet"])
     assert f"input error: {bad}: not a COCO instances JSON" in str(caught.value.code)
     assert no_run_started(tmp_path, tracking_uri)
 
 
-def test_an_anomaly_folder_of_no_known_layout_stops_before_training(tmp_path, synthetic_root, tracking_uri):
+def test_an_anomaly_folder_of_no_known_layout_stops_before_training(
+    tmp_path, synthetic_root, tracking_uri
+):
     folder = tmp_path / "fishy"
     (folder / "images").mkdir(parents=True)
     (folder / "masks").mkdir()
@@ -69,8 +104,12 @@ def test_an_anomaly_folder_of_no_known_layout_stops_before_training(tmp_path, sy
     assert no_run_started(tmp_path, tracking_uri)
 
 
-def test_a_missing_pretrained_checkpoint_stops_before_training(tmp_path, synthetic_root, tracking_uri):
-    config = write_config(tmp_path, synthetic_root, tracking_uri, pretrained=str(tmp_path / "nope.pt"))
+def test_a_missing_pretrained_checkpoint_stops_before_training(
+    tmp_path, synthetic_root, tracking_uri
+):
+    config = write_config(
+        tmp_path, synthetic_root, tracking_uri, pretrained=str(tmp_path / "nope.pt")
+    )
     with pytest.raises(SystemExit) as caught:
         main(["--config", config, "--quiet"])
     assert f"input error: {tmp_path / 'nope.pt'}: checkpoint not found" == caught.value.code
@@ -85,12 +124,17 @@ def local_ray():
 
 
 @pytest.mark.slow
-def test_job_pretrains_finetunes_evaluates_and_logs(local_ray, tmp_path, synthetic_root, tracking_uri, capsys):
+def test_job_pretrains_finetunes_evaluates_and_logs(
+    local_ray, tmp_path, synthetic_root, tracking_uri, capsys
+):
     results = main(["--config", write_config(tmp_path, synthetic_root, tracking_uri), "--quiet"])
     methods = [m.name for m in default_methods()]
     assert [r.name for r in results] == list(DATASETS)
     table = capsys.readouterr().out
-    assert "| method | synthetic AP | synthetic FPR95 | synthetic AUROC | cityscapes_anomalymix_val AP |" in table
+    assert (
+        "| method | synthetic AP | synthetic FPR95 | synthetic AUROC | cityscapes_anomalymix_val AP |"
+        in table
+    )
     assert all(f"| {method} |" in table for method in methods)
 
     client = mlflow.MlflowClient(tracking_uri)
@@ -100,11 +144,15 @@ def test_job_pretrains_finetunes_evaluates_and_logs(local_ray, tmp_path, synthet
     for result in results:
         for method in methods:
             for key in ("ap", "fpr95", "auroc"):
-                assert metrics[f"anomaly/{result.name}/{method}/{key}"] == pytest.approx(result.metrics[method][key])
+                assert metrics[f"anomaly/{result.name}/{method}/{key}"] == pytest.approx(
+                    result.metrics[method][key]
+                )
     assert 0.0 <= metrics["pretrain/val/miou"] <= 1.0
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/ap")] == [0, 1]
     assert run.data.params["pebal.m_in_used"] == "-4.0" and run.data.params["pebal.benchmarks"]
-    assert int(run.data.params["pebal.trainable_parameters"]) < int(run.data.params["pebal.total_parameters"])
+    assert int(run.data.params["pebal.trainable_parameters"]) < int(
+        run.data.params["pebal.total_parameters"]
+    )
 
     def listed(path):
         return {item.path for item in client.list_artifacts(run.info.run_id, path)}
@@ -114,15 +162,29 @@ def test_job_pretrains_finetunes_evaluates_and_logs(local_ray, tmp_path, synthet
     assert listed("evaluation/panels") == {f"evaluation/panels/{name}.png" for name in DATASETS}
     assert listed("model") == {"model/pebal_checkpoint.pt", "model/pretrained.pt"}
     checkpoint = load_checkpoint(tmp_path / "runs" / "pebal-test" / "pebal_checkpoint.pt")
-    assert checkpoint["model"]["unet_config"]["num_classes"] == 20  # 19 Cityscapes classes + abstention
+    assert (
+        checkpoint["model"]["unet_config"]["num_classes"] == 20
+    )  # 19 Cityscapes classes + abstention
     assert checkpoint["pebal"]["m_in"] == -4.0
 
 
-def test_a_trainable_module_the_checkpoint_lacks_stops_before_training(tmp_path, synthetic_root, tracking_uri):
-    save_checkpoint(tmp_path / "small.pt", {"model": UNet(UNetConfig(num_classes=19, width=4, depth=2)).to_checkpoint()})
-    config = write_config(tmp_path, synthetic_root, tracking_uri, pretrained=str(tmp_path / "small.pt"),
-                          trainable=["decoder.3", "head"])
+def test_a_trainable_module_the_checkpoint_lacks_stops_before_training(
+    tmp_path, synthetic_root, tracking_uri
+):
+    save_checkpoint(
+        tmp_path / "small.pt",
+        {"model": UNet(UNetConfig(num_classes=19, width=4, depth=2)).to_checkpoint()},
+    )
+    config = write_config(
+        tmp_path,
+        synthetic_root,
+        tracking_uri,
+        pretrained=str(tmp_path / "small.pt"),
+        trainable=["decoder.3", "head"],
+    )
     with pytest.raises(SystemExit) as caught:
         main(["--config", config, "--quiet"])
-    assert "config error: pebal.trainable: trainable module 'decoder.3' not found" in caught.value.code
+    assert (
+        "config error: pebal.trainable: trainable module 'decoder.3' not found" in caught.value.code
+    )
     assert no_run_started(tmp_path, tracking_uri)

@@ -79,7 +79,10 @@ def test_paper_terms_match_hand_values():
     p00, p01, p10 = softmax(LOGITS[0][0]), softmax(LOGITS[0][1]), softmax(LOGITS[1][0])
     n = 3  # non-void pixels
     expected = {
-        "pal_inlier": (-math.log(p00[0] + p00[2] / penalty["00"]) - math.log(p01[1] + p01[2] / penalty["01"])) / n,
+        "pal_inlier": (
+            -math.log(p00[0] + p00[2] / penalty["00"]) - math.log(p01[1] + p01[2] / penalty["01"])
+        )
+        / n,
         "pal_anomaly": -math.log(p10[2] + p10[2] / penalty["10"]) / n,
         "energy_inlier": 0.5 * (relu(e00 + 2.8) ** 2 + relu(e01 + 2.8) ** 2) / n,
         "energy_anomaly": 0.5 * relu(-0.3 - e10) ** 2 / n,
@@ -88,7 +91,12 @@ def test_paper_terms_match_hand_values():
         "sparsity": 0.2 * abs(e10) / n,
     }
     # the chosen logits put one inlier margin on each side of its hinge and the anomaly margin active
-    assert e00 + 2.8 < 0 < e01 + 2.8 and -0.3 - e10 > 0 and penalty["10"] == 1.0 and penalty["00"] > 1.0
+    assert (
+        e00 + 2.8 < 0 < e01 + 2.8
+        and -0.3 - e10 > 0
+        and penalty["10"] == 1.0
+        and penalty["00"] > 1.0
+    )
     terms = pebal_loss(*as_tensors(LOGITS, TARGET), config)
     assert set(terms) == set(TERMS) | {"total"}
     for name, value in expected.items():
@@ -106,9 +114,13 @@ def test_reference_terms_match_hand_values():
     penalties = []
     for (_, target), energy in zip(images, energies):
         valid = [[float(t != 255) for t in row] for row in target]
-        numerator = blur_by_hand([[e**2 * v for e, v in zip(er, vr)] for er, vr in zip(energy, valid)])
+        numerator = blur_by_hand(
+            [[e**2 * v for e, v in zip(er, vr)] for er, vr in zip(energy, valid)]
+        )
         denominator = blur_by_hand(valid)
-        penalties.append([[max(n / d, 1.0) for n, d in zip(nr, dr)] for nr, dr in zip(numerator, denominator)])
+        penalties.append(
+            [[max(n / d, 1.0) for n, d in zip(nr, dr)] for nr, dr in zip(numerator, denominator)]
+        )
     group_means, margins_in, anomaly_energies, anomaly_pal = [], [], [], []
     squares = 0.0
     for (logits, target), energy, penalty in zip(images, energies, penalties):
@@ -126,13 +138,18 @@ def test_reference_terms_match_hand_values():
         valid = [[t != 255 for t in row] for row in target]
         pairs = [((0, 0), (0, 1)), ((1, 0), (1, 1)), ((0, 0), (1, 0)), ((0, 1), (1, 1))]
         squares += sum(
-            (energy[a[0]][a[1]] - energy[b[0]][b[1]]) ** 2 for a, b in pairs if valid[a[0]][a[1]] and valid[b[0]][b[1]]
+            (energy[a[0]][a[1]] - energy[b[0]][b[1]]) ** 2
+            for a, b in pairs
+            if valid[a[0]][a[1]] and valid[b[0]][b[1]]
         )
     expected = {
         "pal_inlier": group_means[0] + group_means[1],
         "pal_anomaly": 0.3 * sum(anomaly_pal) / len(anomaly_pal),
         "energy_inlier": 0.5 * 0.5 * sum(margins_in) / len(margins_in),
-        "energy_anomaly": 0.5 * 0.5 * sum(relu(-0.3 - e) ** 2 for e in anomaly_energies) / len(anomaly_energies),
+        "energy_anomaly": 0.5
+        * 0.5
+        * sum(relu(-0.3 - e) ** 2 for e in anomaly_energies)
+        / len(anomaly_energies),
         "sparsity": 0.5 * 0.2 * math.sqrt(sum(e * e for e in anomaly_energies)),
         "smoothness": 0.5 * 0.1 * 0.5 * squares,
     }
@@ -149,8 +166,14 @@ def test_reference_without_anomaly_uses_full_inlier_margin_and_no_sparsity():
     config = PebalConfig(variant="reference", **CONFIG)
     terms = pebal_loss(*as_tensors(logits, [[0, 1]]), config)
     energies = [-lse(px[:2]) for px in logits[0]]
-    assert terms["energy_inlier"].item() == pytest.approx(0.5 * sum(relu(e + 2.8) ** 2 for e in energies) / 2, rel=1e-10)
-    assert terms["energy_anomaly"].item() == 0.0 and terms["sparsity"].item() == 0.0 and terms["pal_anomaly"].item() == 0.0
+    assert terms["energy_inlier"].item() == pytest.approx(
+        0.5 * sum(relu(e + 2.8) ** 2 for e in energies) / 2, rel=1e-10
+    )
+    assert (
+        terms["energy_anomaly"].item() == 0.0
+        and terms["sparsity"].item() == 0.0
+        and terms["pal_anomaly"].item() == 0.0
+    )
 
 
 def test_reference_penalty_is_blurred_with_reflect_padding():
@@ -160,10 +183,16 @@ def test_reference_penalty_is_blurred_with_reflect_padding():
     config = PebalConfig(variant="reference", **CONFIG)
     energy = [-lse(px[:2]) for px in logits[0]]
     penalty = [max(v, 1.0) for v in blur_by_hand([[e**2 for e in energy]])[0]]
-    pal = [-math.log(softmax(px)[t] + softmax(px)[2] / a) for px, t, a in zip(logits[0], target[0], penalty)]
+    pal = [
+        -math.log(softmax(px)[t] + softmax(px)[2] / a)
+        for px, t, a in zip(logits[0], target[0], penalty)
+    ]
     terms = pebal_loss(*as_tensors(logits, target), config)
     assert terms["pal_inlier"].item() == pytest.approx(sum(pal) / 5, rel=1e-10)
-    unblurred = [-math.log(softmax(px)[t] + softmax(px)[2] / max(e**2, 1.0)) for px, t, e in zip(logits[0], target[0], energy)]
+    unblurred = [
+        -math.log(softmax(px)[t] + softmax(px)[2] / max(e**2, 1.0))
+        for px, t, e in zip(logits[0], target[0], energy)
+    ]
     assert abs(sum(unblurred) / 5 - sum(pal) / 5) > 1e-3  # the blur matters on this row
 
 
@@ -191,7 +220,9 @@ def test_penalty_floor_and_disabled_floor():
 @pytest.mark.parametrize("variant", ["paper", "reference"])
 def test_gradcheck_total_and_terms(variant):
     generator = torch.Generator().manual_seed(0)
-    logits = (torch.randn(2, 4, 4, 4, generator=generator, dtype=torch.float64) + 2.0).requires_grad_()
+    logits = (
+        torch.randn(2, 4, 4, 4, generator=generator, dtype=torch.float64) + 2.0
+    ).requires_grad_()
     target = torch.randint(0, 4, (2, 4, 4), generator=generator)
     target[0, 0, :2] = 255
     assert (target == 3).any() and (target < 3).any()
@@ -203,7 +234,9 @@ def test_gradcheck_total_and_terms(variant):
         return torch.stack([terms[name] for name in names])
 
     values = all_terms(logits)
-    assert (values[:-1] != 0).all()  # every term is active at this point, so every gradient is checked
+    assert (
+        values[:-1] != 0
+    ).all()  # every term is active at this point, so every gradient is checked
     assert torch.autograd.gradcheck(all_terms, (logits,))
 
 
@@ -221,7 +254,10 @@ def test_inputs_not_modified_and_dtype_device_followed():
     before_logits, before_target = logits.clone(), target.clone()
     terms = pebal_loss(logits, target, PebalConfig(variant="reference"))
     assert torch.equal(logits, before_logits) and torch.equal(target, before_target)
-    assert all(v.dtype == torch.float64 and v.device == logits.device and v.dim() == 0 for v in terms.values())
+    assert all(
+        v.dtype == torch.float64 and v.device == logits.device and v.dim() == 0
+        for v in terms.values()
+    )
 
 
 def test_bad_targets_and_shapes_are_errors():
@@ -246,7 +282,11 @@ def test_all_void_batch_gives_zero_loss_with_graph():
 def test_check_finite_names_step_batch_and_term():
     good = {"pal_inlier": torch.tensor(1.0), "total": torch.tensor(1.0)}
     check_finite(good, step=3, batch=1)
-    bad = {"pal_inlier": torch.tensor(float("nan")), "sparsity": torch.tensor(float("inf")), "total": torch.tensor(1.0)}
+    bad = {
+        "pal_inlier": torch.tensor(float("nan")),
+        "sparsity": torch.tensor(float("inf")),
+        "total": torch.tensor(1.0),
+    }
     with pytest.raises(NonFiniteLossError, match=r"step 7, batch 2: pal_inlier=nan, sparsity=inf"):
         check_finite(bad, step=7, batch=2)
 

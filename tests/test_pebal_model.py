@@ -8,7 +8,12 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from segxal.models.unet import UNet, UNetConfig
-from segxal.pebal.model import add_abstention_channel, freeze_except, parameter_counts, prepare_pebal_model
+from segxal.pebal.model import (
+    add_abstention_channel,
+    freeze_except,
+    parameter_counts,
+    prepare_pebal_model,
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +46,9 @@ def train_step(model, steps=2):
     for _ in range(steps):
         optimizer.zero_grad()
         logits = model(torch.randn(2, 3, 16, 16))
-        loss = torch.nn.functional.cross_entropy(logits, torch.randint(0, logits.shape[1], (2, 16, 16)))
+        loss = torch.nn.functional.cross_entropy(
+            logits, torch.randint(0, logits.shape[1], (2, 16, 16))
+        )
         loss.backward()
         optimizer.step()
 
@@ -104,7 +111,10 @@ def test_refreeze_with_other_modules_and_copies_keep_behaviour(trained):
     stats = bn_state(clone)
     train_step(clone, steps=1)
     assert all(torch.equal(stats[n][0], m[0]) for n, m in bn_state(clone).items())
-    assert [n for n, p in clone.named_parameters() if p.requires_grad] == ["head.weight", "head.bias"]
+    assert [n for n, p in clone.named_parameters() if p.requires_grad] == [
+        "head.weight",
+        "head.bias",
+    ]
 
 
 def test_unknown_trainable_module_is_an_error(trained):

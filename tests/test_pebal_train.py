@@ -11,7 +11,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from actors.pebal_train import PebalJob, PebalTrainingError, finetune_on_ray, load_finetuned, pebal_train_epoch
+from actors.pebal_train import (
+    PebalJob,
+    PebalTrainingError,
+    finetune_on_ray,
+    load_finetuned,
+    pebal_train_epoch,
+)
 from orchestrator.config import ScalingConfig
 from segxal.checkpoint import load_checkpoint
 from segxal.data.anomaly import anomaly_benchmark
@@ -22,8 +28,19 @@ from segxal.models.unet import UNet, UNetConfig
 from segxal.pebal.anomalymix import AnomalyMix
 from segxal.pebal.config import AnomalyMixConfig, FinetuneConfig, PebalConfig
 from segxal.pebal.evaluate import (
-    ORIGINAL, PEBAL, Method, MixedValidationSet, anomaly_labels, calibrate_margins, evaluate_anomaly, flat_metrics,
-    plot_curves, plot_panels, split_outliers, table_csv, table_markdown,
+    ORIGINAL,
+    PEBAL,
+    Method,
+    MixedValidationSet,
+    anomaly_labels,
+    calibrate_margins,
+    evaluate_anomaly,
+    flat_metrics,
+    plot_curves,
+    plot_panels,
+    split_outliers,
+    table_csv,
+    table_markdown,
 )
 from segxal.pebal.losses import NonFiniteLossError
 from segxal.pebal.model import prepare_pebal_model
@@ -43,8 +60,14 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def datasets(synthetic_root):
-    train = SegmentationDataset(cityscapes_manifest(synthetic_root, "train"), CITYSCAPES, SampleTransform(SIZE, augment=True))
-    val = SegmentationDataset(cityscapes_manifest(synthetic_root, "val"), CITYSCAPES, SampleTransform(SIZE))
+    train = SegmentationDataset(
+        cityscapes_manifest(synthetic_root, "train"),
+        CITYSCAPES,
+        SampleTransform(SIZE, augment=True),
+    )
+    val = SegmentationDataset(
+        cityscapes_manifest(synthetic_root, "val"), CITYSCAPES, SampleTransform(SIZE)
+    )
     return train, val
 
 
@@ -56,13 +79,19 @@ def pretrained(datasets):
     torch.manual_seed(0)
     train, val = datasets
     model = UNet(UNetConfig(num_classes=CITYSCAPES.num_classes, width=8, depth=3))
-    fit(model, DataLoader(train, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0)),
-        DataLoader(val, batch_size=4), TrainConfig(epochs=30, batch_size=4, lr=0.01, device="cpu"), CITYSCAPES.class_names)
+    fit(
+        model,
+        DataLoader(train, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0)),
+        DataLoader(val, batch_size=4),
+        TrainConfig(epochs=30, batch_size=4, lr=0.01, device="cpu"),
+        CITYSCAPES.class_names,
+    )
     torch.set_num_threads(threads)
     return model.eval()
 
 
 # -- evaluation pieces --------------------------------------------------------------------------------
+
 
 def test_anomaly_labels_map_the_anomaly_class_to_one_and_keep_void():
     labels = torch.tensor([[0, 3, 5], [IGNORE_INDEX, 5, 1]])
@@ -72,14 +101,24 @@ def test_anomaly_labels_map_the_anomaly_class_to_one_and_keep_void():
 def test_mixed_validation_set_is_reproducible_and_labels_pasted_pixels(datasets):
     _, val = datasets
     mixed = MixedValidationSet(val, AnomalyMixConfig(fraction=0.0), CITYSCAPES.num_classes, seed=3)
-    first, again = mixed[1], MixedValidationSet(val, AnomalyMixConfig(), CITYSCAPES.num_classes, seed=3)[1]
-    assert torch.equal(first["image"], again["image"]) and torch.equal(first["label"], again["label"])
+    first, again = (
+        mixed[1],
+        MixedValidationSet(val, AnomalyMixConfig(), CITYSCAPES.num_classes, seed=3)[1],
+    )
+    assert torch.equal(first["image"], again["image"]) and torch.equal(
+        first["label"], again["label"]
+    )
     plain = val[1]
     changed = (first["image"] != plain["image"]).any(0)
     assert set(first["label"].unique().tolist()) <= {0, 1, IGNORE_INDEX}
     assert (first["label"] == 1).sum() > 0  # fraction is forced to 1: every image gets an object
-    assert torch.equal(changed & (first["label"] != 1), torch.zeros_like(changed))  # only pasted pixels change
-    assert not torch.equal(first["image"], MixedValidationSet(val, AnomalyMixConfig(), CITYSCAPES.num_classes, seed=4)[1]["image"])
+    assert torch.equal(
+        changed & (first["label"] != 1), torch.zeros_like(changed)
+    )  # only pasted pixels change
+    assert not torch.equal(
+        first["image"],
+        MixedValidationSet(val, AnomalyMixConfig(), CITYSCAPES.num_classes, seed=4)[1]["image"],
+    )
 
 
 def write_coco(root, images=4):
@@ -88,12 +127,30 @@ def write_coco(root, images=4):
     (root / "annotations").mkdir()
     entries, annotations = [], []
     for index in range(images):
-        Image.fromarray(np.full((16, 16, 3), 30 * index, np.uint8)).save(root / "images" / "train2017" / f"{index}.jpg")
+        Image.fromarray(np.full((16, 16, 3), 30 * index, np.uint8)).save(
+            root / "images" / "train2017" / f"{index}.jpg"
+        )
         entries.append({"id": index, "file_name": f"{index}.jpg", "height": 16, "width": 16})
-        annotations.append({"id": 100 + index, "image_id": index, "category_id": 38, "iscrowd": 0, "area": 64.0,
-                            "bbox": [4, 4, 8, 8], "segmentation": [[4, 4, 12, 4, 12, 12, 4, 12]]})
-    (root / "annotations" / "instances_train2017.json").write_text(json.dumps(
-        {"images": entries, "annotations": annotations, "categories": [{"id": 1, "name": "person"}, {"id": 38, "name": "kite"}]}))
+        annotations.append(
+            {
+                "id": 100 + index,
+                "image_id": index,
+                "category_id": 38,
+                "iscrowd": 0,
+                "area": 64.0,
+                "bbox": [4, 4, 8, 8],
+                "segmentation": [[4, 4, 12, 4, 12, 12, 4, 12]],
+            }
+        )
+    (root / "annotations" / "instances_train2017.json").write_text(
+        json.dumps(
+            {
+                "images": entries,
+                "annotations": annotations,
+                "categories": [{"id": 1, "name": "person"}, {"id": 38, "name": "kite"}],
+            }
+        )
+    )
     return root
 
 
@@ -109,10 +166,15 @@ def test_split_outliers_holds_out_whole_coco_images(tmp_path):
 def test_calibrated_margins_are_quantiles_of_inlier_energy():
     torch.manual_seed(0)
     model = UNet(UNetConfig(num_classes=3, width=4, depth=2)).eval()
-    batches = [{"image": torch.randn(2, 3, 16, 16), "label": torch.randint(0, 3, (2, 16, 16))} for _ in range(2)]
+    batches = [
+        {"image": torch.randn(2, 3, 16, 16), "label": torch.randint(0, 3, (2, 16, 16))}
+        for _ in range(2)
+    ]
     batches[0]["label"][:, :8] = IGNORE_INDEX
     with torch.no_grad():
-        energy = torch.cat([-torch.logsumexp(model(b["image"]), 1)[b["label"] != IGNORE_INDEX] for b in batches])
+        energy = torch.cat(
+            [-torch.logsumexp(model(b["image"]), 1)[b["label"] != IGNORE_INDEX] for b in batches]
+        )
     config = calibrate_margins(PebalConfig(margin_quantiles=(0.25, 0.9)), model, batches)
     assert config.m_in == pytest.approx(float(torch.quantile(energy.double(), 0.25)), rel=1e-5)
     assert config.m_out == pytest.approx(float(torch.quantile(energy.double(), 0.9)), rel=1e-5)
@@ -133,13 +195,27 @@ class LabelEcho(torch.nn.Module):
 
 def fake_result():
     """An evaluation where ``perfect`` scores equal the labels and ``inverted`` are their opposite."""
-    images = [{"image": torch.zeros(3, 8, 8), "label": torch.zeros(8, 8, dtype=torch.long), "sample_id": f"s{i}"} for i in range(2)]
+    images = [
+        {
+            "image": torch.zeros(3, 8, 8),
+            "label": torch.zeros(8, 8, dtype=torch.long),
+            "sample_id": f"s{i}",
+        }
+        for i in range(2)
+    ]
     images[0]["label"][2:4, 2:4] = 1
     images[1]["label"][0] = IGNORE_INDEX
     labels = torch.stack([i["label"].clamp(max=1) for i in images])
     methods = (Method("perfect", "a", "max_logit"), Method("inverted", "b", "max_logit"))
-    return evaluate_anomaly({"a": LabelEcho(labels, 1), "b": LabelEcho(labels, -1)}, images, "toy", methods,
-                            batch_size=2, panel_images=1, panel_methods=("perfect",))
+    return evaluate_anomaly(
+        {"a": LabelEcho(labels, 1), "b": LabelEcho(labels, -1)},
+        images,
+        "toy",
+        methods,
+        batch_size=2,
+        panel_images=1,
+        panel_methods=("perfect",),
+    )
 
 
 def test_evaluation_tables_metric_names_and_plots(tmp_path):
@@ -148,41 +224,71 @@ def test_evaluation_tables_metric_names_and_plots(tmp_path):
     assert result.metrics["inverted"]["auroc"] == 0.0 and result.metrics["inverted"]["fpr95"] == 1.0
     assert result.labels.size == 2 * 64 - 8  # void pixels are left out
     assert flat_metrics([result])["anomaly/toy/perfect/ap"] == 1.0
-    assert set(flat_metrics([result])) == {f"anomaly/toy/{m}/{k}" for m in ("perfect", "inverted") for k in ("ap", "fpr95", "auroc")}
+    assert set(flat_metrics([result])) == {
+        f"anomaly/toy/{m}/{k}" for m in ("perfect", "inverted") for k in ("ap", "fpr95", "auroc")
+    }
     csv = table_csv([result]).splitlines()
-    assert csv[0] == "dataset,method,ap,fpr95,auroc" and csv[1].startswith("toy,perfect,1.000000,0.000000,1.000000")
+    assert csv[0] == "dataset,method,ap,fpr95,auroc" and csv[1].startswith(
+        "toy,perfect,1.000000,0.000000,1.000000"
+    )
     markdown = table_markdown([result, replace(result, name="other")])
     assert "| method | toy AP | toy FPR95 | toy AUROC | other AP |" in markdown
     assert "| perfect | 100.00 | 0.00 | 100.00 | 100.00 |" in markdown
-    for path in (plot_curves(result, tmp_path / "curves.png"), plot_panels(result, tmp_path / "panels.png")):
+    for path in (
+        plot_curves(result, tmp_path / "curves.png"),
+        plot_panels(result, tmp_path / "panels.png"),
+    ):
         assert Image.open(path).size[0] > 100
     assert len(result.panels) == 1 and set(result.panels[0].maps) == {"perfect"}
 
 
-def test_epoch_trains_only_the_last_block_and_stops_on_non_finite_loss(pretrained, datasets, one_thread):
+def test_epoch_trains_only_the_last_block_and_stops_on_non_finite_loss(
+    pretrained, datasets, one_thread
+):
     train, _ = datasets
     config = PebalConfig(m_in=-4.0, m_out=-2.0, trainable=("decoder.2", "head"))
     model = prepare_pebal_model(pretrained, config.trainable)
     before = copy.deepcopy(model.state_dict())
     optimizer = make_optimizer(model.parameters(), config.finetune)
     loader = DataLoader(torch.utils.data.Subset(train, range(4)), batch_size=2)
-    stats = pebal_train_epoch(model, loader, optimizer, AnomalyMix(config.anomalymix, 19), config,
-                              np.random.default_rng(0), torch.device("cpu"), epoch=3, first_step=10)
+    stats = pebal_train_epoch(
+        model,
+        loader,
+        optimizer,
+        AnomalyMix(config.anomalymix, 19),
+        config,
+        np.random.default_rng(0),
+        torch.device("cpu"),
+        epoch=3,
+        first_step=10,
+    )
     assert stats["steps"] == 2 and np.isfinite(stats["loss"]) and stats["step_s"] > 0
     after = model.state_dict()
     for name, value in before.items():
-        if not name.startswith(("decoder.2.", "head.")):  # frozen weights and BatchNorm statistics never move
+        if not name.startswith(
+            ("decoder.2.", "head.")
+        ):  # frozen weights and BatchNorm statistics never move
             assert torch.equal(value, after[name]), name
     for name in ("head.weight", "head.bias", "decoder.2.0.weight", "decoder.2.1.running_mean"):
         assert not torch.equal(before[name], after[name]), name
     with torch.no_grad():
         model.head.bias[0] = float("nan")
     with pytest.raises(NonFiniteLossError, match=r"step 10, batch 0 of epoch 3 \(samples train/"):
-        pebal_train_epoch(model, loader, optimizer, AnomalyMix(config.anomalymix, 19), config,
-                          np.random.default_rng(0), torch.device("cpu"), epoch=3, first_step=10)
+        pebal_train_epoch(
+            model,
+            loader,
+            optimizer,
+            AnomalyMix(config.anomalymix, 19),
+            config,
+            np.random.default_rng(0),
+            torch.device("cpu"),
+            epoch=3,
+            first_step=10,
+        )
 
 
 # -- Ray Train ------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def local_ray():
@@ -196,39 +302,76 @@ def bn_statistics(state):
 
 
 @pytest.mark.slow
-def test_finetuned_pebal_beats_the_energy_baseline_on_synthetic_anomalies(local_ray, pretrained, datasets, synthetic_root, tmp_path):
+def test_finetuned_pebal_beats_the_energy_baseline_on_synthetic_anomalies(
+    local_ray, pretrained, datasets, synthetic_root, tmp_path
+):
     train, val = datasets
-    config = PebalConfig(m_in=-4.0, m_out=-2.0, lam=1.0, trainable=("decoder.2", "head"),
-                         anomalymix=AnomalyMixConfig(fraction=1.0), finetune=FinetuneConfig(epochs=20, batch_size=4, lr=1e-2))
-    job = PebalJob(train, MixedValidationSet(val, config.anomalymix, 19, seed=0), pretrained.to_checkpoint(), config)
+    config = PebalConfig(
+        m_in=-4.0,
+        m_out=-2.0,
+        lam=1.0,
+        trainable=("decoder.2", "head"),
+        anomalymix=AnomalyMixConfig(fraction=1.0),
+        finetune=FinetuneConfig(epochs=20, batch_size=4, lr=1e-2),
+    )
+    job = PebalJob(
+        train,
+        MixedValidationSet(val, config.anomalymix, 19, seed=0),
+        pretrained.to_checkpoint(),
+        config,
+    )
     result = finetune_on_ray(job, ScalingConfig(num_workers=1), tmp_path / "ray", "pebal")
     assert [m["epoch"] for m in result.history] == list(range(20))
     assert result.best_metrics["val/ap"] == pytest.approx(max(m["val/ap"] for m in result.history))
-    assert load_checkpoint(result.best_checkpoint)["metrics"]["val/ap"] == pytest.approx(result.best_metrics["val/ap"])
-    tuned, original = load_checkpoint(result.last_checkpoint)["model"]["state_dict"], pretrained.state_dict()
+    assert load_checkpoint(result.best_checkpoint)["metrics"]["val/ap"] == pytest.approx(
+        result.best_metrics["val/ap"]
+    )
+    tuned, original = (
+        load_checkpoint(result.last_checkpoint)["model"]["state_dict"],
+        pretrained.state_dict(),
+    )
     assert torch.equal(tuned["encoder.0.0.weight"], original["encoder.0.0.weight"])  # frozen
     assert not torch.equal(tuned["decoder.2.0.weight"], original["decoder.2.0.weight"])  # trained
     for name, value in bn_statistics(original).items():
-        if not name.startswith("decoder.2."):  # frozen BatchNorm kept its statistics through Ray's prepare_model
+        if not name.startswith(
+            "decoder.2."
+        ):  # frozen BatchNorm kept its statistics through Ray's prepare_model
             assert torch.equal(tuned[name], value), name
     benchmark = anomaly_benchmark(synthetic_root / "anomaly")
-    evaluation = evaluate_anomaly({PEBAL: load_finetuned(result.last_checkpoint), ORIGINAL: pretrained},
-                                  benchmark.dataset(SampleTransform(SIZE)), benchmark.name)
+    evaluation = evaluate_anomaly(
+        {PEBAL: load_finetuned(result.last_checkpoint), ORIGINAL: pretrained},
+        benchmark.dataset(SampleTransform(SIZE)),
+        benchmark.name,
+    )
     pebal_ap, energy_ap = evaluation.metrics[PEBAL]["ap"], evaluation.metrics["energy"]["ap"]
     assert pebal_ap > 2 * energy_ap + 0.05, evaluation.metrics
 
 
 @pytest.mark.slow
-def test_non_finite_loss_names_step_and_batch_and_keeps_the_last_good_checkpoint(local_ray, pretrained, datasets,
-                                                                                   synthetic_root, tmp_path):
+def test_non_finite_loss_names_step_and_batch_and_keeps_the_last_good_checkpoint(
+    local_ray, pretrained, datasets, synthetic_root, tmp_path
+):
     train, val = datasets
-    four = SegmentationDataset(cityscapes_manifest(synthetic_root, "train").slice(0, 4), CITYSCAPES, train.transform)
+    four = SegmentationDataset(
+        cityscapes_manifest(synthetic_root, "train").slice(0, 4), CITYSCAPES, train.transform
+    )
     # An absurd learning rate: epoch 0 (one batch) is still finite, its update sends the logits to ~1e26,
     # so epoch 1's squared energy margins overflow.
-    config = PebalConfig(m_in=-4.0, m_out=-2.0, finetune=FinetuneConfig(epochs=3, batch_size=4, lr=1e25))
-    job = PebalJob(four, MixedValidationSet(val, config.anomalymix, 19, seed=0), pretrained.to_checkpoint(), config)
-    with pytest.raises(PebalTrainingError, match=r"non-finite PEBAL loss at step 1, batch 0 of epoch 1") as caught:
+    config = PebalConfig(
+        m_in=-4.0, m_out=-2.0, finetune=FinetuneConfig(epochs=3, batch_size=4, lr=1e25)
+    )
+    job = PebalJob(
+        four,
+        MixedValidationSet(val, config.anomalymix, 19, seed=0),
+        pretrained.to_checkpoint(),
+        config,
+    )
+    with pytest.raises(
+        PebalTrainingError, match=r"non-finite PEBAL loss at step 1, batch 0 of epoch 1"
+    ) as caught:
         finetune_on_ray(job, ScalingConfig(num_workers=1), tmp_path / "ray", "nan")
     assert isinstance(caught.value.cause, NonFiniteLossError)
-    assert caught.value.last_checkpoint is not None and str(caught.value.last_checkpoint) in str(caught.value)
+    assert caught.value.last_checkpoint is not None and str(caught.value.last_checkpoint) in str(
+        caught.value
+    )
     assert load_checkpoint(caught.value.last_checkpoint)["epoch"] == 0

@@ -24,7 +24,9 @@ from orchestrator.pool_state import (
 from segxal.data.manifest import MANIFEST_SCHEMA
 
 
-def make_manifest(n: int, split: str = "train", prefix: str = "s", with_labels: bool = True) -> pa.Table:
+def make_manifest(
+    n: int, split: str = "train", prefix: str = "s", with_labels: bool = True
+) -> pa.Table:
     ids = [f"{prefix}{i:03d}" for i in range(n)]
     return pa.Table.from_pylist(
         [
@@ -45,8 +47,13 @@ def make_manifest(n: int, split: str = "train", prefix: str = "s", with_labels: 
 
 @pytest.fixture
 def pool(tmp_path) -> PoolState:
-    return PoolState.create(tmp_path / "pool" / "state.parquet", make_manifest(20), 0.25, seed=0,
-                            validation=make_manifest(4, "val", prefix="v"))
+    return PoolState.create(
+        tmp_path / "pool" / "state.parquet",
+        make_manifest(20),
+        0.25,
+        seed=0,
+        validation=make_manifest(4, "val", prefix="v"),
+    )
 
 
 def first_unlabelled(state: PoolState, k: int) -> list[str]:
@@ -65,12 +72,25 @@ def test_initial_split_is_deterministic_from_the_seed_and_input_order(pool, tmp_
     assert pool.counts() == {LABELLED: 5, UNLABELLED: 15, VALIDATION: 4, QUARANTINED: 0}
     manifest = make_manifest(20)
     shuffled = manifest.take(np.random.default_rng(3).permutation(20))
-    again = PoolState.create(tmp_path / "again.parquet", shuffled, 0.25, seed=0, validation=make_manifest(4, "val", prefix="v"))
+    again = PoolState.create(
+        tmp_path / "again.parquet",
+        shuffled,
+        0.25,
+        seed=0,
+        validation=make_manifest(4, "val", prefix="v"),
+    )
     assert again == pool
-    other = PoolState.create(tmp_path / "other.parquet", make_manifest(20), 0.25, seed=1,
-                             validation=make_manifest(4, "val", prefix="v"))
+    other = PoolState.create(
+        tmp_path / "other.parquet",
+        make_manifest(20),
+        0.25,
+        seed=1,
+        validation=make_manifest(4, "val", prefix="v"),
+    )
     assert other.ids(LABELLED).to_pylist() != pool.ids(LABELLED).to_pylist()
-    assert PoolState.create(tmp_path / "count.parquet", make_manifest(20), 5, seed=0).ids(LABELLED) == pool.ids(LABELLED)
+    assert PoolState.create(tmp_path / "count.parquet", make_manifest(20), 5, seed=0).ids(
+        LABELLED
+    ) == pool.ids(LABELLED)
 
 
 def test_initial_rows_and_queries(pool):
@@ -79,9 +99,17 @@ def test_initial_rows_and_queries(pool):
     assert pool.ids(VALIDATION).to_pylist() == ["v000", "v001", "v002", "v003"]
     labelled = pool.record(pool.ids(LABELLED)[0].as_py())
     assert labelled["cycle_labelled"] == 0 and labelled["label_source"] == labelled["label_path"]
-    assert labelled["oracle"] is None and labelled["times_returned"] == 0 and labelled["annotation_cost"] == 0.0
+    assert (
+        labelled["oracle"] is None
+        and labelled["times_returned"] == 0
+        and labelled["annotation_cost"] == 0.0
+    )
     unlabelled = pool.record(pool.ids(UNLABELLED)[0].as_py())
-    assert unlabelled["cycle_labelled"] == -1 and unlabelled["label_source"] is None and unlabelled["dice"] is None
+    assert (
+        unlabelled["cycle_labelled"] == -1
+        and unlabelled["label_source"] is None
+        and unlabelled["dice"] is None
+    )
     assert pool.training_pool_size == 20 and pool.labelled_fraction == 0.25 and len(pool) == 24
     with pytest.raises(ValueError, match="unknown role 'train'"):
         pool.ids("train")
@@ -91,7 +119,9 @@ def test_initial_rows_and_queries(pool):
 
 def test_validation_by_split_column(tmp_path):
     manifest = pa.concat_tables([make_manifest(10), make_manifest(3, "val", prefix="v")])
-    state = PoolState.create(tmp_path / "state.parquet", manifest, 2, seed=0, validation_split="val")
+    state = PoolState.create(
+        tmp_path / "state.parquet", manifest, 2, seed=0, validation_split="val"
+    )
     assert state.counts() == {LABELLED: 2, UNLABELLED: 8, VALIDATION: 3, QUARANTINED: 0}
 
 
@@ -101,8 +131,17 @@ def test_validation_by_split_column(tmp_path):
         (dict(initial_labelled=21), r"initial_labelled 21 is larger than the pool \(20 samples\)"),
         (dict(initial_labelled=0), "initial_labelled must be positive"),
         (dict(initial_labelled=1.5), r"initial_labelled fraction must be in \(0, 1\]"),
-        (dict(initial_labelled=2, validation=make_manifest(2, "val", prefix="s")), r"duplicate sample ids \['s000', 's001'\]"),
-        (dict(initial_labelled=2, validation=make_manifest(2, "val", prefix="v", with_labels=False)), r"need a label_path; missing for \['v000', 'v001'\]"),
+        (
+            dict(initial_labelled=2, validation=make_manifest(2, "val", prefix="s")),
+            r"duplicate sample ids \['s000', 's001'\]",
+        ),
+        (
+            dict(
+                initial_labelled=2,
+                validation=make_manifest(2, "val", prefix="v", with_labels=False),
+            ),
+            r"need a label_path; missing for \['v000', 'v001'\]",
+        ),
         (dict(initial_labelled=2, validation_split="val"), "the training pool is empty"),
     ],
 )
@@ -117,7 +156,9 @@ def test_construction_needs_labels_for_the_initial_pool_and_manifest_columns(tmp
     with pytest.raises(PoolStateError, match="need a label_path"):
         PoolState.create(tmp_path / "a.parquet", make_manifest(5, with_labels=False), 2, seed=0)
     with pytest.raises(PoolStateError, match=r"manifest: missing columns \['image_path'\]"):
-        PoolState.create(tmp_path / "b.parquet", make_manifest(5).drop_columns(["image_path"]), 2, seed=0)
+        PoolState.create(
+            tmp_path / "b.parquet", make_manifest(5).drop_columns(["image_path"]), 2, seed=0
+        )
 
 
 # ---- transitions ------------------------------------------------------------------------------------
@@ -126,19 +167,37 @@ def test_construction_needs_labels_for_the_initial_pool_and_manifest_columns(tmp
 def test_accept_return_and_quarantine_rewrite_the_file_and_keep_invariants(pool, tmp_path):
     a, b, c = first_unlabelled(pool, 3)
     before = frozen(pool, tmp_path)
-    pool.accept([a, b], cycle=1, oracle="pseudo", dice=[0.8, 0.9], cost=[3.0, 4.0], label_paths=["/r/a.png", "/r/b.png"])
+    pool.accept(
+        [a, b],
+        cycle=1,
+        oracle="pseudo",
+        dice=[0.8, 0.9],
+        cost=[3.0, 4.0],
+        label_paths=["/r/a.png", "/r/b.png"],
+    )
     assert PoolState.load(previous_path(pool.path)) == before  # the previous good state is kept
     assert PoolState.load(pool.path) == pool and before.count(LABELLED) == 5
     assert pool.counts() == {LABELLED: 7, UNLABELLED: 13, VALIDATION: 4, QUARANTINED: 0}
     row = pool.record(a)
-    assert (row["role"], row["cycle_labelled"], row["last_cycle"], row["oracle"]) == (LABELLED, 1, 1, "pseudo")
+    assert (row["role"], row["cycle_labelled"], row["last_cycle"], row["oracle"]) == (
+        LABELLED,
+        1,
+        1,
+        "pseudo",
+    )
     assert (row["dice"], row["annotation_cost"], row["label_source"]) == (0.8, 3.0, "/r/a.png")
     assert pool.labelled_fraction == 7 / 20 and pool.total_annotation_cost == 7.0
 
     pool.return_to_pool([c], cycle=1, oracle="simulated", dice=[0.2], cost=1.5)
     pool.return_to_pool([c], cycle=2, oracle="simulated", dice=[0.3], cost=1.0)
     row = pool.record(c)
-    assert (row["role"], row["times_returned"], row["annotation_cost"], row["dice"], row["last_cycle"]) == (UNLABELLED, 2, 2.5, 0.3, 2)
+    assert (
+        row["role"],
+        row["times_returned"],
+        row["annotation_cost"],
+        row["dice"],
+        row["last_cycle"],
+    ) == (UNLABELLED, 2, 2.5, 0.3, 2)
     assert row["cycle_labelled"] == -1 and row["label_source"] is None
     assert pool.total_annotation_cost == 9.5
 
@@ -148,13 +207,19 @@ def test_accept_return_and_quarantine_rewrite_the_file_and_keep_invariants(pool,
     assert pool.counts()[LABELLED] == 6 and len(pool) == 24
     assert pool.training_pool_size == 19
     pool.quarantine([b, c], ["unreadable image", "truncated"])
-    assert [pool.record(i)["quarantine_reason"] for i in (b, c)] == ["unreadable image", "truncated"]
+    assert [pool.record(i)["quarantine_reason"] for i in (b, c)] == [
+        "unreadable image",
+        "truncated",
+    ]
     pool.check_invariants()
     assert PoolState.load(pool.path).counts() == pool.counts()
 
     content = pool.path.read_bytes()
     pool.accept([], 1, "pseudo", [], 0.0, [])  # nothing to do: nothing rewritten
-    assert pool.path.read_bytes() == content and PoolState.load(previous_path(pool.path)).count(QUARANTINED) == 1
+    assert (
+        pool.path.read_bytes() == content
+        and PoolState.load(previous_path(pool.path)).count(QUARANTINED) == 1
+    )
 
 
 def test_accept_with_nan_dice_stores_null(pool):
@@ -167,7 +232,10 @@ def test_transition_errors_name_the_ids_and_leave_the_file_alone(pool):
     labelled = pool.ids(LABELLED)[0].as_py()
     (a,) = first_unlabelled(pool, 1)
     content = pool.path.read_bytes()
-    with pytest.raises(PoolStateError, match=rf"accept: sample ids \['{labelled}'\] have role \['labelled'\], expected one of \['unlabelled'\]"):
+    with pytest.raises(
+        PoolStateError,
+        match=rf"accept: sample ids \['{labelled}'\] have role \['labelled'\], expected one of \['unlabelled'\]",
+    ):
         pool.accept([a, labelled], 1, "pseudo", [0.9, 0.9], 0.0, ["/r.png", "/s.png"])
     with pytest.raises(PoolStateError, match=r"unknown sample ids \['nope'\]"):
         pool.return_to_pool([a, "nope"], 1, "pseudo", [0.1, 0.1])
@@ -203,11 +271,17 @@ def test_a_state_in_many_row_groups_is_checked_and_updated_across_them(tmp_path,
     assert state.table.equals(whole.table, check_metadata=True)  # same rows, same ids fingerprint
     chosen = first_unlabelled(state, 24)[::5]  # spread over several row groups
     state.accept(chosen, 1, "pseudo", 0.9, 1.0, [f"/r/{i}.png" for i in chosen])
-    assert [PoolState.load(state.path).record(i)["role"] for i in chosen] == [LABELLED] * len(chosen)
+    assert [PoolState.load(state.path).record(i)["role"] for i in chosen] == [LABELLED] * len(
+        chosen
+    )
     assert state.count(LABELLED) == 6 + len(chosen)
     ids = state.table["sample_id"].to_pylist()
-    with pytest.raises(PoolStateError, match=rf"duplicate sample ids \['{ids[3]}'\]"):  # row 4 opens group 2
-        check_whole(replace_column(state.table, "sample_id", ids[:4] + [ids[3]] + ids[5:]), tmp_path)
+    with pytest.raises(
+        PoolStateError, match=rf"duplicate sample ids \['{ids[3]}'\]"
+    ):  # row 4 opens group 2
+        check_whole(
+            replace_column(state.table, "sample_id", ids[:4] + [ids[3]] + ids[5:]), tmp_path
+        )
 
 
 # ---- invariants --------------------------------------------------------------------------------------
@@ -217,8 +291,12 @@ def check_whole(table: pa.Table, tmp_path) -> None:
     """Write ``table`` as a state file around PoolState (with a valid checksum) and load it."""
     path = tmp_path / "raw" / "state.parquet"
     path.parent.mkdir(exist_ok=True)
-    nullable = pa.schema([field.with_nullable(True) for field in table.schema], metadata=table.schema.metadata)
-    pq.write_table(table.cast(nullable), path, row_group_size=parquet_io.ROWS_PER_BATCH)  # nulls anywhere
+    nullable = pa.schema(
+        [field.with_nullable(True) for field in table.schema], metadata=table.schema.metadata
+    )
+    pq.write_table(
+        table.cast(nullable), path, row_group_size=parquet_io.ROWS_PER_BATCH
+    )  # nulls anywhere
     ps._write_checksum(path, ps._sha256_file(path))
     try:
         PoolState.load(path)
@@ -228,7 +306,9 @@ def check_whole(table: pa.Table, tmp_path) -> None:
 
 def replace_column(table: pa.Table, name: str, values) -> pa.Table:
     index = table.schema.get_field_index(name)
-    return table.set_column(index, table.schema.field(name), pa.array(values, type=table.schema.field(name).type))
+    return table.set_column(
+        index, table.schema.field(name), pa.array(values, type=table.schema.field(name).type)
+    )
 
 
 def test_broken_tables_are_rejected(pool, tmp_path):
@@ -254,15 +334,22 @@ def test_broken_tables_are_rejected(pool, tmp_path):
         check_whole(replace_column(table, "role", bad_role), tmp_path)
     label_source = table.column("label_source").to_pylist()
     label_source[labelled_row] = None
-    with pytest.raises(PoolStateError, match=rf"labelled samples need a label_source; broken for sample ids \['{ids[labelled_row]}'\]"):
+    with pytest.raises(
+        PoolStateError,
+        match=rf"labelled samples need a label_source; broken for sample ids \['{ids[labelled_row]}'\]",
+    ):
         check_whole(replace_column(table, "label_source", label_source), tmp_path)
     cycles = table.column("cycle_labelled").to_pylist()
     cycles[unlabelled_row] = 2
-    with pytest.raises(PoolStateError, match="unlabelled and validation samples need cycle_labelled = -1"):
+    with pytest.raises(
+        PoolStateError, match="unlabelled and validation samples need cycle_labelled = -1"
+    ):
         check_whole(replace_column(table, "cycle_labelled", cycles), tmp_path)
     quarantined_role = list(roles)
     quarantined_role[unlabelled_row] = QUARANTINED
-    with pytest.raises(PoolStateError, match="quarantine_reason must be set exactly for quarantined samples"):
+    with pytest.raises(
+        PoolStateError, match="quarantine_reason must be set exactly for quarantined samples"
+    ):
         check_whole(replace_column(table, "role", quarantined_role), tmp_path)
     with pytest.raises(PoolStateError, match="annotation_cost must be finite and >= 0"):
         check_whole(replace_column(table, "annotation_cost", [-1.0] + [0.0] * 23), tmp_path)
@@ -275,7 +362,14 @@ def test_broken_tables_are_rejected(pool, tmp_path):
     with pytest.raises(PoolStateError, match="metadata segxal.pool_state.format"):
         check_whole(table.replace_schema_metadata(None), tmp_path)
     with pytest.raises(PoolStateError, match="column 'times_returned' has type int64"):
-        check_whole(table.set_column(table.schema.get_field_index("times_returned"), "times_returned", pa.array([0] * 24, pa.int64())), tmp_path)
+        check_whole(
+            table.set_column(
+                table.schema.get_field_index("times_returned"),
+                "times_returned",
+                pa.array([0] * 24, pa.int64()),
+            ),
+            tmp_path,
+        )
 
 
 # ---- persistence -------------------------------------------------------------------------------------
@@ -291,7 +385,10 @@ def test_load_round_trip_and_copies(pool, tmp_path):
     digest, name = checksum_path(pool.path).read_text().split()
     assert name == "state.parquet" and len(digest) == 64
     copy = pool.copy_to(tmp_path / "run" / "snapshot.parquet")
-    assert copy.path.read_bytes() == pool.path.read_bytes() and checksum_path(copy.path).read_text().split()[0] == digest
+    assert (
+        copy.path.read_bytes() == pool.path.read_bytes()
+        and checksum_path(copy.path).read_text().split()[0] == digest
+    )
     assert sorted(os.listdir(copy.path.parent)) == ["snapshot.parquet", "snapshot.parquet.sha256"]
     assert pool.copy_to(pool.path) is pool
 
@@ -311,7 +408,10 @@ def test_truncated_file_is_detected_and_the_previous_state_kept(pool, tmp_path):
     second_copy = frozen(second, tmp_path, "second.parquet")
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(PoolStateFileError, match=r"state\.parquet: checksum mismatch .* truncated or corrupted; a previous state is kept at .*state\.prev\.parquet"):
+    with pytest.raises(
+        PoolStateFileError,
+        match=r"state\.parquet: checksum mismatch .* truncated or corrupted; a previous state is kept at .*state\.prev\.parquet",
+    ):
         PoolState.load(path)
     with pytest.warns(UserWarning, match="loaded the previous good state"):
         assert PoolState.load(path, fallback=True) == first
@@ -396,7 +496,9 @@ def test_crash_between_rotation_and_rename_keeps_the_last_good_state(pool, tmp_p
         assert PoolState.load(path, fallback=True) == second_copy
 
 
-def test_crash_before_the_checksum_is_written_keeps_the_last_good_state(pool, tmp_path, monkeypatch):
+def test_crash_before_the_checksum_is_written_keeps_the_last_good_state(
+    pool, tmp_path, monkeypatch
+):
     path = pool.path
     first, second = written_twice(pool, tmp_path)
     second_copy = frozen(second, tmp_path, "second.parquet")
@@ -437,12 +539,21 @@ def test_a_million_samples_build_transition_and_persist(tmp_path):
     state = PoolState.create(tmp_path / "state.parquet", manifest, 0.1, seed=0)
     assert state.count(LABELLED) == 100_000
     chosen = state.ids(UNLABELLED)[:1000]
-    state.accept(chosen, 1, "pseudo", np.full(1000, 0.9), 1.0, pc.binary_join_element_wise("/r/", chosen, ".png", ""))
+    state.accept(
+        chosen,
+        1,
+        "pseudo",
+        np.full(1000, 0.9),
+        1.0,
+        pc.binary_join_element_wise("/r/", chosen, ".png", ""),
+    )
     loaded = PoolState.load(state.path)
     assert loaded.count(LABELLED) == 101_000 and len(loaded) == n
 
 
 def test_orchestrator_core_does_not_import_ray():
     code = "import sys, orchestrator.pool_state, orchestrator.strategies, orchestrator.gate; print('ray' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
     assert result.stdout.strip() == "False"

@@ -30,10 +30,17 @@ def test_the_jobs_embedded_ray_listens_on_loopback_only(monkeypatch):
         (node,) = ray.nodes()
         assert node["NodeManagerAddress"] == "127.0.0.1"
         ours = socket_inodes([os.getpid(), *descendants(os.getpid())])
-        listening = {(address, port) for address, port, inode in listening_sockets() if inode in ours}
+        listening = {
+            (address, port) for address, port, inode in listening_sockets() if inode in ours
+        }
         ports = {port for _, port in listening}
-        assert {dashboard_port, node["NodeManagerPort"], node["ObjectManagerPort"], node["MetricsExportPort"],
-                int(ray.get_runtime_context().gcs_address.rsplit(":", 1)[1])} <= ports
+        assert {
+            dashboard_port,
+            node["NodeManagerPort"],
+            node["ObjectManagerPort"],
+            node["MetricsExportPort"],
+            int(ray.get_runtime_context().gcs_address.rsplit(":", 1)[1]),
+        } <= ports
         assert {address for address, _ in listening} == {"127.0.0.1"}, listening
     finally:
         ray.shutdown()
@@ -43,7 +50,9 @@ def test_a_free_loopback_port_lies_below_the_ephemeral_range_whatever_the_random
     ephemeral_start = int(common.EPHEMERAL_PORTS_FILE.read_text().split()[0])
     ports = set()
     for _ in range(4):
-        random.seed(0)  # jobs seed random: two drivers with one seed must not share a dashboard port
+        random.seed(
+            0
+        )  # jobs seed random: two drivers with one seed must not share a dashboard port
         ports.add(free_loopback_port())
     assert len(ports) > 1
     assert all(common.QUIET_PORTS_START <= port < ephemeral_start for port in ports)
@@ -73,7 +82,14 @@ def test_a_free_loopback_port_skips_ports_in_use(monkeypatch, tmp_path):
 
 
 def test_mlflow_servers_bind_loopback(capsys):
-    commands = [c for c in yaml.safe_load(CLUSTER_YAML.read_text())["head_start_ray_commands"] if "mlflow server" in c]
+    commands = [
+        c
+        for c in yaml.safe_load(CLUSTER_YAML.read_text())["head_start_ray_commands"]
+        if "mlflow server" in c
+    ]
     assert len(commands) == 1 and "mlflow server --host 127.0.0.1 " in commands[0]
     print_results_hint("sqlite:///mlflow.db")
-    assert "mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1" in capsys.readouterr().out
+    assert (
+        "mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1"
+        in capsys.readouterr().out
+    )

@@ -30,8 +30,13 @@ def rows(synthetic_root):
 
 @pytest.fixture
 def scorer(model):
-    scorer = PoolScorer(EEMConfig(depth=DepthConfig(backend="geometric"), min_region_area=2), "cityscapes", SIZE,
-                        batch_size=4, device="cpu")
+    scorer = PoolScorer(
+        EEMConfig(depth=DepthConfig(backend="geometric"), min_region_area=2),
+        "cityscapes",
+        SIZE,
+        batch_size=4,
+        device="cpu",
+    )
     scorer.load_model(model.to_checkpoint())
     return scorer
 
@@ -44,26 +49,37 @@ def with_broken_image(rows: pa.Table, index: int, tmp_path) -> tuple[pa.Table, s
     broken.write_bytes(data[: len(data) // 2])
     paths = rows["image_path"].to_pylist()
     paths[index] = str(broken)
-    return rows.set_column(rows.schema.get_field_index("image_path"), "image_path", pa.array(paths)), str(broken)
+    return rows.set_column(
+        rows.schema.get_field_index("image_path"), "image_path", pa.array(paths)
+    ), str(broken)
 
 
 def test_entropy_scores_are_the_mean_normalised_entropy_of_each_image(scorer, model, rows):
     scores = scorer.score(rows, "entropy")
     dataset = SegmentationDataset(rows, CITYSCAPES, SampleTransform(size=SIZE))
     with torch.no_grad():
-        expected = [normalized_entropy(model(dataset[i]["image"][None])).mean().item() for i in range(len(rows))]
+        expected = [
+            normalized_entropy(model(dataset[i]["image"][None])).mean().item()
+            for i in range(len(rows))
+        ]
     assert scores["sample_id"].to_pylist() == rows["sample_id"].to_pylist()
     np.testing.assert_allclose(scores["score"].to_numpy(), expected, rtol=1e-5)
     assert scores[UNREADABLE].null_count == len(rows)
 
 
-def test_an_unreadable_image_is_set_aside_with_its_reason_and_the_rest_scored_as_before(scorer, rows, tmp_path):
+def test_an_unreadable_image_is_set_aside_with_its_reason_and_the_rest_scored_as_before(
+    scorer, rows, tmp_path
+):
     clean = scorer.score(rows, "eem")
     damaged, broken = with_broken_image(rows, 2, tmp_path)
     scores = scorer.score(damaged, "eem")
     bad_id = rows["sample_id"][2].as_py()
-    assert sorted(scores["sample_id"].to_pylist()) == sorted(rows["sample_id"].to_pylist())  # every id, once
-    reasons = {r["sample_id"]: r[UNREADABLE] for r in scores.to_pylist() if r[UNREADABLE] is not None}
+    assert sorted(scores["sample_id"].to_pylist()) == sorted(
+        rows["sample_id"].to_pylist()
+    )  # every id, once
+    reasons = {
+        r["sample_id"]: r[UNREADABLE] for r in scores.to_pylist() if r[UNREADABLE] is not None
+    }
     assert list(reasons) == [bad_id] and broken in reasons[bad_id]
     good = scores.filter(pc.is_null(scores[UNREADABLE]))
     assert scores.filter(pc.is_valid(scores[UNREADABLE]))["score"].null_count == 1
@@ -86,6 +102,8 @@ def test_explain_returns_requests_for_readable_images_only(scorer, rows, tmp_pat
     ids = rows["sample_id"].to_pylist()[:3]
     assert [r.sample_id for r in explained.requests] == [ids[0], ids[2]]
     assert list(explained.unreadable) == [ids[1]] and broken in explained.unreadable[ids[1]]
-    assert explained.requests[1].image_path == rows["image_path"][2].as_py()  # paths still match their ids
+    assert (
+        explained.requests[1].image_path == rows["image_path"][2].as_py()
+    )  # paths still match their ids
     assert all(r.prediction.shape == SIZE for r in explained.requests)
     assert len(list(tmp_path.glob("*.png"))) == 2  # the truncated file and one panel

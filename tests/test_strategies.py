@@ -44,7 +44,9 @@ def test_k_center_without_labelled_starts_nearest_the_mean():
 
 def test_k_center_in_2d_and_duplicates_are_never_picked_twice():
     square = np.array([[0, 0], [0, 3], [4, 0], [4, 3], [2, 1.5]], dtype=np.float64)
-    assert k_center_greedy(square, np.array([[2.0, 1.5]]), 1).tolist() == [0]  # corners tie at 2.5 -> index 0
+    assert k_center_greedy(square, np.array([[2.0, 1.5]]), 1).tolist() == [
+        0
+    ]  # corners tie at 2.5 -> index 0
     same = np.ones((4, 3))
     picks = k_center_greedy(same, np.ones((1, 3)), 4)
     assert sorted(picks.tolist()) == [0, 1, 2, 3]
@@ -55,7 +57,9 @@ def test_k_center_does_not_mutate_and_chunks_give_the_same_answer():
     unlabelled, labelled = rng.normal(size=(200, 8)), rng.normal(size=(50, 8))
     before = unlabelled.copy(), labelled.copy()
     whole = k_center_greedy(unlabelled, labelled, 20)
-    chunked = k_center_greedy(unlabelled, labelled, 20, chunk_bytes=8 * 200 * 3)  # 3 labelled rows at a time
+    chunked = k_center_greedy(
+        unlabelled, labelled, 20, chunk_bytes=8 * 200 * 3
+    )  # 3 labelled rows at a time
     assert whole.tolist() == chunked.tolist()
     assert len(set(whole.tolist())) == 20
     assert np.array_equal(unlabelled, before[0]) and np.array_equal(labelled, before[1])
@@ -103,7 +107,9 @@ def test_top_n_of_batches_equals_top_n_of_everything():
     batches = [(ids[0:2], scores[0:2]), (ids[2:3], scores[2:3]), (ids[3:], scores[3:])]
     assert top_n_of_batches(batches, 4).to_pylist() == ["a", "b", "f", "c"]
     assert top_n_of_batches(batches, 4).to_pylist() == top_n(ids, scores, 4).to_pylist()
-    assert top_n_of_batches(batches, 10).to_pylist() == top_n(ids, scores, 7).to_pylist()  # fewer than n: all
+    assert (
+        top_n_of_batches(batches, 10).to_pylist() == top_n(ids, scores, 7).to_pylist()
+    )  # fewer than n: all
     assert top_n_of_batches([], 3).to_pylist() == []
     with pytest.raises(ValueError, match=r"duplicate sample ids \['b'\]"):
         top_n_of_batches([(["a", "b"], [1.0, 2.0]), (["b"], [0.0])], 2)
@@ -144,7 +150,9 @@ def test_draw_subset_is_deterministic_sorted_and_order_independent():
 def test_draw_subset_sizes_and_errors():
     ids = [f"s{i}" for i in range(10)]
     assert len(draw_subset(ids, 0.25, 0)) == 3  # 2.5 rounds half up
-    assert draw_subset(ids, 50, 0).to_pylist() == sorted(ids)  # larger than the pool: the whole pool
+    assert draw_subset(ids, 50, 0).to_pylist() == sorted(
+        ids
+    )  # larger than the pool: the whole pool
     assert draw_subset(ids, 1.0, 0).to_pylist() == sorted(ids)
     with pytest.raises(ValueError, match="unlabelled pool is empty"):
         draw_subset([], 5, 0)
@@ -205,11 +213,22 @@ def test_budget_count_errors(budget, size, error, match):
 def test_registry_declares_what_each_strategy_needs():
     assert set(STRATEGIES) == {"eem", "eem_no_ebu", "eem_no_pae", "random", "entropy", "coreset"}
     assert get_strategy("eem").scorer is Scorer.EEM and get_strategy("eem").needs_depth
-    assert get_strategy("eem_no_ebu").scorer is Scorer.PAE and get_strategy("eem_no_ebu").needs_depth
-    assert get_strategy("eem_no_pae").scorer is Scorer.EBU and not get_strategy("eem_no_pae").needs_depth
-    assert get_strategy("entropy").scorer is Scorer.ENTROPY and not get_strategy("entropy").needs_depth
+    assert (
+        get_strategy("eem_no_ebu").scorer is Scorer.PAE and get_strategy("eem_no_ebu").needs_depth
+    )
+    assert (
+        get_strategy("eem_no_pae").scorer is Scorer.EBU
+        and not get_strategy("eem_no_pae").needs_depth
+    )
+    assert (
+        get_strategy("entropy").scorer is Scorer.ENTROPY and not get_strategy("entropy").needs_depth
+    )
     coreset = get_strategy("coreset")
-    assert coreset.scorer is Scorer.EMBEDDING and coreset.selection is Selection.K_CENTER and coreset.needs_labelled_features
+    assert (
+        coreset.scorer is Scorer.EMBEDDING
+        and coreset.selection is Selection.K_CENTER
+        and coreset.needs_labelled_features
+    )
     assert not get_strategy("random").needs_segmenter
     assert get_strategy("eem").eem_weights(0.3, 0.7) == (0.3, 0.7)
     assert get_strategy("eem_no_ebu").eem_weights(0.3, 0.7) == (1.0, 0.0)
@@ -219,7 +238,10 @@ def test_registry_declares_what_each_strategy_needs():
 
 
 def test_unknown_strategy_lists_the_valid_names():
-    with pytest.raises(ValueError, match="unknown strategy 'eemm'; valid strategies: coreset, eem, eem_no_ebu, eem_no_pae, entropy, random"):
+    with pytest.raises(
+        ValueError,
+        match="unknown strategy 'eemm'; valid strategies: coreset, eem, eem_no_ebu, eem_no_pae, entropy, random",
+    ):
         get_strategy("eemm")
     with pytest.raises(ValueError, match="unknown strategy"):
         select("bald", ["a"], 1, scores=[1.0])

@@ -47,7 +47,10 @@ def test_scenes_have_driving_classes_and_consistent_depth(synthetic_root):
         assert (disparity[sky] == 0).all()  # infinitely far
         assert road.any() and (disparity[road] > 0).all()
         rows = np.nonzero(road.any(axis=1))[0]
-        near, far = disparity[rows[-1]][road[rows[-1]]].mean(), disparity[rows[0]][road[rows[0]]].mean()
+        near, far = (
+            disparity[rows[-1]][road[rows[-1]]].mean(),
+            disparity[rows[0]][road[rows[0]]].mean(),
+        )
         assert near > far  # road gets nearer towards the bottom of the image
     names = {CITYSCAPES.class_names[i] for i in seen if i != 255}
     assert {"road", "sidewalk", "building", "sky", "pole", "car", "vegetation"} <= names
@@ -70,7 +73,9 @@ def test_bad_config():
 def test_ego_vehicle_has_unknown_depth(synthetic_root):
     manifest = cityscapes_manifest(synthetic_root, "train")
     hoods = 0
-    for label_path, depth_path in zip(manifest["label_path"].to_pylist(), manifest["depth_path"].to_pylist()):
+    for label_path, depth_path in zip(
+        manifest["label_path"].to_pylist(), manifest["depth_path"].to_pylist()
+    ):
         hood = read_label(label_path) == 1
         hoods += hood.any()
         assert (read_disparity(depth_path)[hood] == 0).all()

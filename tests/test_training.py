@@ -34,8 +34,15 @@ def test_fit_learns_and_checkpoints(loaders, tmp_path):
     model = tiny_model()
     before = evaluate(model, val_loader, 19, torch.device("cpu")).pixel_accuracy()
     history = []
-    metrics = fit(model, train_loader, val_loader, TrainConfig(epochs=4, lr=0.01, device="cpu"),
-                  CITYSCAPES.class_names, checkpoint_dir=tmp_path, on_epoch=lambda e, m: history.append(m))
+    metrics = fit(
+        model,
+        train_loader,
+        val_loader,
+        TrainConfig(epochs=4, lr=0.01, device="cpu"),
+        CITYSCAPES.class_names,
+        checkpoint_dir=tmp_path,
+        on_epoch=lambda e, m: history.append(m),
+    )
     assert len(history) == 4
     assert history[-1]["train/loss"] < history[0]["train/loss"]
     assert metrics["val/pixel_accuracy"] > max(before, 0.4)
@@ -48,10 +55,24 @@ def test_fit_learns_and_checkpoints(loaders, tmp_path):
 
 def test_fit_resumes_from_last_checkpoint(loaders, tmp_path):
     train_loader, val_loader = loaders
-    fit(tiny_model(), train_loader, val_loader, TrainConfig(epochs=1, device="cpu"), CITYSCAPES.class_names, tmp_path)
+    fit(
+        tiny_model(),
+        train_loader,
+        val_loader,
+        TrainConfig(epochs=1, device="cpu"),
+        CITYSCAPES.class_names,
+        tmp_path,
+    )
     epochs_run = []
-    fit(tiny_model(), train_loader, val_loader, TrainConfig(epochs=3, device="cpu"), CITYSCAPES.class_names, tmp_path,
-        on_epoch=lambda e, m: epochs_run.append(e))
+    fit(
+        tiny_model(),
+        train_loader,
+        val_loader,
+        TrainConfig(epochs=3, device="cpu"),
+        CITYSCAPES.class_names,
+        tmp_path,
+        on_epoch=lambda e, m: epochs_run.append(e),
+    )
     assert epochs_run == [1, 2]
 
 
@@ -75,15 +96,39 @@ def test_unsafe_pickle_is_refused(tmp_path):
 
 
 def test_train_job_logs_to_mlflow(synthetic_root, tmp_path, tracking_uri, capsys):
-    metrics = train_job.main([
-        "--config", "jobs/configs/demo.yaml", "--quiet",
-        "--set", f"data.root={synthetic_root}", "--set", "data.image_size=[32, 64]",
-        "--set", "data.synthetic.num_train=12", "--set", "data.synthetic.num_val=4",
-        "--set", "data.synthetic.num_anomaly=4", "--set", "data.synthetic.height=64",
-        "--set", "data.synthetic.width=128", "--set", "data.synthetic.seed=7",
-        "--set", "model.width=4", "--set", "model.depth=2", "--set", "train.epochs=2",
-        "--set", f"output_dir={tmp_path / 'runs'}", "--set", f"tracking.tracking_uri={tracking_uri}",
-    ])
+    metrics = train_job.main(
+        [
+            "--config",
+            "jobs/configs/demo.yaml",
+            "--quiet",
+            "--set",
+            f"data.root={synthetic_root}",
+            "--set",
+            "data.image_size=[32, 64]",
+            "--set",
+            "data.synthetic.num_train=12",
+            "--set",
+            "data.synthetic.num_val=4",
+            "--set",
+            "data.synthetic.num_anomaly=4",
+            "--set",
+            "data.synthetic.height=64",
+            "--set",
+            "data.synthetic.width=128",
+            "--set",
+            "data.synthetic.seed=7",
+            "--set",
+            "model.width=4",
+            "--set",
+            "model.depth=2",
+            "--set",
+            "train.epochs=2",
+            "--set",
+            f"output_dir={tmp_path / 'runs'}",
+            "--set",
+            f"tracking.tracking_uri={tracking_uri}",
+        ]
+    )
     out = capsys.readouterr().out
     assert "validation mIoU:" in out and f"mlflow ui --backend-store-uri {tracking_uri}" in out
     mlflow.set_tracking_uri(tracking_uri)
@@ -95,6 +140,11 @@ def test_train_job_logs_to_mlflow(synthetic_root, tmp_path, tracking_uri, capsys
     assert run.data.metrics["val/miou"] == pytest.approx(metrics["val/miou"])
     client = mlflow.MlflowClient(tracking_uri)
     assert len(client.get_metric_history(run.info.run_id, "val/miou")) == 2
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | {
+        a.path for a in client.list_artifacts(run.info.run_id, "model")
+    }
     assert {"metrics.json", "model/best.pt"} <= artifacts
-    assert json.loads((tmp_path / "runs" / "demo" / "metrics.json").read_text())["val/miou"] == metrics["val/miou"]
+    assert (
+        json.loads((tmp_path / "runs" / "demo" / "metrics.json").read_text())["val/miou"]
+        == metrics["val/miou"]
+    )

@@ -14,7 +14,9 @@ def test_logits_have_input_size(size):
 def test_layers_by_name_and_embedding():
     model = UNet(UNetConfig(num_classes=3, width=4, depth=3))
     assert model.last_decoder_layer == "decoder.2"
-    assert isinstance(model.layer("head"), torch.nn.Conv2d) and model.layer("head").out_channels == 3
+    assert (
+        isinstance(model.layer("head"), torch.nn.Conv2d) and model.layer("head").out_channels == 3
+    )
     assert model.layer("encoder.0") is model.encoder[0]
     with pytest.raises(KeyError, match="no layer 'decoder.9'"):
         model.layer("decoder.9")
@@ -27,12 +29,16 @@ def test_skip_connections_feed_each_decoder_block():
     model = UNet(UNetConfig(num_classes=2, width=4, depth=3)).eval()
     seen = {}
     for level in range(3):
-        model.encoder[level].register_forward_hook(lambda m, i, o, level=level: seen.__setitem__(("enc", level), o))
-        model.decoder[2 - level].register_forward_hook(lambda m, i, o, level=level: seen.__setitem__(("dec", level), i[0]))
+        model.encoder[level].register_forward_hook(
+            lambda m, i, o, level=level: seen.__setitem__(("enc", level), o)
+        )
+        model.decoder[2 - level].register_forward_hook(
+            lambda m, i, o, level=level: seen.__setitem__(("dec", level), i[0])
+        )
     model(torch.randn(1, 3, 32, 32))
     for level in range(3):
         skip = seen[("enc", level)]
-        assert torch.equal(seen[("dec", level)][:, skip.shape[1]:], skip)
+        assert torch.equal(seen[("dec", level)][:, skip.shape[1] :], skip)
 
 
 def test_checkpoint_round_trip_with_weights_only(tmp_path):

@@ -31,7 +31,12 @@ from segxal.data.labels import LabelSet
 from segxal.files import write_atomically
 
 TASKS, CONFIG, REQUESTS, MANIFEST, IMPORTED = (
-    "tasks.json", "labelling_config.xml", "requests.npz", "manifest.json", "export.json")
+    "tasks.json",
+    "labelling_config.xml",
+    "requests.npz",
+    "manifest.json",
+    "export.json",
+)
 MAPS = ("prediction", "tta_prediction", "tta_confidence", "region_map")
 
 
@@ -44,8 +49,14 @@ def is_exported(run_dir: str | Path, cycle: int) -> bool:
     return (export_dir(run_dir, cycle) / MANIFEST).is_file()
 
 
-def write_export(folder: Path, cycle: int, query: Query, images: ImageReferences, label_set: LabelSet,
-                 max_prompts: int) -> None:
+def write_export(
+    folder: Path,
+    cycle: int,
+    query: Query,
+    images: ImageReferences,
+    label_set: LabelSet,
+    max_prompts: int,
+) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     model_version = f"segxal-{cycle_name(cycle - 1)}"  # the model trained in the previous cycle
     tasks, exported = [], []
@@ -57,15 +68,25 @@ def write_export(folder: Path, cycle: int, query: Query, images: ImageReferences
     max_prompts = max([max_prompts, *(len(r.regions) for r in query.requests)])
     (folder / TASKS).write_text(json.dumps(tasks))
     (folder / CONFIG).write_text(labelling_config(label_set, max_prompts))
-    np.savez_compressed(folder / REQUESTS, **{f"{name}_{i}": getattr(request, name)
-                                              for i, request in enumerate(query.requests) for name in MAPS})
+    np.savez_compressed(
+        folder / REQUESTS,
+        **{
+            f"{name}_{i}": getattr(request, name)
+            for i, request in enumerate(query.requests)
+            for name in MAPS
+        },
+    )
     manifest = {
         "cycle": cycle,
-        "tasks": [dataclasses.asdict(t) | {"regions": r.regions} for t, r in zip(exported, query.requests)],
+        "tasks": [
+            dataclasses.asdict(t) | {"regions": r.regions} for t, r in zip(exported, query.requests)
+        ],
         "metrics": query.metrics,
         "artifacts": [str(path) for path in query.artifacts],
     }
-    write_atomically(folder / MANIFEST, lambda handle: handle.write(json.dumps(manifest, indent=1).encode()))
+    write_atomically(
+        folder / MANIFEST, lambda handle: handle.write(json.dumps(manifest, indent=1).encode())
+    )
 
 
 @dataclass(frozen=True)
@@ -81,16 +102,31 @@ class PendingCycle:
     def load(cls, run_dir: str | Path, cycle: int) -> "PendingCycle":
         folder = export_dir(run_dir, cycle)
         if not is_exported(run_dir, cycle):
-            raise LabelStudioImportError(f"{folder}: no Label Studio export of cycle {cycle} waits for annotations "
-                                         "(run jobs.al with --stage export first)")
+            raise LabelStudioImportError(
+                f"{folder}: no Label Studio export of cycle {cycle} waits for annotations "
+                "(run jobs.al with --stage export first)"
+            )
         manifest = json.loads((folder / MANIFEST).read_text())
         names = [field.name for field in dataclasses.fields(ExportedTask)]
-        tasks = [ExportedTask(**{name: record[name] for name in names}) for record in manifest["tasks"]]
+        tasks = [
+            ExportedTask(**{name: record[name] for name in names}) for record in manifest["tasks"]
+        ]
         with np.load(folder / REQUESTS) as maps:
-            requests = [AnnotationRequest(record["sample_id"], record["image_path"],
-                                          *(maps[f"{name}_{i}"] for name in MAPS), record["regions"])
-                        for i, record in enumerate(manifest["tasks"])]
-        return cls(cycle, folder, tasks, Query(requests, manifest["metrics"], [Path(p) for p in manifest["artifacts"]]))
+            requests = [
+                AnnotationRequest(
+                    record["sample_id"],
+                    record["image_path"],
+                    *(maps[f"{name}_{i}"] for name in MAPS),
+                    record["regions"],
+                )
+                for i, record in enumerate(manifest["tasks"])
+            ]
+        return cls(
+            cycle,
+            folder,
+            tasks,
+            Query(requests, manifest["metrics"], [Path(p) for p in manifest["artifacts"]]),
+        )
 
 
 @dataclass(frozen=True)
@@ -101,11 +137,18 @@ class ImportedCycle:
     @property
     def query(self) -> Query:
         query = self.pending.query
-        return Query(query.requests, query.metrics, [*query.artifacts, self.pending.folder / IMPORTED])
+        return Query(
+            query.requests, query.metrics, [*query.artifacts, self.pending.folder / IMPORTED]
+        )
 
 
-def import_cycle(run_dir: str | Path, cycle: int, export_file: str | Path, images: ImageReferences,
-                 label_set: LabelSet) -> ImportedCycle:
+def import_cycle(
+    run_dir: str | Path,
+    cycle: int,
+    export_file: str | Path,
+    images: ImageReferences,
+    label_set: LabelSet,
+) -> ImportedCycle:
     """Check Label Studio's export against the cycle's pending export and decode it. Nothing is written
     unless all of it is valid; then the export is kept in the cycle's folder."""
     pending = PendingCycle.load(run_dir, cycle)
@@ -119,8 +162,14 @@ def import_cycle(run_dir: str | Path, cycle: int, export_file: str | Path, image
 class LabelStudioHandoff:
     """The loop's :class:`~orchestrator.loop.Handoff` for people annotating in Label Studio."""
 
-    def __init__(self, run_dir: str | Path, images: ImageReferences, label_set: LabelSet, max_prompts: int,
-                 imported: ImportedCycle | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        images: ImageReferences,
+        label_set: LabelSet,
+        max_prompts: int,
+        imported: ImportedCycle | None = None,
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.images = images
         self.label_set = label_set
@@ -129,7 +178,14 @@ class LabelStudioHandoff:
         self.handed_over: int | None = None  # the cycle exported by this run, if any
 
     def hand_over(self, cycle: int, query: Query) -> None:
-        write_export(export_dir(self.run_dir, cycle), cycle, query, self.images, self.label_set, self.max_prompts)
+        write_export(
+            export_dir(self.run_dir, cycle),
+            cycle,
+            query,
+            self.images,
+            self.label_set,
+            self.max_prompts,
+        )
         self.handed_over = cycle
 
     def take_back(self, cycle: int) -> Query | None:

@@ -45,8 +45,9 @@ class ExportedTask:
     width: int
 
 
-def read_export(path: str | Path, exported: Sequence[ExportedTask], images: ImageReferences,
-                label_set: LabelSet) -> dict[str, np.ndarray]:
+def read_export(
+    path: str | Path, exported: Sequence[ExportedTask], images: ImageReferences, label_set: LabelSet
+) -> dict[str, np.ndarray]:
     """sample id -> (H, W) uint8 train ids at the image's native size, for every exported image."""
     path = Path(path)
     tasks = _load_tasks(path)
@@ -64,7 +65,9 @@ def read_export(path: str | Path, exported: Sequence[ExportedTask], images: Imag
         labels[sample_id] = label
     missing = [task.sample_id for task in exported if task.sample_id not in labels]
     if missing:
-        raise LabelStudioImportError(f"{path}: no task for {missing}: export every task of the cycle")
+        raise LabelStudioImportError(
+            f"{path}: no task for {missing}: export every task of the cycle"
+        )
     return labels
 
 
@@ -74,9 +77,13 @@ def _load_tasks(path: Path) -> list:
     except FileNotFoundError as error:
         raise LabelStudioImportError(f"{path}: file not found") from error
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise LabelStudioImportError(f"{path}: not valid JSON ({error}); is the export file complete?") from error
+        raise LabelStudioImportError(
+            f"{path}: not valid JSON ({error}); is the export file complete?"
+        ) from error
     if not isinstance(tasks, list):
-        raise LabelStudioImportError(f"{path}: a Label Studio JSON export is a list of tasks, got {type(tasks).__name__}")
+        raise LabelStudioImportError(
+            f"{path}: a Label Studio JSON export is a list of tasks, got {type(tasks).__name__}"
+        )
     return tasks
 
 
@@ -88,19 +95,24 @@ def _task_name(item, index: int) -> str:
     return f"task {number} ({data['sample_id']})" if "sample_id" in data else f"task {number}"
 
 
-def _read_task(item, by_id: dict[str, ExportedTask], images: ImageReferences,
-               label_set: LabelSet) -> tuple[str, np.ndarray]:
+def _read_task(
+    item, by_id: dict[str, ExportedTask], images: ImageReferences, label_set: LabelSet
+) -> tuple[str, np.ndarray]:
     if not isinstance(item, dict) or not isinstance(item.get("data"), dict):
         raise ValueError("not a Label Studio task (no 'data' object)")
     data = item["data"]
     sample_id = data.get("sample_id")
     if sample_id not in by_id:
-        raise ValueError(f"sample_id {sample_id!r} is not one of the {len(by_id)} images this cycle exported "
-                         "(export a project that holds this cycle's tasks only)")
+        raise ValueError(
+            f"sample_id {sample_id!r} is not one of the {len(by_id)} images this cycle exported "
+            "(export a project that holds this cycle's tasks only)"
+        )
     task = by_id[sample_id]
     image = images.resolve(str(data.get("image")))
     if image != Path(task.image_path).resolve():
-        raise ValueError(f"image {image} is not the image exported for {sample_id} ({task.image_path})")
+        raise ValueError(
+            f"image {image} is not the image exported for {sample_id} ({task.image_path})"
+        )
     label = np.full((task.height, task.width), IGNORE_INDEX, dtype=np.uint8)
     for result in _submitted(item)["result"]:
         _paint(label, result, label_set)
@@ -110,10 +122,14 @@ def _read_task(item, by_id: dict[str, ExportedTask], images: ImageReferences,
 def _submitted(item: dict) -> dict:
     """The task's last annotation that was submitted (not skipped)."""
     if "annotations" not in item:
-        raise ValueError("no 'annotations': export the project in Label Studio's JSON format (not JSON-MIN or CSV)")
+        raise ValueError(
+            "no 'annotations': export the project in Label Studio's JSON format (not JSON-MIN or CSV)"
+        )
     submitted = [a for a in item["annotations"] if not a.get("was_cancelled", False)]
     if not submitted:
-        raise ValueError("no submitted annotation (skipped or not annotated yet): annotate it and export again")
+        raise ValueError(
+            "no submitted annotation (skipped or not annotated yet): annotate it and export again"
+        )
     return submitted[-1]
 
 
@@ -124,23 +140,32 @@ def _paint(label: np.ndarray, result: dict, label_set: LabelSet) -> None:
     if kind not in REGION_TAGS:
         raise ValueError(f"region {region}: type {kind!r} is none of {', '.join(REGION_TAGS)}")
     if (result.get("from_name"), result.get("to_name")) != (REGION_TAGS[kind], IMAGE):
-        raise ValueError(f"region {region}: from_name/to_name {result.get('from_name')!r}/{result.get('to_name')!r} "
-                         f"are not the labelling config's {REGION_TAGS[kind]!r}/{IMAGE!r}")
+        raise ValueError(
+            f"region {region}: from_name/to_name {result.get('from_name')!r}/{result.get('to_name')!r} "
+            f"are not the labelling config's {REGION_TAGS[kind]!r}/{IMAGE!r}"
+        )
     if kind == "keypointlabels":
         return
     height, width = label.shape
     size = (result.get("original_width"), result.get("original_height"))
     if size != (width, height):
-        raise ValueError(f"region {region}: mask of size {size[0]}x{size[1]} but the image is {width}x{height}")
+        raise ValueError(
+            f"region {region}: mask of size {size[0]}x{size[1]} but the image is {width}x{height}"
+        )
     value = result["value"]
     names = value.get(kind)
     if not isinstance(names, list) or len(names) != 1:
         raise ValueError(f"region {region}: expected exactly one class, got {names!r}")
     if names[0] not in label_set.class_names:
-        raise ValueError(f"region {region}: class {names[0]!r} is not in the {label_set.name} label set")
+        raise ValueError(
+            f"region {region}: class {names[0]!r} is not in the {label_set.name} label set"
+        )
     try:
-        mask = (rle_to_mask(value["rle"], height, width) if kind == "brushlabels"
-                else polygon_mask(value["points"], height, width))
+        mask = (
+            rle_to_mask(value["rle"], height, width)
+            if kind == "brushlabels"
+            else polygon_mask(value["points"], height, width)
+        )
     except ValueError as error:
         raise ValueError(f"region {region}: {error}") from error
     label[mask] = label_set.class_names.index(names[0])
@@ -149,7 +174,12 @@ def _paint(label: np.ndarray, result: dict, label_set: LabelSet) -> None:
 def polygon_mask(points: list, height: int, width: int) -> np.ndarray:
     """(H, W) mask of the pixels whose centre lies inside a polygon given in percent of the image."""
     corners = np.asarray(points, dtype=np.float64)
-    if corners.ndim != 2 or corners.shape[1] != 2 or len(corners) < 3 or not np.isfinite(corners).all():
+    if (
+        corners.ndim != 2
+        or corners.shape[1] != 2
+        or len(corners) < 3
+        or not np.isfinite(corners).all()
+    ):
         raise ValueError(f"a polygon needs at least 3 [x, y] points in percent, got {points!r}")
     if (corners < 0).any() or (corners > 100).any():
         raise ValueError("polygon points must lie in [0, 100] percent of the image")
@@ -157,7 +187,9 @@ def polygon_mask(points: list, height: int, width: int) -> np.ndarray:
     x0, y0 = (math.floor(v) for v in corners.min(0))
     x1, y1 = (min(math.ceil(v), limit) for v, limit in zip(corners.max(0), (width, height)))
     ys, xs = np.mgrid[y0:y1, x0:x1]
-    inside = Outline(corners).contains_points(np.stack([xs.ravel() + 0.5, ys.ravel() + 0.5], axis=1))
+    inside = Outline(corners).contains_points(
+        np.stack([xs.ravel() + 0.5, ys.ravel() + 0.5], axis=1)
+    )
     mask = np.zeros((height, width), dtype=bool)
     mask[y0:y1, x0:x1] = inside.reshape(ys.shape)
     return mask

@@ -39,7 +39,7 @@ def encode(words: np.ndarray) -> list[int]:
     if words.dtype != np.uint8:
         raise ValueError(f"brush RLE encodes uint8 words, got {words.dtype}")
     n = len(words)
-    if n >= 2 ** 32:
+    if n >= 2**32:
         raise ValueError(f"{n} words do not fit the 32-bit length of a brush RLE")
     starts = np.r_[0, np.flatnonzero(words[1:] != words[:-1]) + 1] if n else np.zeros(0, np.int64)
     lengths = np.diff(np.r_[starts, n])
@@ -51,9 +51,13 @@ def encode(words: np.ndarray) -> list[int]:
     size_index = np.searchsorted(2 ** np.asarray(LENGTH_BITS), m, side="right")
     header_values = [n, WORD_BITS - 1, *(b - 1 for b in LENGTH_BITS)]
     header_widths = [32, 5, 4, 4, 4, 4]
-    block_values = np.stack([4 | size_index, m, block_value], axis=1).ravel()  # 4 | s: kind bit 1, then s
-    block_widths = np.stack([np.full_like(m, 3), np.asarray(LENGTH_BITS)[size_index], np.full_like(m, WORD_BITS)],
-                            axis=1).ravel()
+    block_values = np.stack(
+        [4 | size_index, m, block_value], axis=1
+    ).ravel()  # 4 | s: kind bit 1, then s
+    block_widths = np.stack(
+        [np.full_like(m, 3), np.asarray(LENGTH_BITS)[size_index], np.full_like(m, WORD_BITS)],
+        axis=1,
+    ).ravel()
     values = np.r_[np.asarray(header_values, np.int64), block_values]
     widths = np.r_[np.asarray(header_widths, np.int64), block_widths]
     return _pack_fields(values, widths).tolist()
@@ -68,29 +72,37 @@ class _BitReader:
     def _advance(self, width: int) -> int:
         start, self.position = self.position, self.position + width
         if self.position > len(self.bits):
-            raise ValueError(f"brush RLE ends after {len(self.bits)} bits, in the middle of a block (truncated?)")
+            raise ValueError(
+                f"brush RLE ends after {len(self.bits)} bits, in the middle of a block (truncated?)"
+            )
         return start
 
     def read(self, width: int) -> int:
         start = self._advance(width)
-        return int(self.text[start:self.position], 2)
+        return int(self.text[start : self.position], 2)
 
     def read_bytes(self, count: int) -> np.ndarray:
         start = self._advance(count * 8)
-        return np.packbits(self.bits[start:self.position])
+        return np.packbits(self.bits[start : self.position])
 
 
 def decode(rle: Sequence[int]) -> np.ndarray:
     """The flat uint8 words of an RLE (runs and literal blocks, 8-bit words)."""
     data = np.asarray(rle)
-    if data.ndim != 1 or not np.issubdtype(data.dtype, np.integer) or ((data < 0) | (data > 255)).any():
+    if (
+        data.ndim != 1
+        or not np.issubdtype(data.dtype, np.integer)
+        or ((data < 0) | (data > 255)).any()
+    ):
         raise ValueError("brush RLE must be a list of byte values (integers 0..255)")
     reader = _BitReader(data.astype(np.uint8))
     n = reader.read(32)
     word_bits = reader.read(5) + 1
     sizes = [reader.read(4) + 1 for _ in LENGTH_BITS]
     if word_bits != WORD_BITS:
-        raise ValueError(f"brush RLE with {word_bits}-bit words: only 8-bit RGBA masks are supported")
+        raise ValueError(
+            f"brush RLE with {word_bits}-bit words: only 8-bit RGBA masks are supported"
+        )
     out = np.empty(n, dtype=np.uint8)
     filled = 0
     while filled < n:
@@ -98,7 +110,9 @@ def decode(rle: Sequence[int]) -> np.ndarray:
         count = reader.read(sizes[reader.read(2)]) + 1
         if filled + count > n:
             raise ValueError(f"brush RLE block of {count} words overruns its declared {n} words")
-        out[filled:filled + count] = reader.read(WORD_BITS) if is_run else reader.read_bytes(count)
+        out[filled : filled + count] = (
+            reader.read(WORD_BITS) if is_run else reader.read_bytes(count)
+        )
         filled += count
     return out
 
@@ -112,6 +126,8 @@ def rle_to_mask(rle: Sequence[int], height: int, width: int) -> np.ndarray:
     """(H, W) boolean mask of a brush RLE; an RLE of another size is a ValueError that says both sizes."""
     words = decode(rle)
     if len(words) != 4 * height * width:
-        raise ValueError(f"brush mask holds {len(words) / 4:g} pixels but the image is {width}x{height} "
-                         f"({height * width} pixels)")
+        raise ValueError(
+            f"brush mask holds {len(words) / 4:g} pixels but the image is {width}x{height} "
+            f"({height * width} pixels)"
+        )
     return words.reshape(height, width, 4)[..., 3] >= OPAQUE

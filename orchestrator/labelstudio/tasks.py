@@ -36,8 +36,12 @@ def labelling_config(label_set: LabelSet, max_prompts: int) -> str:
     """Label Studio's labelling interface: brush and polygon labels for every class of ``label_set``
     (in its colours) and keypoint labels ``EEM 1`` .. ``EEM <max_prompts>`` for the prompts."""
     view = ET.Element("View")
-    ET.SubElement(view, "Header", value="Correct the model's segmentation. Start at the EEM prompts: "
-                                        "EEM 1 marks the largest explainable error.")
+    ET.SubElement(
+        view,
+        "Header",
+        value="Correct the model's segmentation. Start at the EEM prompts: "
+        "EEM 1 marks the largest explainable error.",
+    )
     ET.SubElement(view, "Image", name=IMAGE, value="$image", zoom="true", zoomControl="true")
     for tag, name in (("BrushLabels", BRUSH), ("PolygonLabels", POLYGON)):
         labels = ET.SubElement(view, tag, name=name, toName=IMAGE)
@@ -62,16 +66,26 @@ class ImageReferences:
     @classmethod
     def from_config(cls, dataset_root: str | Path, config: LabelStudioConfig) -> "ImageReferences":
         root = Path(dataset_root).resolve()
-        document_root = root if config.document_root is None else Path(config.document_root).resolve()
+        document_root = (
+            root if config.document_root is None else Path(config.document_root).resolve()
+        )
         if not root.is_relative_to(document_root):
-            raise ValueError(f"al.labelstudio.document_root {document_root} must be the dataset root {root} or a "
-                             "folder above it, for Label Studio to serve the images")
-        return cls(root, document_root, None if config.url_prefix is None else config.url_prefix.rstrip("/"))
+            raise ValueError(
+                f"al.labelstudio.document_root {document_root} must be the dataset root {root} or a "
+                "folder above it, for Label Studio to serve the images"
+            )
+        return cls(
+            root,
+            document_root,
+            None if config.url_prefix is None else config.url_prefix.rstrip("/"),
+        )
 
     def reference(self, image_path: str | Path) -> str:
         path = Path(image_path).resolve()
         if not path.is_relative_to(self.dataset_root):
-            raise ValueError(f"{path}: the image is not inside the dataset root {self.dataset_root}")
+            raise ValueError(
+                f"{path}: the image is not inside the dataset root {self.dataset_root}"
+            )
         if self.url_prefix is not None:
             return f"{self.url_prefix}/{quote(path.relative_to(self.dataset_root).as_posix())}"
         return LOCAL_FILES + quote(path.relative_to(self.document_root).as_posix())
@@ -80,46 +94,86 @@ class ImageReferences:
         """The file ``reference`` points to; a ValueError when it is not a reference of ours or points
         outside the dataset root."""
         if self.url_prefix is not None and reference.startswith(self.url_prefix + "/"):
-            base, relative = self.dataset_root, reference[len(self.url_prefix) + 1:]
+            base, relative = self.dataset_root, reference[len(self.url_prefix) + 1 :]
         elif reference.startswith(LOCAL_FILES):
-            base, relative = self.document_root, reference[len(LOCAL_FILES):]
+            base, relative = self.document_root, reference[len(LOCAL_FILES) :]
         else:
-            raise ValueError(f"image {reference!r} is neither a local-files URL ({LOCAL_FILES}...) "
-                             "nor below al.labelstudio.url_prefix")
+            raise ValueError(
+                f"image {reference!r} is neither a local-files URL ({LOCAL_FILES}...) "
+                "nor below al.labelstudio.url_prefix"
+            )
         path = (base / unquote(relative)).resolve()
         if not path.is_relative_to(self.dataset_root):
-            raise ValueError(f"image {reference!r} points outside the dataset root {self.dataset_root}")
+            raise ValueError(
+                f"image {reference!r} points outside the dataset root {self.dataset_root}"
+            )
         return path
 
 
 def brush_result(region_id: str, class_name: str, mask: np.ndarray) -> dict:
     height, width = mask.shape
-    return {"id": region_id, "from_name": BRUSH, "to_name": IMAGE, "type": "brushlabels",
-            "original_width": width, "original_height": height, "image_rotation": 0,
-            "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [class_name]}}
+    return {
+        "id": region_id,
+        "from_name": BRUSH,
+        "to_name": IMAGE,
+        "type": "brushlabels",
+        "original_width": width,
+        "original_height": height,
+        "image_rotation": 0,
+        "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [class_name]},
+    }
 
 
-def prompt_result(rank: int, region: dict, scoring_size: tuple[int, int], image_size: tuple[int, int]) -> dict:
+def prompt_result(
+    rank: int, region: dict, scoring_size: tuple[int, int], image_size: tuple[int, int]
+) -> dict:
     """A keypoint at the region's prompt (scoring-resolution pixel), in percent of the image."""
     (scoring_height, scoring_width), (height, width) = scoring_size, image_size
     prompt = region["prompt"]
-    note = (f"rank {rank}: mean EEM {region['mean_eem']:.2f}, {region['area']} px at the scoring resolution, "
-            f"mostly {region.get('class_name') or region['class_id']}")
-    return {"id": f"eem-{rank}", "from_name": PROMPT, "to_name": IMAGE, "type": "keypointlabels",
-            "original_width": width, "original_height": height, "image_rotation": 0, "meta": {"text": [note]},
-            "value": {"x": 100 * (prompt["x"] + 0.5) / scoring_width, "y": 100 * (prompt["y"] + 0.5) / scoring_height,
-                      "width": 1.0, "keypointlabels": [prompt_label(rank)]}}
+    note = (
+        f"rank {rank}: mean EEM {region['mean_eem']:.2f}, {region['area']} px at the scoring resolution, "
+        f"mostly {region.get('class_name') or region['class_id']}"
+    )
+    return {
+        "id": f"eem-{rank}",
+        "from_name": PROMPT,
+        "to_name": IMAGE,
+        "type": "keypointlabels",
+        "original_width": width,
+        "original_height": height,
+        "image_rotation": 0,
+        "meta": {"text": [note]},
+        "value": {
+            "x": 100 * (prompt["x"] + 0.5) / scoring_width,
+            "y": 100 * (prompt["y"] + 0.5) / scoring_height,
+            "width": 1.0,
+            "keypointlabels": [prompt_label(rank)],
+        },
+    }
 
 
-def task(number: int, request: AnnotationRequest, reference: str, image_size: tuple[int, int], label_set: LabelSet,
-         model_version: str) -> dict:
+def task(
+    number: int,
+    request: AnnotationRequest,
+    reference: str,
+    image_size: tuple[int, int],
+    label_set: LabelSet,
+    model_version: str,
+) -> dict:
     """One Label Studio task (JSON import format). The prediction, at the scoring resolution, is resized to
     the image's native size with the nearest neighbour the dataset loader uses, so resizing the imported
     masks back gives the prediction pixel for pixel."""
     prediction = resize_nearest(torch.tensor(request.prediction), image_size).numpy()
     present = [int(c) for c in np.unique(prediction) if c < label_set.num_classes]
-    results = [brush_result(f"class-{c}", label_set.class_names[c], prediction == c) for c in present]
-    results += [prompt_result(rank, region, request.prediction.shape, image_size)
-                for rank, region in enumerate(request.regions, start=1)]
-    return {"id": number, "data": {"image": reference, "sample_id": request.sample_id},
-            "predictions": [{"model_version": model_version, "result": results}]}
+    results = [
+        brush_result(f"class-{c}", label_set.class_names[c], prediction == c) for c in present
+    ]
+    results += [
+        prompt_result(rank, region, request.prediction.shape, image_size)
+        for rank, region in enumerate(request.regions, start=1)
+    ]
+    return {
+        "id": number,
+        "data": {"image": reference, "sample_id": request.sample_id},
+        "predictions": [{"model_version": model_version, "result": results}],
+    }

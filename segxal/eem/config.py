@@ -12,11 +12,22 @@ from typing import Literal
 DepthBackendName = Literal["midas", "dinov2", "dataset", "geometric"]
 DepthConvention = Literal["auto", "inverse_depth", "depth"]
 
-DEFAULT_CHECKPOINTS = {"midas": "Intel/dpt-hybrid-midas", "dinov2": "facebook/dpt-dinov2-small-kitti"}
+DEFAULT_CHECKPOINTS = {
+    "midas": "Intel/dpt-hybrid-midas",
+    "dinov2": "facebook/dpt-dinov2-small-kitti",
+}
 
 
-def _check_range(owner: str, name: str, value: float, low: float, high: float, *, low_open: bool = False,
-                 high_open: bool = False) -> None:
+def _check_range(
+    owner: str,
+    name: str,
+    value: float,
+    low: float,
+    high: float,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
     too_low = value <= low if low_open else value < low
     too_high = value >= high if high_open else value > high
     if too_low or too_high:
@@ -53,13 +64,19 @@ class DepthConfig:
     horizon: float = 0.45
 
     def __post_init__(self) -> None:
-        _check_choice("DepthConfig", "backend", self.backend, ("midas", "dinov2", "dataset", "geometric"))
-        _check_choice("DepthConfig", "convention", self.convention, ("auto", "inverse_depth", "depth"))
+        _check_choice(
+            "DepthConfig", "backend", self.backend, ("midas", "dinov2", "dataset", "geometric")
+        )
+        _check_choice(
+            "DepthConfig", "convention", self.convention, ("auto", "inverse_depth", "depth")
+        )
         if self.input_size is not None and self.input_size < 14:
             raise ValueError(f"DepthConfig.input_size must be >= 14, got {self.input_size}")
         _check_range("DepthConfig", "horizon", self.horizon, 0.0, 1.0, high_open=True)
         if self.checkpoint is not None and not self.checkpoint.strip():
-            raise ValueError("DepthConfig.checkpoint must be a hub id or folder path, or null for the default")
+            raise ValueError(
+                "DepthConfig.checkpoint must be a hub id or folder path, or null for the default"
+            )
 
     @property
     def resolved_checkpoint(self) -> str | None:
@@ -114,22 +131,30 @@ class EEMConfig:
         if self.alpha + self.beta + self.gamma <= 0:
             raise ValueError("EEMConfig.alpha + beta + gamma must be > 0")
         if not isinstance(self.depth, DepthConfig):
-            raise ValueError(f"EEMConfig.depth must be a DepthConfig, got {type(self.depth).__name__}")
+            raise ValueError(
+                f"EEMConfig.depth must be a DepthConfig, got {type(self.depth).__name__}"
+            )
         _check_choice("EEMConfig", "threshold", self.threshold, ("otsu", "quantile", "fixed"))
         _check_choice("EEMConfig", "mask", self.mask, ("hard", "soft"))
         _check_choice("EEMConfig", "target", self.target, ("sum", "max"))
         _check_choice("EEMConfig", "reduction", self.reduction, ("mean", "topk"))
         _check_choice("EEMConfig", "precision", self.precision, ("fp32", "bf16", "fp16"))
-        _check_range("EEMConfig", "quantile", self.quantile, 0.0, 1.0, low_open=True, high_open=True)
+        _check_range(
+            "EEMConfig", "quantile", self.quantile, 0.0, 1.0, low_open=True, high_open=True
+        )
         _check_range("EEMConfig", "fixed", self.fixed, 0.0, 1.0)
         if self.otsu_bins < 2:
             raise ValueError(f"EEMConfig.otsu_bins must be >= 2, got {self.otsu_bins}")
         _check_range("EEMConfig", "topk_percent", self.topk_percent, 0.0, 100.0, low_open=True)
         if not self.region_threshold >= 0:
-            raise ValueError(f"EEMConfig.region_threshold must be >= 0, got {self.region_threshold!r}")
+            raise ValueError(
+                f"EEMConfig.region_threshold must be >= 0, got {self.region_threshold!r}"
+            )
         if self.min_region_area < 1:
             raise ValueError(f"EEMConfig.min_region_area must be >= 1, got {self.min_region_area}")
         if self.max_regions < 1:
             raise ValueError(f"EEMConfig.max_regions must be >= 1, got {self.max_regions}")
         if self.target_layer is not None and not self.target_layer.strip():
-            raise ValueError("EEMConfig.target_layer must be a layer name or null for the last decoder block")
+            raise ValueError(
+                "EEMConfig.target_layer must be a layer name or null for the last decoder block"
+            )

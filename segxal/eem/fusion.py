@@ -15,7 +15,11 @@ def minmax_per_image(maps: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"maps must be (B, H, W), got shape {tuple(maps.shape)}")
     low = maps.amin(dim=(1, 2), keepdim=True)
     span = maps.amax(dim=(1, 2), keepdim=True) - low
-    return torch.where(span > 0, (maps - low) / span.clamp(min=torch.finfo(maps.dtype).tiny), torch.zeros_like(maps))
+    return torch.where(
+        span > 0,
+        (maps - low) / span.clamp(min=torch.finfo(maps.dtype).tiny),
+        torch.zeros_like(maps),
+    )
 
 
 def unit_max_per_image(maps: torch.Tensor) -> torch.Tensor:
@@ -23,7 +27,9 @@ def unit_max_per_image(maps: torch.Tensor) -> torch.Tensor:
     if maps.dim() != 3:
         raise ValueError(f"maps must be (B, H, W), got shape {tuple(maps.shape)}")
     peak = maps.amax(dim=(1, 2), keepdim=True)
-    return torch.where(peak > 0, maps / peak.clamp(min=torch.finfo(maps.dtype).tiny), torch.zeros_like(maps))
+    return torch.where(
+        peak > 0, maps / peak.clamp(min=torch.finfo(maps.dtype).tiny), torch.zeros_like(maps)
+    )
 
 
 def fuse_eem(
@@ -37,7 +43,9 @@ def fuse_eem(
     """(B, H, W) EEM from ProxGradCAM and entropy, both already in [0, 1]. ``anomaly`` (higher = more
     anomalous, e.g. PEBAL's energy) is min-max normalised per image and weighted by ``gamma``."""
     if proxgradcam.shape != entropy.shape:
-        raise ValueError(f"proxgradcam shape {tuple(proxgradcam.shape)} != entropy shape {tuple(entropy.shape)}")
+        raise ValueError(
+            f"proxgradcam shape {tuple(proxgradcam.shape)} != entropy shape {tuple(entropy.shape)}"
+        )
     for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
         if not value >= 0:
             raise ValueError(f"{name} must be >= 0, got {value!r}")
@@ -46,7 +54,9 @@ def fuse_eem(
         if anomaly is None:
             raise ValueError("anomaly: gamma > 0 needs an anomaly score map")
         if anomaly.shape != entropy.shape:
-            raise ValueError(f"anomaly shape {tuple(anomaly.shape)} != entropy shape {tuple(entropy.shape)}")
+            raise ValueError(
+                f"anomaly shape {tuple(anomaly.shape)} != entropy shape {tuple(entropy.shape)}"
+            )
         eem = eem + gamma * minmax_per_image(anomaly.to(eem.dtype))
     return eem
 

@@ -29,7 +29,9 @@ def resolve_layer(model: nn.Module, layer: str | nn.Module | None) -> nn.Module:
     if layer is None:
         layer = getattr(model, "last_decoder_layer", None)
         if layer is None:
-            raise ValueError(f"target_layer: {type(model).__name__} has no last_decoder_layer; name a layer")
+            raise ValueError(
+                f"target_layer: {type(model).__name__} has no last_decoder_layer; name a layer"
+            )
     if hasattr(model, "layer"):
         return model.layer(layer)
     try:
@@ -67,9 +69,13 @@ def _activation_leaf(module: nn.Module) -> Iterator[dict]:
 
     def hook(_module, _inputs, output):
         if not isinstance(output, torch.Tensor):
-            raise TypeError(f"Grad-CAM target layer must output a tensor, got {type(output).__name__}")
+            raise TypeError(
+                f"Grad-CAM target layer must output a tensor, got {type(output).__name__}"
+            )
         if "activation" in store:
-            raise RuntimeError("Grad-CAM target layer ran twice in one forward; choose a layer used once")
+            raise RuntimeError(
+                "Grad-CAM target layer ran twice in one forward; choose a layer used once"
+            )
         torch.set_grad_enabled(True)  # restored by the caller's context after the forward
         leaf = output.detach().requires_grad_(True)
         store["activation"] = leaf
@@ -122,7 +128,9 @@ def grad_cam(
     batch, size = images.shape[0], tuple(images.shape[-2:])
     for name, maps in (("prediction", prediction), ("region", region)):
         if maps is not None and tuple(maps.shape) != (batch, *size):
-            raise ValueError(f"{name} shape {tuple(maps.shape)} does not match images {tuple(images.shape)}")
+            raise ValueError(
+                f"{name} shape {tuple(maps.shape)} does not match images {tuple(images.shape)}"
+            )
     module = resolve_layer(model, layer)
     grad_enabled = torch.is_grad_enabled()
     try:
@@ -133,18 +141,27 @@ def grad_cam(
                 raise RuntimeError("Grad-CAM target layer did not run in the model's forward")
             activation = store["activation"]
             if tuple(logits.shape[-2:]) != size:
-                raise ValueError(f"model logits {tuple(logits.shape)} are not at the image size {size}")
+                raise ValueError(
+                    f"model logits {tuple(logits.shape)} are not at the image size {size}"
+                )
             if prediction is None:
                 prediction = logits.detach().argmax(dim=1)
             # each pixel's predicted-class logit, weighted by the region (no (B, C, H, W) one-hot)
             picked = logits.gather(1, prediction.long()[:, None])[:, 0]
             weight = torch.ones_like(picked) if region is None else region.to(picked.dtype)
             if target == "sum":
-                (gradient,) = torch.autograd.grad((picked * weight).sum(), activation, allow_unused=True)
+                (gradient,) = torch.autograd.grad(
+                    (picked * weight).sum(), activation, allow_unused=True
+                )
                 cam = _weighted_map(gradient, activation.detach())
             else:
-                counts = torch.zeros(batch, logits.shape[1], device=picked.device, dtype=picked.dtype)
-                present = counts.scatter_add_(1, prediction.long().flatten(1), weight.detach().flatten(1)) > 0
+                counts = torch.zeros(
+                    batch, logits.shape[1], device=picked.device, dtype=picked.dtype
+                )
+                present = (
+                    counts.scatter_add_(1, prediction.long().flatten(1), weight.detach().flatten(1))
+                    > 0
+                )
                 rank = present.long().cumsum(dim=1) - 1
                 slots = int(present.sum(dim=1).max()) if batch else 0
                 cam = torch.zeros(batch, *activation.shape[2:], device=images.device)
@@ -152,9 +169,15 @@ def grad_cam(
                     chosen = present & (rank == slot)  # (B, C): at most one class per image
                     label = torch.where(chosen.any(dim=1), chosen.long().argmax(dim=1), -1)
                     selected = (prediction == label[:, None, None]).to(picked.dtype)
-                    (gradient,) = torch.autograd.grad((picked * weight * selected).sum(), activation,
-                                                      retain_graph=slot < slots - 1, allow_unused=True)
-                    cam = torch.maximum(cam, unit_max_per_image(_weighted_map(gradient, activation.detach())))
+                    (gradient,) = torch.autograd.grad(
+                        (picked * weight * selected).sum(),
+                        activation,
+                        retain_graph=slot < slots - 1,
+                        allow_unused=True,
+                    )
+                    cam = torch.maximum(
+                        cam, unit_max_per_image(_weighted_map(gradient, activation.detach()))
+                    )
     finally:
         torch.set_grad_enabled(grad_enabled)
     return _to_image(cam, size, input_multiple(model)).to(images.dtype)

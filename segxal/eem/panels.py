@@ -39,8 +39,13 @@ def save_panel(
     if image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(f"image must be (3, H, W), got shape {tuple(image.shape)}")
     size = tuple(image.shape[-2:])
-    maps = {"prediction": prediction, "entropy": entropy, "proximity": proximity,
-            "proxgradcam": proxgradcam, "eem": eem}
+    maps = {
+        "prediction": prediction,
+        "entropy": entropy,
+        "proximity": proximity,
+        "proxgradcam": proxgradcam,
+        "eem": eem,
+    }
     for name, values in maps.items():
         if tuple(values.shape) != size:
             raise ValueError(f"{name} shape {tuple(values.shape)} does not match image {size}")
@@ -64,8 +69,13 @@ def save_panel(
         ("EEM + prompts", eem_np, "inferno", (0, max(float(eem_np.max()), 1e-6))),
     ]
     for axis, (name, values, cmap, limits) in zip(axes.flat, tiles):
-        shown = axis.imshow(values, cmap=cmap, vmin=None if limits is None else limits[0],
-                            vmax=None if limits is None else limits[1], interpolation="nearest")
+        shown = axis.imshow(
+            values,
+            cmap=cmap,
+            vmin=None if limits is None else limits[0],
+            vmax=None if limits is None else limits[1],
+            interpolation="nearest",
+        )
         axis.set_title(name, fontsize=10)
         axis.set_axis_off()
         if limits is not None:
@@ -73,9 +83,18 @@ def save_panel(
     eem_axis = axes.flat[-1]
     for region in regions:
         x, y = region["prompt"]["x"], region["prompt"]["y"]
-        eem_axis.plot(x, y, marker="o", markersize=7, markerfacecolor="cyan", markeredgecolor="black")
-        eem_axis.annotate(str(region["id"]), (x, y), xytext=(4, -4), textcoords="offset points", color="cyan",
-                          fontsize=9, fontweight="bold")
+        eem_axis.plot(
+            x, y, marker="o", markersize=7, markerfacecolor="cyan", markeredgecolor="black"
+        )
+        eem_axis.annotate(
+            str(region["id"]),
+            (x, y),
+            xytext=(4, -4),
+            textcoords="offset points",
+            color="cyan",
+            fontsize=9,
+            fontweight="bold",
+        )
     if title:
         figure.suptitle(title, fontsize=11)
     figure.tight_layout()

@@ -33,11 +33,19 @@ class EEMMaps:
     proxgradcam: torch.Tensor
     eem: torch.Tensor
 
-    def regions(self, config: EEMConfig, class_names: Sequence[str] | None = None) -> list[list[dict]]:
+    def regions(
+        self, config: EEMConfig, class_names: Sequence[str] | None = None
+    ) -> list[list[dict]]:
         """Region records (see :func:`extract_regions`) for every image of the batch."""
         return [
-            extract_regions(eem, prediction, config.region_threshold, config.min_region_area,
-                            config.max_regions, class_names)
+            extract_regions(
+                eem,
+                prediction,
+                config.region_threshold,
+                config.min_region_area,
+                config.max_regions,
+                class_names,
+            )
             for eem, prediction in zip(self.eem.cpu(), self.prediction.cpu())
         ]
 
@@ -57,8 +65,13 @@ class EEMScores:
         """One plain dict of scalars per image, keyed by ``sample_id``."""
         if len(sample_ids) != len(self.score):
             raise ValueError(f"sample_ids: {len(sample_ids)} ids for {len(self.score)} scores")
-        columns = zip(sample_ids, self.score.tolist(), self.entropy.tolist(), self.proxgradcam.tolist(),
-                      self.near_fraction.tolist())
+        columns = zip(
+            sample_ids,
+            self.score.tolist(),
+            self.entropy.tolist(),
+            self.proxgradcam.tolist(),
+            self.near_fraction.tolist(),
+        )
         return [
             {"sample_id": str(sid), "score": s, "entropy": h, "proxgradcam": g, "near_fraction": n}
             for sid, s, h, g, n in columns
@@ -70,8 +83,12 @@ def segmenter_precision(precision: str, device: torch.device) -> contextlib.Abst
     if precision == "fp32":
         return contextlib.nullcontext()
     if precision == "fp16" and device.type != "cuda":
-        raise ValueError(f"EEMConfig.precision fp16 needs a CUDA device, got {device}; use bf16 on CPU")
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+        raise ValueError(
+            f"EEMConfig.precision fp16 needs a CUDA device, got {device}; use bf16 on CPU"
+        )
+    return torch.autocast(
+        device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16
+    )
 
 
 def score_batch(
@@ -101,19 +118,27 @@ def score_batch(
     prediction = logits.argmax(dim=1)
     explain = config.alpha > 0
     if depth_backend is None and explain:
-        raise ValueError("depth_backend: needed when alpha > 0 (build one with build_depth_backend)")
+        raise ValueError(
+            "depth_backend: needed when alpha > 0 (build one with build_depth_backend)"
+        )
     if depth_backend is not None and (explain or return_maps):
         proximity = depth_backend.proximity(images, depth).to(images.device)
-        near = near_region(proximity, config.threshold, config.quantile, config.fixed, config.otsu_bins)
+        near = near_region(
+            proximity, config.threshold, config.quantile, config.fixed, config.otsu_bins
+        )
     else:
         proximity = torch.zeros_like(entropy)
         near = torch.zeros_like(entropy, dtype=torch.bool)
     if explain:
         informed = depth_informed_image(images, proximity, near, config.mask)
         with arithmetic:
-            proxgradcam = grad_cam(model, informed, config.target_layer, prediction, near, config.target).float()
+            proxgradcam = grad_cam(
+                model, informed, config.target_layer, prediction, near, config.target
+            ).float()
         if config.gate_cam:
-            proxgradcam = unit_max_per_image(proxgradcam * mask_weight(proximity, near, config.mask))
+            proxgradcam = unit_max_per_image(
+                proxgradcam * mask_weight(proximity, near, config.mask)
+            )
     else:
         proxgradcam = torch.zeros_like(entropy)
     eem = fuse_eem(proxgradcam, entropy, config.alpha, config.beta, config.gamma, anomaly)
@@ -131,16 +156,25 @@ class EEMScorer:
     """A model, an EEM config and a depth backend, scoring dataset batches (dicts with ``image`` and,
     for the ``dataset`` backend, ``depth``) on ``device``."""
 
-    def __init__(self, model: nn.Module, config: EEMConfig = EEMConfig(), depth_backend: DepthBackend | None = None,
-                 device: str | torch.device = "cpu") -> None:
-        from segxal.models.depth import build_depth_backend  # not at import: segxal.models.depth imports eem
+    def __init__(
+        self,
+        model: nn.Module,
+        config: EEMConfig = EEMConfig(),
+        depth_backend: DepthBackend | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        from segxal.models.depth import (
+            build_depth_backend,
+        )  # not at import: segxal.models.depth imports eem
 
         self.model = model.to(device)
         self.config = config
         self.device = torch.device(device)
         self.depth_backend = depth_backend or build_depth_backend(config.depth, self.device)
 
-    def __call__(self, batch: dict, return_maps: bool = False, anomaly: torch.Tensor | None = None) -> EEMScores:
+    def __call__(
+        self, batch: dict, return_maps: bool = False, anomaly: torch.Tensor | None = None
+    ) -> EEMScores:
         depth = batch.get("depth")
         return score_batch(
             self.model,

@@ -20,7 +20,9 @@ def otsu_threshold(proximity: torch.Tensor, bins: int = 64) -> torch.Tensor:
     batch = proximity.shape[0]
     values = proximity.reshape(batch, -1).float()
     index = (values.clamp(0.0, 1.0) * bins).long().clamp_(max=bins - 1)
-    hist = torch.zeros(batch, bins, device=values.device).scatter_add_(1, index, torch.ones_like(values))
+    hist = torch.zeros(batch, bins, device=values.device).scatter_add_(
+        1, index, torch.ones_like(values)
+    )
     prob = hist / values.shape[1]
     centers = (torch.arange(bins, device=values.device, dtype=torch.float32) + 0.5) / bins
     omega = prob.cumsum(1)[:, :-1]  # weight of the far class for a split after bin k
@@ -32,7 +34,9 @@ def otsu_threshold(proximity: torch.Tensor, bins: int = 64) -> torch.Tensor:
     best = between.argmax(1)
     threshold = (best + 1).float() / bins
     has_split = valid.any(1)
-    return torch.where(has_split, threshold, torch.full_like(threshold, math.inf)).to(proximity.dtype)
+    return torch.where(has_split, threshold, torch.full_like(threshold, math.inf)).to(
+        proximity.dtype
+    )
 
 
 def near_region(
@@ -62,10 +66,14 @@ def near_region(
     raise ValueError(f"threshold method must be otsu, quantile or fixed, got {method!r}")
 
 
-def mask_weight(proximity: torch.Tensor, near: torch.Tensor, mode: Literal["hard", "soft"] = "hard") -> torch.Tensor:
+def mask_weight(
+    proximity: torch.Tensor, near: torch.Tensor, mode: Literal["hard", "soft"] = "hard"
+) -> torch.Tensor:
     """(B, H, W) float weight of the depth-informed image: the near mask (``hard``) or the proximity."""
     if proximity.shape != near.shape:
-        raise ValueError(f"near shape {tuple(near.shape)} does not match proximity {tuple(proximity.shape)}")
+        raise ValueError(
+            f"near shape {tuple(near.shape)} does not match proximity {tuple(proximity.shape)}"
+        )
     if mode == "hard":
         return near.to(proximity.dtype)
     if mode == "soft":
@@ -89,5 +97,7 @@ def depth_informed_image(
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
     if proximity.shape != (images.shape[0], *images.shape[-2:]):
-        raise ValueError(f"proximity shape {tuple(proximity.shape)} does not match images {tuple(images.shape)}")
+        raise ValueError(
+            f"proximity shape {tuple(proximity.shape)} does not match images {tuple(images.shape)}"
+        )
     return images * mask_weight(proximity, near, mode).to(images.dtype)[:, None]

@@ -55,17 +55,28 @@ def extract_regions(
                 "mean_eem": float(eem_np[window][inside].mean()),
                 "peak_eem": float(values[peak_y, peak_x]),
                 "class_id": class_id,
-                "class_name": (class_names[class_id] if class_names is not None and 0 <= class_id < len(class_names)
-                               else None),
-                "bbox": {"x0": int(window[1].start), "y0": int(window[0].start),
-                         "x1": int(window[1].stop - 1), "y1": int(window[0].stop - 1)},
+                "class_name": (
+                    class_names[class_id]
+                    if class_names is not None and 0 <= class_id < len(class_names)
+                    else None
+                ),
+                "bbox": {
+                    "x0": int(window[1].start),
+                    "y0": int(window[0].start),
+                    "x1": int(window[1].stop - 1),
+                    "y1": int(window[0].stop - 1),
+                },
             }
         )
     candidates.sort(key=lambda r: (-r["peak_eem"], -r["area"], r["prompt"]["y"], r["prompt"]["x"]))
-    return [{"id": number, **record} for number, record in enumerate(candidates[:max_regions], start=1)]
+    return [
+        {"id": number, **record} for number, record in enumerate(candidates[:max_regions], start=1)
+    ]
 
 
-def region_map(eem: torch.Tensor | np.ndarray, regions: Sequence[dict], threshold: float) -> np.ndarray:
+def region_map(
+    eem: torch.Tensor | np.ndarray, regions: Sequence[dict], threshold: float
+) -> np.ndarray:
     """(H, W) int32 map of the areas behind ``regions`` (records of :func:`extract_regions` for the same
     map and threshold): each pixel holds its region's ``id``, 0 elsewhere."""
     eem_np = _as_numpy("eem", eem).astype(np.float64)

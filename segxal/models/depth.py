@@ -63,7 +63,9 @@ class DepthBackend(ABC):
     needs_depth: bool = False
 
     @abstractmethod
-    def proximity(self, images: torch.Tensor, depth: torch.Tensor | None = None) -> torch.Tensor: ...
+    def proximity(
+        self, images: torch.Tensor, depth: torch.Tensor | None = None
+    ) -> torch.Tensor: ...
 
 
 class DatasetDepth(DepthBackend):
@@ -76,12 +78,18 @@ class DatasetDepth(DepthBackend):
     def proximity(self, images: torch.Tensor, depth: torch.Tensor | None = None) -> torch.Tensor:
         _check_images(images)
         if depth is None:
-            raise ValueError("depth: the 'dataset' depth backend needs the batch's disparity "
-                             "(build the dataset with load_depth=True)")
+            raise ValueError(
+                "depth: the 'dataset' depth backend needs the batch's disparity "
+                "(build the dataset with load_depth=True)"
+            )
         if tuple(depth.shape) != (images.shape[0], *images.shape[-2:]):
-            raise ValueError(f"depth shape {tuple(depth.shape)} does not match images {tuple(images.shape)}")
+            raise ValueError(
+                f"depth shape {tuple(depth.shape)} does not match images {tuple(images.shape)}"
+            )
         disparity = depth.to(images.device).float()
-        disparity = torch.where(torch.isfinite(disparity) & (disparity > 0), disparity, torch.zeros_like(disparity))
+        disparity = torch.where(
+            torch.isfinite(disparity) & (disparity > 0), disparity, torch.zeros_like(disparity)
+        )
         return to_proximity(disparity, "inverse_depth")
 
 
@@ -102,7 +110,9 @@ class GeometricDepth(DepthBackend):
         batch, _, height, width = images.shape
         rows = torch.arange(height, device=images.device, dtype=torch.float32)
         inverse_depth = (rows - self.horizon * (height - 1)).clamp(min=0)
-        return to_proximity(inverse_depth[None, :, None].expand(batch, height, width), "inverse_depth")
+        return to_proximity(
+            inverse_depth[None, :, None].expand(batch, height, width), "inverse_depth"
+        )
 
 
 def _architecture(config) -> str:
@@ -110,7 +120,9 @@ def _architecture(config) -> str:
     if config.model_type == "depth_anything":
         return "dinov2"
     if config.model_type != "dpt":
-        raise ValueError(f"model type {config.model_type!r} is not a DPT or Depth Anything depth model")
+        raise ValueError(
+            f"model type {config.model_type!r} is not a DPT or Depth Anything depth model"
+        )
     if config.is_hybrid:
         return "hybrid"
     backbone = getattr(config, "backbone_config", None)
@@ -118,7 +130,9 @@ def _architecture(config) -> str:
         return "vit"
     if backbone.model_type == "dinov2":
         return "dinov2"
-    raise ValueError(f"DPT with a {backbone.model_type!r} backbone is not supported (ViT, hybrid or DINOv2)")
+    raise ValueError(
+        f"DPT with a {backbone.model_type!r} backbone is not supported (ViT, hybrid or DINOv2)"
+    )
 
 
 def checkpoint_convention(config) -> Convention:
@@ -132,14 +146,16 @@ def checkpoint_convention(config) -> Convention:
 def _how_to_provide(checkpoint: str) -> str:
     return (
         f"To provide it, on a machine with internet run\n"
-        f"  python -c \"from transformers import AutoModelForDepthEstimation as M, AutoImageProcessor as P; "
+        f'  python -c "from transformers import AutoModelForDepthEstimation as M, AutoImageProcessor as P; '
         f"M.from_pretrained('{checkpoint}').save_pretrained('DIR'); P.from_pretrained('{checkpoint}').save_pretrained('DIR')\"\n"
         f"copy DIR to this machine and set eem.depth.checkpoint: DIR in the experiment config "
         f"(or eem.depth.download: true where the Hugging Face hub is reachable)."
     )
 
 
-def _normalisation(checkpoint: str, local_only: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _normalisation(
+    checkpoint: str, local_only: bool
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """mean/std from the checkpoint's ``preprocessor_config.json`` if it has one, else DPT's 0.5/0.5."""
     folder = Path(checkpoint).expanduser()
     if folder.is_dir():
@@ -165,10 +181,14 @@ def _normalisation(checkpoint: str, local_only: bool) -> tuple[tuple[float, ...]
         value = default if value is None else value
         return tuple(float(v) for v in (value if isinstance(value, (list, tuple)) else [value] * 3))
 
-    return triple(settings.get("image_mean"), DPT_DEFAULT_MEAN), triple(settings.get("image_std"), DPT_DEFAULT_STD)
+    return triple(settings.get("image_mean"), DPT_DEFAULT_MEAN), triple(
+        settings.get("image_std"), DPT_DEFAULT_STD
+    )
 
 
-def load_depth_model(checkpoint: str, backend: str, download: bool = False) -> tuple[nn.Module, str]:
+def load_depth_model(
+    checkpoint: str, backend: str, download: bool = False
+) -> tuple[nn.Module, str]:
     """(model in eval mode, architecture) from a hub id or local folder, checked against ``backend``."""
     from transformers import AutoConfig, DepthAnythingForDepthEstimation, DPTForDepthEstimation
 
@@ -182,10 +202,18 @@ def load_depth_model(checkpoint: str, backend: str, download: bool = False) -> t
         ) from error
     architecture = _architecture(config)
     if backend == "midas" and architecture == "dinov2":
-        raise ValueError(f"eem.depth.checkpoint {checkpoint!r} has a DINOv2 backbone: use backend 'dinov2'")
+        raise ValueError(
+            f"eem.depth.checkpoint {checkpoint!r} has a DINOv2 backbone: use backend 'dinov2'"
+        )
     if backend == "dinov2" and architecture != "dinov2":
-        raise ValueError(f"eem.depth.checkpoint {checkpoint!r} is a MiDaS-style DPT ({architecture}): use backend 'midas'")
-    model_class = DepthAnythingForDepthEstimation if config.model_type == "depth_anything" else DPTForDepthEstimation
+        raise ValueError(
+            f"eem.depth.checkpoint {checkpoint!r} is a MiDaS-style DPT ({architecture}): use backend 'midas'"
+        )
+    model_class = (
+        DepthAnythingForDepthEstimation
+        if config.model_type == "depth_anything"
+        else DPTForDepthEstimation
+    )
     try:
         model = model_class.from_pretrained(checkpoint, config=config, local_files_only=local_only)
     except OSError as error:
@@ -223,7 +251,9 @@ class TransformersDepth(DepthBackend):
         config = model.config
         if architecture == "dinov2":
             backbone = config.backbone_config
-            self.patch = int(config.patch_size if config.model_type == "depth_anything" else backbone.patch_size)
+            self.patch = int(
+                config.patch_size if config.model_type == "depth_anything" else backbone.patch_size
+            )
             native = backbone.image_size
         else:
             patch = config.patch_size
@@ -231,8 +261,10 @@ class TransformersDepth(DepthBackend):
             native = config.image_size
         native = int(native[0] if isinstance(native, (list, tuple)) else native)
         if architecture == "hybrid" and input_size not in (None, native):
-            raise ValueError(f"eem.depth.input_size: DPT-hybrid runs only at its configured {native}; set it "
-                             f"to null or {native}")
+            raise ValueError(
+                f"eem.depth.input_size: DPT-hybrid runs only at its configured {native}; set it "
+                f"to null or {native}"
+            )
         self.input_size = input_size or native
 
     def model_input_size(self, height: int, width: int) -> tuple[int, int]:
@@ -253,11 +285,15 @@ class TransformersDepth(DepthBackend):
         pixels = denormalize(images.float()).clamp(0, 1).to(parameter.device)
         size = self.model_input_size(height, width)
         if size != (height, width):
-            pixels = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False, antialias=True)
+            pixels = F.interpolate(
+                pixels, size=size, mode="bilinear", align_corners=False, antialias=True
+            )
         pixels = (pixels - self.mean.to(pixels.device)) / self.std.to(pixels.device)
         with torch.no_grad():
             predicted = self.model(pixel_values=pixels.to(parameter.dtype)).predicted_depth.float()
-        predicted = F.interpolate(predicted[:, None], size=(height, width), mode="bilinear", align_corners=False)
+        predicted = F.interpolate(
+            predicted[:, None], size=(height, width), mode="bilinear", align_corners=False
+        )
         return predicted[:, 0].to(images.device)
 
     def proximity(self, images: torch.Tensor, depth: torch.Tensor | None = None) -> torch.Tensor:
@@ -272,6 +308,10 @@ def build_depth_backend(config: DepthConfig, device: str | torch.device = "cpu")
         return GeometricDepth(config.horizon)
     checkpoint = config.resolved_checkpoint
     model, architecture = load_depth_model(checkpoint, config.backend, download=config.download)
-    convention = checkpoint_convention(model.config) if config.convention == "auto" else config.convention
+    convention = (
+        checkpoint_convention(model.config) if config.convention == "auto" else config.convention
+    )
     mean, std = _normalisation(checkpoint, local_only=not config.download)
-    return TransformersDepth(model.to(device), architecture, config.backend, convention, mean, std, config.input_size)
+    return TransformersDepth(
+        model.to(device), architecture, config.backend, convention, mean, std, config.input_size
+    )

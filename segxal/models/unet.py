@@ -57,7 +57,9 @@ class UNet(nn.Module):
         self.upsample = nn.ModuleList()
         self.decoder = nn.ModuleList()
         for level in reversed(range(config.depth)):
-            self.upsample.append(nn.ConvTranspose2d(channels[level + 1], channels[level], 2, stride=2))
+            self.upsample.append(
+                nn.ConvTranspose2d(channels[level + 1], channels[level], 2, stride=2)
+            )
             self.decoder.append(ConvBlock(2 * channels[level], channels[level]))
         self.head = nn.Conv2d(channels[0], config.num_classes, 1)
 

@@ -49,7 +49,9 @@ class CocoOutliers:
     def from_config(cls, config: AnomalyMixConfig) -> "CocoOutliers":
         root = Path(config.coco_root)
         annotations = config.coco_annotations or root / "annotations" / "instances_train2017.json"
-        instances = coco_instances(annotations, root, config.excluded_coco_classes, config.min_instance_area)
+        instances = coco_instances(
+            annotations, root, config.excluded_coco_classes, config.min_instance_area
+        )
         if not instances:
             raise DataError(
                 f"{annotations}: no instances left after excluding {list(config.excluded_coco_classes)} and "
@@ -62,8 +64,12 @@ class CocoOutliers:
             instance = self.instances[int(rng.integers(len(self.instances)))]
             crop = crop_instance(instance)
             if crop is not None:
-                return OutlierObject(*crop, source=f"coco:{instance.category}:{instance.annotation_id}")
-        raise DataError(f"{self.instances[0].source}: 10 sampled instances in a row had empty masks")
+                return OutlierObject(
+                    *crop, source=f"coco:{instance.category}:{instance.annotation_id}"
+                )
+        raise DataError(
+            f"{self.instances[0].source}: 10 sampled instances in a row had empty masks"
+        )
 
 
 def _vivid_color(rng: np.random.Generator) -> np.ndarray:
@@ -81,7 +87,10 @@ def synthetic_outlier(rng: np.random.Generator, size: int = 96) -> OutlierObject
         count = int(rng.integers(3, 13))
         angles = np.sort(rng.uniform(0, 2 * np.pi, count))
         radii = size * 0.48 * rng.uniform(0.35, 1.0, count)
-        draw.polygon([(centre + r * np.cos(a), centre + r * np.sin(a)) for r, a in zip(radii, angles)], fill=1)
+        draw.polygon(
+            [(centre + r * np.cos(a), centre + r * np.sin(a)) for r, a in zip(radii, angles)],
+            fill=1,
+        )
     elif kind == "ellipse":
         rx, ry = size * 0.48 * rng.uniform(0.3, 1.0, 2)
         draw.ellipse([centre - rx, centre - ry, centre + rx, centre + ry], fill=1)
@@ -101,10 +110,18 @@ def synthetic_outlier(rng: np.random.Generator, size: int = 96) -> OutlierObject
         cell = int(rng.integers(3, 12))
         pattern = (rows // cell + cols // cell) % 2 == 0
     else:
-        pattern = np.ones((size, size), dtype=bool) if texture == "solid" else rng.uniform(size=(size, size)) < 0.5
+        pattern = (
+            np.ones((size, size), dtype=bool)
+            if texture == "solid"
+            else rng.uniform(size=(size, size)) < 0.5
+        )
     image = np.where(pattern[..., None], first, second) + rng.normal(0, 6, (size, size, 3))
     window = mask_window(mask)  # every shape above spans many pixels, so the mask is not empty
-    return OutlierObject(np.clip(image, 0, 255).astype(np.uint8)[window], mask[window], source=f"synthetic:{kind}:{texture}")
+    return OutlierObject(
+        np.clip(image, 0, 255).astype(np.uint8)[window],
+        mask[window],
+        source=f"synthetic:{kind}:{texture}",
+    )
 
 
 class SyntheticOutliers:
@@ -116,7 +133,9 @@ class SyntheticOutliers:
 
 def _resized(obj: OutlierObject, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     image = np.asarray(Image.fromarray(obj.image).resize((width, height), Image.BILINEAR))
-    soft = np.asarray(Image.fromarray(obj.mask.astype(np.float32)).resize((width, height), Image.BILINEAR))
+    soft = np.asarray(
+        Image.fromarray(obj.mask.astype(np.float32)).resize((width, height), Image.BILINEAR)
+    )
     mask = soft >= 0.5
     if not mask.any():  # an object shrunk below a pixel keeps its strongest pixel
         mask = soft >= soft.max()
@@ -128,7 +147,9 @@ class AnomalyMix:
 
     def __init__(self, config: AnomalyMixConfig, anomaly_index: int, outliers=None) -> None:
         if anomaly_index < 1:
-            raise ValueError(f"anomaly_index must be >= 1 (the number of inlier classes), got {anomaly_index}")
+            raise ValueError(
+                f"anomaly_index must be >= 1 (the number of inlier classes), got {anomaly_index}"
+            )
         self.config = config
         self.anomaly_index = anomaly_index
         if outliers is None:
@@ -150,14 +171,22 @@ class AnomalyMix:
         mask_t = torch.from_numpy(mask.copy()).to(image.device)
         region = (slice(top, top + h), slice(left, left + w))
         image[(slice(None), *region)] = torch.where(mask_t, patch_t, image[(slice(None), *region)])
-        label[region] = torch.where(mask_t, torch.full_like(label[region], self.anomaly_index), label[region])
+        label[region] = torch.where(
+            mask_t, torch.full_like(label[region], self.anomaly_index), label[region]
+        )
 
     def __call__(
         self, images: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mixed images, mixed labels, (B,) bool: which images got objects); inputs are not modified."""
-        if images.dim() != 4 or images.shape[1] != 3 or labels.shape != (images.shape[0], *images.shape[2:]):
-            raise ValueError(f"expected images (B, 3, H, W) and labels (B, H, W), got {tuple(images.shape)} and {tuple(labels.shape)}")
+        if (
+            images.dim() != 4
+            or images.shape[1] != 3
+            or labels.shape != (images.shape[0], *images.shape[2:])
+        ):
+            raise ValueError(
+                f"expected images (B, 3, H, W) and labels (B, H, W), got {tuple(images.shape)} and {tuple(labels.shape)}"
+            )
         images, labels = images.clone(), labels.clone()
         batch = images.shape[0]
         expected = self.config.fraction * batch

@@ -46,7 +46,9 @@ def load_instances_json(path: str | Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DataError(f"{path}: not valid JSON, truncated or corrupt ({error})") from error
     if not isinstance(data, dict):
-        raise DataError(f"{path}: not a COCO instances JSON (top level is {type(data).__name__}, not an object)")
+        raise DataError(
+            f"{path}: not a COCO instances JSON (top level is {type(data).__name__}, not an object)"
+        )
     missing = [key for key in REQUIRED_KEYS if not isinstance(data.get(key), list)]
     if missing:
         raise DataError(
@@ -96,7 +98,10 @@ def coco_instances(
     categories = {c["id"]: c["name"] for c in data["categories"]}
     unknown = sorted(set(excluded_classes) - set(categories.values()))
     if unknown:
-        warnings.warn(f"{annotations}: excluded classes {unknown} are not categories of this file", stacklevel=2)
+        warnings.warn(
+            f"{annotations}: excluded classes {unknown} are not categories of this file",
+            stacklevel=2,
+        )
     images = {image["id"]: image for image in data["images"]}
     split = _split_name(annotations)
     paths: dict[int, Path] = {}
@@ -105,9 +110,13 @@ def coco_instances(
         if annotation.get("iscrowd", 0):
             continue
         if annotation["category_id"] not in categories:
-            raise DataError(f"{annotations}: annotation {annotation['id']} has unknown category_id {annotation['category_id']}")
+            raise DataError(
+                f"{annotations}: annotation {annotation['id']} has unknown category_id {annotation['category_id']}"
+            )
         if annotation["image_id"] not in images:
-            raise DataError(f"{annotations}: annotation {annotation['id']} has unknown image_id {annotation['image_id']}")
+            raise DataError(
+                f"{annotations}: annotation {annotation['id']} has unknown image_id {annotation['image_id']}"
+            )
         category = categories[annotation["category_id"]]
         if category in excluded_classes or annotation.get("area", min_area) < min_area:
             continue
@@ -154,7 +163,9 @@ def rle_to_mask(counts: list[int] | str, height: int, width: int) -> np.ndarray:
     """(height, width) bool mask from RLE run lengths (list or compressed string), column-major."""
     runs = decode_rle_string(counts) if isinstance(counts, str) else [int(c) for c in counts]
     if any(run < 0 for run in runs) or sum(runs) != height * width:
-        raise ValueError(f"RLE runs sum to {sum(runs)} (or are negative) but the mask has {height}x{width} pixels")
+        raise ValueError(
+            f"RLE runs sum to {sum(runs)} (or are negative) but the mask has {height}x{width} pixels"
+        )
     values = np.zeros(len(runs), dtype=bool)
     values[1::2] = True
     flat = np.repeat(values, runs)
@@ -167,8 +178,12 @@ def polygons_to_mask(polygons: list[list[float]], height: int, width: int) -> np
     draw = ImageDraw.Draw(canvas)
     for polygon in polygons:
         if len(polygon) < 6 or len(polygon) % 2:
-            raise ValueError(f"a polygon needs an even number (>= 6) of coordinates, got {len(polygon)}")
-        draw.polygon([(float(x), float(y)) for x, y in zip(polygon[::2], polygon[1::2])], fill=1, outline=1)
+            raise ValueError(
+                f"a polygon needs an even number (>= 6) of coordinates, got {len(polygon)}"
+            )
+        draw.polygon(
+            [(float(x), float(y)) for x, y in zip(polygon[::2], polygon[1::2])], fill=1, outline=1
+        )
     return np.asarray(canvas, dtype=bool)
 
 

@@ -25,7 +25,15 @@ VARIANTS = ("paper", "reference")
 # leaves void or lacks (fire hydrant, parking meter, bench) stays in: such objects are anomalies for a
 # driving label set and are among the objects that Fishyscapes / Road Anomaly label anomalous.
 DRIVING_COCO_CLASSES = (
-    "person", "bicycle", "car", "motorcycle", "bus", "train", "truck", "traffic light", "stop sign",
+    "person",
+    "bicycle",
+    "car",
+    "motorcycle",
+    "bus",
+    "train",
+    "truck",
+    "traffic light",
+    "stop sign",
 )
 
 PAPER_BETA_SMOOTH, PAPER_BETA_SPARSE = 5e-4, 3e-6
@@ -68,8 +76,14 @@ class AnomalyMixConfig:
 
     def __post_init__(self) -> None:
         _check_finite_floats(self)
-        _require(0.0 <= self.fraction <= 1.0, f"AnomalyMixConfig.fraction must be in [0, 1], got {self.fraction}")
-        _require(self.max_objects >= 1, f"AnomalyMixConfig.max_objects must be >= 1, got {self.max_objects}")
+        _require(
+            0.0 <= self.fraction <= 1.0,
+            f"AnomalyMixConfig.fraction must be in [0, 1], got {self.fraction}",
+        )
+        _require(
+            self.max_objects >= 1,
+            f"AnomalyMixConfig.max_objects must be >= 1, got {self.max_objects}",
+        )
         _require(
             0.0 < self.scale_min <= self.scale_max <= 1.0,
             f"AnomalyMixConfig.scale_min ({self.scale_min}) and scale_max ({self.scale_max}) must satisfy "
@@ -146,7 +160,10 @@ class PebalConfig:
 
     def __post_init__(self) -> None:
         _check_finite_floats(self)
-        _require(self.variant in VARIANTS, f"PebalConfig.variant must be one of {VARIANTS}, got {self.variant!r}")
+        _require(
+            self.variant in VARIANTS,
+            f"PebalConfig.variant must be one of {VARIANTS}, got {self.variant!r}",
+        )
         _require(
             self.m_in < self.m_out,
             f"PebalConfig.m_in ({self.m_in}) must be smaller than PebalConfig.m_out ({self.m_out}): "
@@ -155,7 +172,10 @@ class PebalConfig:
         for name in ("lam", "beta_smooth", "beta_sparse", "ood_weight", "penalty_min"):
             value = getattr(self, name)
             if value is not None:
-                _require(math.isfinite(value) and value >= 0, f"PebalConfig.{name} must be >= 0, got {value}")
+                _require(
+                    math.isfinite(value) and value >= 0,
+                    f"PebalConfig.{name} must be >= 0, got {value}",
+                )
         _require(len(self.trainable) > 0, "PebalConfig.trainable must name at least one module")
         _require(
             all(isinstance(name, str) and name for name in self.trainable),
@@ -165,7 +185,10 @@ class PebalConfig:
             self.smoothing_kernel >= 1 and self.smoothing_kernel % 2 == 1,
             f"PebalConfig.smoothing_kernel must be a positive odd number, got {self.smoothing_kernel}",
         )
-        _require(self.smoothing_sigma > 0, f"PebalConfig.smoothing_sigma must be > 0, got {self.smoothing_sigma}")
+        _require(
+            self.smoothing_sigma > 0,
+            f"PebalConfig.smoothing_sigma must be > 0, got {self.smoothing_sigma}",
+        )
         _require(
             isinstance(self.anomalymix, AnomalyMixConfig),
             f"PebalConfig.anomalymix must be an AnomalyMixConfig, got {type(self.anomalymix).__name__}",
@@ -180,7 +203,10 @@ class PebalConfig:
                 0.0 <= q_in < q_out <= 1.0,
                 f"PebalConfig.margin_quantiles must be (q_in, q_out) with 0 <= q_in < q_out <= 1, got {self.margin_quantiles}",
             )
-        _require(self.panel_images >= 0, f"PebalConfig.panel_images must be >= 0, got {self.panel_images}")
+        _require(
+            self.panel_images >= 0,
+            f"PebalConfig.panel_images must be >= 0, got {self.panel_images}",
+        )
 
     @property
     def smoothness_weight(self) -> float:

@@ -67,7 +67,9 @@ def anomaly_labels(labels: torch.Tensor, anomaly_index: int) -> torch.Tensor:
     return torch.where(labels == IGNORE_INDEX, torch.full_like(labels, IGNORE_INDEX), out)
 
 
-def split_outliers(config: AnomalyMixConfig, val_share: float = 0.25) -> tuple[CocoOutliers | None, CocoOutliers | None]:
+def split_outliers(
+    config: AnomalyMixConfig, val_share: float = 0.25
+) -> tuple[CocoOutliers | None, CocoOutliers | None]:
     """(training, validation) outlier sources: COCO instances split by image, so that no object pasted
     into the validation set was seen in training. ``(None, None)`` for the procedural outliers, whose
     training and validation draws already differ by their seeds."""
@@ -91,8 +93,15 @@ class MixedValidationSet(Dataset):
     order; labels come out as 0 inlier, 1 anomaly, 255 void.
     """
 
-    def __init__(self, dataset: Dataset, config: AnomalyMixConfig, anomaly_index: int, seed: int = 0,
-                 outliers=None, name: str = "anomalymix_val") -> None:
+    def __init__(
+        self,
+        dataset: Dataset,
+        config: AnomalyMixConfig,
+        anomaly_index: int,
+        seed: int = 0,
+        outliers=None,
+        name: str = "anomalymix_val",
+    ) -> None:
         self.dataset = dataset
         self.mixer = AnomalyMix(replace(config, fraction=1.0), anomaly_index, outliers)
         self.anomaly_index = anomaly_index
@@ -160,30 +169,41 @@ def evaluate_anomaly(
         valid = label != IGNORE_INDEX
         maps = {}
         for method in methods:
-            maps[method.name] = anomaly_score(logits[method.model], method.score, method.abstention, *smoothing)
+            maps[method.name] = anomaly_score(
+                logits[method.model], method.score, method.abstention, *smoothing
+            )
             scores[method.name].append(maps[method.name][valid].float().cpu().numpy())
         labels.append(label[valid].to(torch.uint8).cpu().numpy())
         for index in range(min(panel_images - len(panels), image.shape[0])):
-            panels.append(Panel(
-                sample_id=str(batch["sample_id"][index]),
-                image=denormalize(image[index]).clamp(0, 1).permute(1, 2, 0).cpu().numpy(),
-                label=label[index].cpu().numpy(),
-                maps={m: maps[m][index].cpu().numpy() for m in panel_methods if m in maps},
-            ))
+            panels.append(
+                Panel(
+                    sample_id=str(batch["sample_id"][index]),
+                    image=denormalize(image[index]).clamp(0, 1).permute(1, 2, 0).cpu().numpy(),
+                    label=label[index].cpu().numpy(),
+                    maps={m: maps[m][index].cpu().numpy() for m in panel_methods if m in maps},
+                )
+            )
     if not labels:
         raise ValueError(f"{name}: the anomaly dataset is empty")
     pooled_labels = np.concatenate(labels)
     pooled = {method: np.concatenate(parts) for method, parts in scores.items()}
     try:
-        metrics = {method: anomaly_metrics(values, pooled_labels) for method, values in pooled.items()}
+        metrics = {
+            method: anomaly_metrics(values, pooled_labels) for method, values in pooled.items()
+        }
     except ValueError as error:
         raise ValueError(f"{name}: {error}") from error
     return DatasetResult(name, metrics, pooled, pooled_labels, panels)
 
 
 @torch.no_grad()
-def inlier_energy_quantiles(model: nn.Module, batches: Iterable[dict], quantiles: Sequence[float],
-                            device: torch.device | str = "cpu", max_pixels: int = 2_000_000) -> list[float]:
+def inlier_energy_quantiles(
+    model: nn.Module,
+    batches: Iterable[dict],
+    quantiles: Sequence[float],
+    device: torch.device | str = "cpu",
+    max_pixels: int = 2_000_000,
+) -> list[float]:
     """Quantiles of the free energy of ``model`` (no abstention channel) over non-void pixels.
 
     Pixels are subsampled evenly to at most ``max_pixels`` so that large training sets stay cheap.
@@ -198,11 +218,17 @@ def inlier_energy_quantiles(model: nn.Module, batches: Iterable[dict], quantiles
         raise ValueError("no labelled pixel to calibrate the energy margins on")
     if values.numel() > max_pixels:
         values = values[:: -(-values.numel() // max_pixels)]
-    return [float(v) for v in torch.quantile(values, torch.tensor(list(quantiles), dtype=torch.float64))]
+    return [
+        float(v) for v in torch.quantile(values, torch.tensor(list(quantiles), dtype=torch.float64))
+    ]
 
 
-def calibrate_margins(config: PebalConfig, model: nn.Module, batches: Iterable[dict],
-                      device: torch.device | str = "cpu") -> PebalConfig:
+def calibrate_margins(
+    config: PebalConfig,
+    model: nn.Module,
+    batches: Iterable[dict],
+    device: torch.device | str = "cpu",
+) -> PebalConfig:
     """``config`` with m_in, m_out set from ``config.margin_quantiles`` of ``model``'s inlier energy
     (``config`` unchanged when no quantiles are configured)."""
     if config.margin_quantiles is None:
@@ -218,20 +244,28 @@ def calibrate_margins(config: PebalConfig, model: nn.Module, batches: Iterable[d
 
 # -- reporting ------------------------------------------------------------------------------------------
 
+
 def metric_name(dataset: str, method: str, metric: str) -> str:
     return f"anomaly/{dataset}/{method}/{metric}"
 
 
 def flat_metrics(results: Iterable[DatasetResult]) -> dict[str, float]:
     """``{"anomaly/<dataset>/<method>/<ap|fpr95|auroc>": value}`` for MLflow."""
-    return {metric_name(r.name, method, key): values[key]
-            for r in results for method, values in r.metrics.items() for key in METRICS}
+    return {
+        metric_name(r.name, method, key): values[key]
+        for r in results
+        for method, values in r.metrics.items()
+        for key in METRICS
+    }
 
 
 def table_rows(results: Iterable[DatasetResult]) -> list[dict]:
     """One row per (dataset, method) with ap, fpr95 and auroc."""
-    return [{"dataset": r.name, "method": method, **{key: values[key] for key in METRICS}}
-            for r in results for method, values in r.metrics.items()]
+    return [
+        {"dataset": r.name, "method": method, **{key: values[key] for key in METRICS}}
+        for r in results
+        for method, values in r.metrics.items()
+    ]
 
 
 def table_csv(results: Iterable[DatasetResult]) -> str:
@@ -259,7 +293,9 @@ def table_markdown(results: Sequence[DatasetResult]) -> str:
 
 def _thinned(x: np.ndarray, y: np.ndarray, resolution: int = 1000) -> tuple[np.ndarray, np.ndarray]:
     """The points of a curve that fall in distinct cells of a ``resolution`` x ``resolution`` grid, in order."""
-    cells = np.round(x * resolution).astype(np.int64) * (resolution + 1) + np.round(y * resolution).astype(np.int64)
+    cells = np.round(x * resolution).astype(np.int64) * (resolution + 1) + np.round(
+        y * resolution
+    ).astype(np.int64)
     keep = np.r_[True, cells[1:] != cells[:-1]]
     keep[-1] = True
     return x[keep], y[keep]
@@ -290,12 +326,28 @@ def plot_curves(result: DatasetResult, path: str | Path) -> Path:
     for method, scores in result.scores.items():
         (fpr, tpr), (recall, precision) = _curves(scores, result.labels)
         values = result.metrics[method]
-        roc.plot(fpr, tpr, label=f"{method} (AUROC {100 * values['auroc']:.1f}, FPR95 {100 * values['fpr95']:.1f})")
+        roc.plot(
+            fpr,
+            tpr,
+            label=f"{method} (AUROC {100 * values['auroc']:.1f}, FPR95 {100 * values['fpr95']:.1f})",
+        )
         pr.plot(recall, precision, label=f"{method} (AP {100 * values['ap']:.1f})")
     roc.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
-    roc.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC: {result.name}", xlim=(0, 1), ylim=(0, 1.01))
+    roc.set(
+        xlabel="false positive rate",
+        ylabel="true positive rate",
+        title=f"ROC: {result.name}",
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+    )
     pr.axhline(result.labels.mean(), color="grey", linestyle=":", linewidth=1)
-    pr.set(xlabel="recall", ylabel="precision", title=f"Precision-recall: {result.name}", xlim=(0, 1), ylim=(0, 1.01))
+    pr.set(
+        xlabel="recall",
+        ylabel="precision",
+        title=f"Precision-recall: {result.name}",
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+    )
     for axis in (roc, pr):
         axis.legend(fontsize=7, loc="lower right" if axis is roc else "upper right")
     fig.tight_layout()
@@ -309,7 +361,12 @@ def plot_panels(result: DatasetResult, path: str | Path) -> Path | None:
     plt = _pyplot()
     methods = list(result.panels[0].maps)
     columns = 2 + len(methods)
-    fig, axes = plt.subplots(len(result.panels), columns, figsize=(3.2 * columns, 2.0 * len(result.panels) + 0.4), squeeze=False)
+    fig, axes = plt.subplots(
+        len(result.panels),
+        columns,
+        figsize=(3.2 * columns, 2.0 * len(result.panels) + 0.4),
+        squeeze=False,
+    )
     for row, panel in zip(axes, result.panels):
         gt = np.where(panel.label == IGNORE_INDEX, 0.5, panel.label.astype(float))  # void grey
         row[0].imshow(panel.image)

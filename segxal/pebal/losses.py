@@ -71,7 +71,9 @@ class NonFiniteLossError(FloatingPointError):
 
 def check_finite(loss_terms: Mapping[str, torch.Tensor], step: int, batch: int | str) -> None:
     """Raise :class:`NonFiniteLossError` naming ``step``, ``batch`` and every non-finite term."""
-    bad = {name: value for name, value in loss_terms.items() if not bool(torch.isfinite(value).all())}
+    bad = {
+        name: value for name, value in loss_terms.items() if not bool(torch.isfinite(value).all())
+    }
     if bad:
         listed = ", ".join(f"{name}={value.detach().cpu().tolist()}" for name, value in bad.items())
         raise NonFiniteLossError(f"non-finite PEBAL loss at step {step}, batch {batch}: {listed}")
@@ -79,9 +81,13 @@ def check_finite(loss_terms: Mapping[str, torch.Tensor], step: int, batch: int |
 
 def _validate(logits: torch.Tensor, target: torch.Tensor) -> int:
     if logits.dim() != 4 or logits.shape[1] < 2:
-        raise ValueError(f"logits must be (B, Y+1, H, W) with Y >= 1, got shape {tuple(logits.shape)}")
+        raise ValueError(
+            f"logits must be (B, Y+1, H, W) with Y >= 1, got shape {tuple(logits.shape)}"
+        )
     if target.shape != (logits.shape[0], *logits.shape[2:]):
-        raise ValueError(f"target shape {tuple(target.shape)} does not match logits {tuple(logits.shape)}")
+        raise ValueError(
+            f"target shape {tuple(target.shape)} does not match logits {tuple(logits.shape)}"
+        )
     if target.dtype.is_floating_point:
         raise ValueError(f"target must be an integer tensor, got {target.dtype}")
     anomaly_index = logits.shape[1] - 1
@@ -123,7 +129,9 @@ def _paper_terms(log_p, log_class_or_abstain, pal_in, energy, penalty, inlier, a
         "pal_anomaly": pal_out[anomaly].sum() / count,
         "energy_inlier": config.lam * margin_in[inlier].sum() / count,
         "energy_anomaly": config.lam * margin_out[anomaly].sum() / count,
-        "smoothness": config.smoothness_weight * _neighbour_differences(energy, inlier | anomaly).abs().sum() / count,
+        "smoothness": config.smoothness_weight
+        * _neighbour_differences(energy, inlier | anomaly).abs().sum()
+        / count,
         "sparsity": config.sparsity_weight * energy[anomaly].abs().sum() / count,
     }
 
@@ -136,7 +144,9 @@ def _reference_terms(log_p, log_class_or_abstain, pal_in, energy, penalty, inlie
     margin_in = _masked_mean(torch.relu(energy - config.m_in) ** 2, inlier)
     if bool(anomaly.any()):
         energy_inlier = config.lam * 0.5 * margin_in
-        energy_anomaly = config.lam * 0.5 * _masked_mean(torch.relu(config.m_out - energy) ** 2, anomaly)
+        energy_anomaly = (
+            config.lam * 0.5 * _masked_mean(torch.relu(config.m_out - energy) ** 2, anomaly)
+        )
         sparsity = config.lam * config.sparsity_weight * torch.linalg.vector_norm(energy[anomaly])
     else:
         energy_inlier = config.lam * margin_in
@@ -152,7 +162,9 @@ def _reference_terms(log_p, log_class_or_abstain, pal_in, energy, penalty, inlie
     }
 
 
-def pebal_loss(logits: torch.Tensor, target: torch.Tensor, config: PebalConfig = PebalConfig()) -> dict[str, torch.Tensor]:
+def pebal_loss(
+    logits: torch.Tensor, target: torch.Tensor, config: PebalConfig = PebalConfig()
+) -> dict[str, torch.Tensor]:
     """PEBAL loss terms for (B, Y+1, H, W) ``logits`` and (B, H, W) ``target`` (see the module docstring).
 
     Returns the weighted terms named in :data:`TERMS` and ``total``, their sum; all are scalars on the
@@ -167,7 +179,9 @@ def pebal_loss(logits: torch.Tensor, target: torch.Tensor, config: PebalConfig =
     penalty = energy.pow(2)
     if config.variant == "reference":
         weight = valid.to(energy.dtype)
-        spread = gaussian_blur(weight, *REFERENCE_PENALTY_BLUR).clamp(min=torch.finfo(energy.dtype).tiny)
+        spread = gaussian_blur(weight, *REFERENCE_PENALTY_BLUR).clamp(
+            min=torch.finfo(energy.dtype).tiny
+        )
         penalty = gaussian_blur(torch.where(valid, penalty, 0.0), *REFERENCE_PENALTY_BLUR) / spread
     # void pixels get a = 1 so their (unused) values stay finite and pass no NaN back through the blur
     penalty = torch.where(valid, penalty.clamp(min=config.penalty_min), torch.ones_like(penalty))

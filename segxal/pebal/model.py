@@ -51,7 +51,9 @@ def _trainable_modules(model: nn.Module, trainable: tuple[str, ...]) -> list[nn.
             modules.append(model.get_submodule(name))
         except AttributeError as error:
             top = ", ".join(n for n, _ in model.named_children())
-            raise KeyError(f"trainable module {name!r} not found; top-level modules: {top}") from error
+            raise KeyError(
+                f"trainable module {name!r} not found; top-level modules: {top}"
+            ) from error
     return modules
 
 

@@ -25,7 +25,9 @@ def _check_logits(logits: torch.Tensor, abstention: bool) -> torch.Tensor:
         raise ValueError(f"logits must be (B, C, H, W), got shape {tuple(logits.shape)}")
     minimum = 2 if abstention else 1
     if logits.shape[1] < minimum:
-        raise ValueError(f"logits need at least {minimum} channels (abstention={abstention}), got {logits.shape[1]}")
+        raise ValueError(
+            f"logits need at least {minimum} channels (abstention={abstention}), got {logits.shape[1]}"
+        )
     return logits[:, :-1] if abstention else logits
 
 
@@ -34,7 +36,9 @@ def free_energy(inlier_logits: torch.Tensor) -> torch.Tensor:
     return -torch.logsumexp(inlier_logits, dim=1)
 
 
-def gaussian_kernel1d(kernel_size: int, sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def gaussian_kernel1d(
+    kernel_size: int, sigma: float, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
     """Normalised 1-D Gaussian taps at offsets -(k-1)/2 .. (k-1)/2 (as torchvision's GaussianBlur)."""
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
@@ -96,8 +100,12 @@ def anomaly_score(
     """The score ``method`` (one of :data:`SCORE_METHODS`) of (B, C, H, W) logits -> (B, H, W)."""
     if method == "smoothed_energy":
         return smoothed_energy_score(logits, abstention, kernel_size, sigma)
-    functions = {"energy": energy_score, "msp": msp_score, "max_logit": max_logit_score, "entropy": entropy_score}
+    functions = {
+        "energy": energy_score,
+        "msp": msp_score,
+        "max_logit": max_logit_score,
+        "entropy": entropy_score,
+    }
     if method not in functions:
         raise ValueError(f"unknown anomaly score {method!r}; choose one of {SCORE_METHODS}")
     return functions[method](logits, abstention)
-
