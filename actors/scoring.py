@@ -204,7 +204,7 @@ def shards(table: pa.Table, count: int) -> list[pa.Table]:
     bounds = np.linspace(0, len(table), count + 1).astype(int)
     return [
         table.slice(start, stop - start)
-        for start, stop in zip(bounds[:-1], bounds[1:])
+        for start, stop in zip(bounds[:-1], bounds[1:], strict=True)
         if stop > start
     ]
 

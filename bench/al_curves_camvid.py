@@ -125,13 +125,15 @@ def main() -> None:
     timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
     start = time.perf_counter()
     for seed in args.seeds:
-        timed(timing, timing_path, f"full-s{seed}", lambda: run_full_supervision(args, seed))
+        timed(
+            timing, timing_path, f"full-s{seed}", lambda seed=seed: run_full_supervision(args, seed)
+        )
         for strategy in args.strategies:
             timed(
                 timing,
                 timing_path,
                 f"{strategy}-s{seed}",
-                lambda: run_active_learning(args, strategy, seed),
+                lambda strategy=strategy, seed=seed: run_active_learning(args, strategy, seed),
             )
     timing["total_wall_s"] = round(time.perf_counter() - start, 1)
     timing_path.write_text(json.dumps(timing, indent=2))

@@ -115,7 +115,7 @@ def run_coordinator(folder: Path, cycles: int) -> dict:
         selected = coordinator.unlabelled_manifest(coordinator.select(cycle, candidates, scores))
         requests = []
         for index, (sample_id, image_path) in enumerate(
-            zip(selected["sample_id"].to_pylist(), selected["image_path"].to_pylist())
+            zip(selected["sample_id"].to_pylist(), selected["image_path"].to_pylist(), strict=True)
         ):
             image = (
                 folder / "images" / Path(image_path).name

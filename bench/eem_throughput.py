@@ -58,9 +58,9 @@ def reference_scores(
         informed = depth_informed_image(image, proximity, near, config.mask)
         saved = {}
 
-        def keep(module, inputs, output):
+        def keep(module, inputs, output, saved=saved):
             saved["activation"] = output
-            output.register_hook(lambda gradient: saved.update(gradient=gradient))
+            output.register_hook(lambda grad, saved=saved: saved.update(gradient=grad))
 
         hook = layer.register_forward_hook(keep)
         try:

@@ -23,9 +23,9 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import pyarrow as pa  # noqa: E402
 import ray  # noqa: E402
+from scoring_throughput import add_workload_arguments, workload  # noqa: E402  (bench/, next to this script)
 
 from actors.scoring import ScorerPool, ScoringActor, shards  # noqa: E402
-from scoring_throughput import add_workload_arguments, workload  # noqa: E402  (bench/, next to this script)
 
 
 class SlowScoringActor(ScoringActor):

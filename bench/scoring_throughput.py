@@ -85,6 +85,7 @@ def main() -> None:
         for a, b in zip(
             local_scores.sort_by("sample_id")["score"].to_pylist(),
             remote_scores.sort_by("sample_id")["score"].to_pylist(),
+            strict=True,
         )
     ]
     print(

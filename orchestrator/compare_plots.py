@@ -80,7 +80,7 @@ def plot_anomaly_ap(anomaly: pd.DataFrame, path: Path) -> Path:
     runs = list(dict.fromkeys(anomaly["run"]))
     fig, axes = plt.subplots(1, len(datasets), figsize=(5 + 2 * len(datasets), 4.5), squeeze=False)
     width = 0.8 / len(runs)
-    for axis, dataset in zip(axes[0], datasets):
+    for axis, dataset in zip(axes[0], datasets, strict=False):
         rows = anomaly[anomaly["dataset"] == dataset]
         methods = list(dict.fromkeys(rows["method"]))
         positions = np.arange(len(methods))

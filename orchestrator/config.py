@@ -9,9 +9,9 @@ from orchestrator.gate import check_theta
 from orchestrator.strategies import get_strategy
 from orchestrator.sweep_config import SweepConfig
 from orchestrator.typed_config import load_config
+from segxal.data.synthetic import SyntheticConfig
 from segxal.eem.config import EEMConfig
 from segxal.pebal.config import PebalConfig
-from segxal.data.synthetic import SyntheticConfig
 from segxal.training import TrainConfig
 
 

@@ -264,6 +264,7 @@ class Coordinator:
             zip(
                 decision.accepted + decision.returned,
                 decision.accepted_dice + decision.returned_dice,
+                strict=True,
             )
         )
         accepted = set(decision.accepted)

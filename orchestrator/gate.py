@@ -9,8 +9,8 @@ whatever its Dice (including NaN, when no pixel is valid). With theta > 0 a NaN 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -60,8 +60,8 @@ def dice_gate(ids: Sequence[str], dice: Sequence[float], theta: float) -> GateDe
     keep = np.ones(len(ids), dtype=bool) if theta == 0.0 else values > theta  # NaN > theta is False
     return GateDecision(
         theta=theta,
-        accepted=tuple(i for i, k in zip(ids, keep) if k),
-        returned=tuple(i for i, k in zip(ids, keep) if not k),
+        accepted=tuple(i for i, k in zip(ids, keep, strict=True) if k),
+        returned=tuple(i for i, k in zip(ids, keep, strict=True) if not k),
         accepted_dice=tuple(float(v) for v in values[keep]),
         returned_dice=tuple(float(v) for v in values[~keep]),
     )
@@ -102,7 +102,7 @@ def dice_per_image(
             f"{len(predictions)} predictions, {len(annotations)} annotations"
         )
     values = []
-    for sample_id, prediction, annotation in zip(ids, predictions, annotations):
+    for sample_id, prediction, annotation in zip(ids, predictions, annotations, strict=True):
         try:
             values.append(image_dice(prediction, annotation, num_classes, ignore_index))
         except ValueError as error:

@@ -102,7 +102,7 @@ class Progress:
     tracking_run_id: str | None = None
 
     @classmethod
-    def load(cls, run_dir: Path) -> "Progress":
+    def load(cls, run_dir: Path) -> Progress:
         path = run_dir / PROGRESS_FILE
         return cls(**json.loads(path.read_text())) if path.is_file() else cls()
 
@@ -242,7 +242,8 @@ def quarantine_unreadable(cycle: int, coordinator: Coordinator, scores: pa.Table
     if UNREADABLE in scores.column_names:
         broken = scores.filter(pc.is_valid(scores[UNREADABLE]))
         coordinator.quarantine(
-            cycle, dict(zip(broken["sample_id"].to_pylist(), broken[UNREADABLE].to_pylist()))
+            cycle,
+            dict(zip(broken["sample_id"].to_pylist(), broken[UNREADABLE].to_pylist(), strict=True)),
         )
 
 

@@ -25,10 +25,10 @@ import hashlib
 import os
 import shutil
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Mapping
+from typing import Any, BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -343,7 +343,7 @@ class PoolState:
         *,
         validation: pa.Table | None = None,
         validation_split: str | None = None,
-    ) -> "PoolState":
+    ) -> PoolState:
         """A new pool written to ``path``: validation rows come from the ``validation`` manifest and/or the
         rows of ``manifest`` whose ``split`` is ``validation_split``; the rest is the training pool, of
         which ``initial_labelled`` (a count or a fraction, rounded half up) is drawn with ``seed`` from
@@ -420,7 +420,7 @@ class PoolState:
         return cls._write(Path(path), schema, [table])  # the caller holds the manifest whole anyway
 
     @classmethod
-    def _write(cls, path: Path, schema: pa.Schema, tables: Iterable[pa.Table]) -> "PoolState":
+    def _write(cls, path: Path, schema: pa.Schema, tables: Iterable[pa.Table]) -> PoolState:
         """Write ``tables`` as the new state at ``path``, checking every batch; nothing is published if a
         check (or anything else) fails."""
         checker = _Checker(schema)
@@ -432,7 +432,7 @@ class PoolState:
         return cls(path, _publish(path, write), schema)
 
     @classmethod
-    def load(cls, path: str | Path, *, fallback: bool = False) -> "PoolState":
+    def load(cls, path: str | Path, *, fallback: bool = False) -> PoolState:
         """Open a saved state after verifying its checksum and invariants. A missing, truncated or
         corrupted file raises PoolStateFileError naming it; with ``fallback=True`` the previous good
         state (``previous_path(path)``) is loaded instead, with a warning."""
@@ -449,11 +449,13 @@ class PoolState:
                 raise PoolStateFileError(
                     path, f"{error.reason}; previous state unusable too: {previous_error}"
                 ) from error
-            warnings.warn(f"{path}: {error.reason}; loaded the previous good state {previous}")
+            warnings.warn(
+                f"{path}: {error.reason}; loaded the previous good state {previous}", stacklevel=2
+            )
             return state
 
     @classmethod
-    def _load_verified(cls, path: Path) -> "PoolState":
+    def _load_verified(cls, path: Path) -> PoolState:
         if not path.is_file():
             raise PoolStateFileError(path, "pool state file not found")
         expected = _read_checksum(path)
@@ -475,7 +477,7 @@ class PoolState:
             raise PoolStateFileError(path, f"invalid pool state ({error})") from error
         return cls(path, summary, schema)
 
-    def copy_to(self, path: str | Path) -> "PoolState":
+    def copy_to(self, path: str | Path) -> PoolState:
         """This state, byte for byte, at ``path`` (a snapshot, or a run's live state taken from one),
         written like every other state; returns the handle on the copy."""
         path = Path(path)
@@ -761,7 +763,8 @@ def _publish(
             _fsync_dir(path.parent)
         elif path.exists():
             warnings.warn(
-                f"{path}: failed verification; overwriting it and keeping {previous_path(path)}"
+                f"{path}: failed verification; overwriting it and keeping {previous_path(path)}",
+                stacklevel=2,
             )
         os.replace(tmp, path)
         _fsync_dir(path.parent)

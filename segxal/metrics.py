@@ -38,7 +38,7 @@ class ConfusionMatrix:
         counts = torch.bincount(index, minlength=self.num_classes**2)
         self.matrix += counts.reshape(self.num_classes, self.num_classes).cpu()
 
-    def merge(self, other: "ConfusionMatrix") -> None:
+    def merge(self, other: ConfusionMatrix) -> None:
         self.matrix += other.matrix
 
     def iou(self) -> torch.Tensor:
@@ -60,7 +60,7 @@ class ConfusionMatrix:
         """{"miou", "pixel_accuracy", "iou/<class>"} with IoU for present classes only."""
         names = class_names or tuple(str(i) for i in range(self.num_classes))
         result = {"miou": self.miou(), "pixel_accuracy": self.pixel_accuracy()}
-        for name, value in zip(names, self.iou().tolist()):
+        for name, value in zip(names, self.iou().tolist(), strict=True):
             if not np.isnan(value):
                 result[f"iou/{name}"] = value
         return result

@@ -2,10 +2,9 @@
 
 import pytest
 import ray
+from conftest import TINY_SYNTHETIC
 
 from jobs import al as al_job
-
-from conftest import TINY_SYNTHETIC
 
 
 @pytest.fixture(autouse=True)

@@ -8,13 +8,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
+from conftest import TINY_SYNTHETIC
 
 from jobs import al as al_job
 from orchestrator.coordinator import snapshot_path
 from orchestrator.pool_state import LABELLED, QUARANTINED, UNLABELLED, PoolState
 from segxal.data.cityscapes import cityscapes_manifest
-
-from conftest import TINY_SYNTHETIC
 
 pytestmark = pytest.mark.slow
 THETA = 0.3

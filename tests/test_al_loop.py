@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from orchestrator.config import ActiveLearningConfig
 from orchestrator import parquet_io
+from orchestrator.config import ActiveLearningConfig
 from orchestrator.coordinator import Coordinator, cycle_dir, snapshot_path
 from orchestrator.loop import (
     UNREADABLE,
@@ -74,7 +74,8 @@ class FakeBackend:
                     label_path=label,
                 )
                 for i, p, label in zip(
-                    *(selected[c].to_pylist() for c in ("sample_id", "image_path", "label_path"))
+                    *(selected[c].to_pylist() for c in ("sample_id", "image_path", "label_path")),
+                    strict=False,
                 )
             ]
         )

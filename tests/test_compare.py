@@ -78,7 +78,7 @@ def store(tracking_uri):
         metrics = [
             Metric(f"anomaly/fs_lf/{method}/{key}", value, 0, 0)
             for method, values in methods.items()
-            for key, value in zip(("ap", "fpr95", "auroc"), values)
+            for key, value in zip(("ap", "fpr95", "auroc"), values, strict=True)
         ]
         log_run(client, experiment_id, name, {}, {"seed": 0, "pebal.variant": variant}, metrics)
     log_run(client, experiment_id, "train-demo", {}, {"seed": 0}, [Metric("val/miou", 0.7, 0, 0)])

@@ -80,7 +80,7 @@ def test_a_stalled_actor_keeps_only_its_first_parts_and_the_others_do_the_rest(l
     if thread.is_alive():
         gate.open.remote()
         pytest.fail("the pass waited on the stalled actor: its share was fixed in advance")
-    by_actor = {part: name for part, (_, name) in zip(parts, outcome["results"])}
+    by_actor = {part: name for part, (_, name) in zip(parts, outcome["results"], strict=True)}
     assert [part for part, name in by_actor.items() if name == "stalled"] == [0, 2]
     assert finished[-2:] in ([0, 2], [2, 0])
 

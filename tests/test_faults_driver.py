@@ -14,7 +14,6 @@ from pathlib import Path
 
 import mlflow
 import pytest
-
 from procfs import command_line, descendants, kill_exactly, wait_gone
 from test_al_job import comparable_pool_state, tiny
 from test_job_submit import REPO

@@ -5,9 +5,6 @@ pass completes, every id scored once, as a fault-free pass scores it."""
 import pytest
 import ray
 from ray.cluster_utils import Cluster
-
-from actors.scoring import ScorerPool
-
 from test_faults_scoring import (
     SCORER_ARGS,
     actor_pid,
@@ -17,6 +14,8 @@ from test_faults_scoring import (
     pool_rows,
     tiny_checkpoint,
 )
+
+from actors.scoring import ScorerPool
 
 pytestmark = pytest.mark.slow
 LOOPBACK = {"node_ip_address": "127.0.0.1"}

@@ -13,13 +13,12 @@ import pyarrow as pa
 import pytest
 import ray
 import torch
+from procfs import cpu_ticks
 
 from actors.scoring import ScorerPool
 from segxal.data.cityscapes import cityscapes_manifest
 from segxal.eem.config import EEMConfig
 from segxal.models.unet import UNet, UNetConfig
-
-from procfs import cpu_ticks
 
 pytestmark = pytest.mark.slow
 SCORER_ARGS = {

@@ -15,8 +15,10 @@ import urllib.request
 import mlflow
 import pytest
 import ray
+from conftest import TINY_SYNTHETIC
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
+from procfs import listening_addresses
 
 from jobs import al, pebal, sweep, train
 from jobs.common import free_loopback_port
@@ -32,9 +34,6 @@ from orchestrator.tracking import (
     log_params,
     set_tags,
 )
-
-from conftest import TINY_SYNTHETIC
-from procfs import listening_addresses
 
 
 def test_a_closed_port_fails_within_seconds_naming_the_uri():

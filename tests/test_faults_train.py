@@ -10,12 +10,12 @@ import pytest
 import ray
 import ray.train
 from ray import cloudpickle
+from test_ray_train import tiny_training_job
 
 from actors import ray_train
 from actors.ray_train import CHECKPOINT_FILE, torch_trainer
 from orchestrator.config import ScalingConfig
 from segxal.checkpoint import load_checkpoint
-from test_ray_train import tiny_training_job
 
 pytestmark = pytest.mark.slow
 EPOCHS, DIE_AFTER_EPOCH = 4, 1

@@ -20,12 +20,11 @@ from pathlib import Path
 
 import mlflow
 import pytest
-
-from jobs.common import free_loopback_port
 from procfs import processes_mentioning
-
 from test_al_job import tiny
 from test_pebal_job import write_config
+
+from jobs.common import free_loopback_port
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

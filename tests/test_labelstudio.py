@@ -13,9 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
+from test_al_job import tiny
+from test_al_loop import FakeBackend, ground_truth
 
 from jobs import al as al_job
-
 from orchestrator.config import ActiveLearningConfig, LabelStudioConfig
 from orchestrator.coordinator import Coordinator, snapshot_path
 from orchestrator.labelstudio import rle
@@ -36,9 +37,6 @@ from segxal.data.cityscapes import cityscapes_manifest
 from segxal.data.dataset import SampleTransform, SegmentationDataset
 from segxal.data.labels import CITYSCAPES
 from segxal.data.transforms import resize_nearest
-
-from test_al_job import tiny
-from test_al_loop import FakeBackend, ground_truth
 
 SIZE = (
     24,
@@ -282,7 +280,9 @@ class PromptingBackend(FakeBackend):
                     regions,
                 )
                 for i, p in zip(
-                    selected["sample_id"].to_pylist(), selected["image_path"].to_pylist()
+                    selected["sample_id"].to_pylist(),
+                    selected["image_path"].to_pylist(),
+                    strict=False,
                 )
             ]
         )

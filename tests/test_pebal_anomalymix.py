@@ -106,7 +106,7 @@ def test_same_seed_same_result_and_objects_stay_inside():
     first = mix(images, labels, np.random.default_rng(7))
     second = mix(images, labels, np.random.default_rng(7))
     third = mix(images, labels, np.random.default_rng(8))
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
     assert not torch.equal(first[1], third[1])
     assert first[2].all()
 

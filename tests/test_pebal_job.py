@@ -7,8 +7,8 @@ import mlflow
 import pytest
 import ray
 import yaml
-
 from conftest import TINY_SYNTHETIC
+
 from jobs.pebal import main
 from segxal.checkpoint import load_checkpoint, save_checkpoint
 from segxal.models.unet import UNet, UNetConfig

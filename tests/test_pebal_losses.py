@@ -112,18 +112,24 @@ def test_reference_terms_match_hand_values():
     images = [(clean_logits, clean_target), (LOGITS, TARGET)]
     energies = [[[-lse(px[:2]) for px in row] for row in logits] for logits, _ in images]
     penalties = []
-    for (_, target), energy in zip(images, energies):
+    for (_, target), energy in zip(images, energies, strict=True):
         valid = [[float(t != 255) for t in row] for row in target]
         numerator = blur_by_hand(
-            [[e**2 * v for e, v in zip(er, vr)] for er, vr in zip(energy, valid)]
+            [
+                [e**2 * v for e, v in zip(er, vr, strict=True)]
+                for er, vr in zip(energy, valid, strict=True)
+            ]
         )
         denominator = blur_by_hand(valid)
         penalties.append(
-            [[max(n / d, 1.0) for n, d in zip(nr, dr)] for nr, dr in zip(numerator, denominator)]
+            [
+                [max(n / d, 1.0) for n, d in zip(nr, dr, strict=True)]
+                for nr, dr in zip(numerator, denominator, strict=True)
+            ]
         )
     group_means, margins_in, anomaly_energies, anomaly_pal = [], [], [], []
     squares = 0.0
-    for (logits, target), energy, penalty in zip(images, energies, penalties):
+    for (logits, target), energy, penalty in zip(images, energies, penalties, strict=True):
         pal = []
         for r in range(2):
             for c in range(2):
@@ -185,13 +191,13 @@ def test_reference_penalty_is_blurred_with_reflect_padding():
     penalty = [max(v, 1.0) for v in blur_by_hand([[e**2 for e in energy]])[0]]
     pal = [
         -math.log(softmax(px)[t] + softmax(px)[2] / a)
-        for px, t, a in zip(logits[0], target[0], penalty)
+        for px, t, a in zip(logits[0], target[0], penalty, strict=True)
     ]
     terms = pebal_loss(*as_tensors(logits, target), config)
     assert terms["pal_inlier"].item() == pytest.approx(sum(pal) / 5, rel=1e-10)
     unblurred = [
         -math.log(softmax(px)[t] + softmax(px)[2] / max(e**2, 1.0))
-        for px, t, e in zip(logits[0], target[0], energy)
+        for px, t, e in zip(logits[0], target[0], energy, strict=True)
     ]
     assert abs(sum(unblurred) / 5 - sum(pal) / 5) > 1e-3  # the blur matters on this row
 

@@ -10,12 +10,11 @@ from contextlib import ExitStack
 import pytest
 import ray
 import yaml
+from procfs import descendants, listening_sockets, socket_inodes
+from test_cluster_yaml import CLUSTER_YAML
 
 from jobs import common
 from jobs.common import free_loopback_port, init_ray, print_results_hint
-
-from procfs import descendants, listening_sockets, socket_inodes
-from test_cluster_yaml import CLUSTER_YAML
 
 
 @pytest.mark.slow

@@ -91,7 +91,9 @@ def test_an_unreadable_image_is_set_aside_with_its_reason_and_the_rest_scored_as
 def test_core_set_embeddings_leave_an_unreadable_image_null(scorer, rows, tmp_path):
     damaged, _ = with_broken_image(rows, 0, tmp_path)
     table = scorer.score(damaged, "coreset")
-    embeddings = dict(zip(table["sample_id"].to_pylist(), table["embedding"].to_pylist()))
+    embeddings = dict(
+        zip(table["sample_id"].to_pylist(), table["embedding"].to_pylist(), strict=True)
+    )
     assert embeddings[rows["sample_id"][0].as_py()] is None
     assert all(len(e) > 0 for i, e in embeddings.items() if i != rows["sample_id"][0].as_py())
 

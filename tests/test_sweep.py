@@ -8,9 +8,9 @@ import pytest
 import ray
 import torch
 import yaml
+from conftest import TINY_SYNTHETIC
 
 from actors.tune_pebal import search_space, trial_pebal_config
-from conftest import TINY_SYNTHETIC
 from jobs.common import init_ray
 from jobs.sweep import main
 from orchestrator.config import load_experiment

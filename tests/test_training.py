@@ -3,6 +3,7 @@ import json
 import mlflow
 import pytest
 import torch
+from conftest import TINY_SYNTHETIC
 from torch.utils.data import DataLoader
 
 from jobs import train as train_job
@@ -12,8 +13,6 @@ from segxal.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from segxal.data.labels import CITYSCAPES
 from segxal.models.unet import UNet, UNetConfig
 from segxal.training import TrainConfig, evaluate, fit
-
-from conftest import TINY_SYNTHETIC
 
 
 @pytest.fixture

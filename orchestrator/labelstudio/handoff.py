@@ -79,7 +79,8 @@ def write_export(
     manifest = {
         "cycle": cycle,
         "tasks": [
-            dataclasses.asdict(t) | {"regions": r.regions} for t, r in zip(exported, query.requests)
+            dataclasses.asdict(t) | {"regions": r.regions}
+            for t, r in zip(exported, query.requests, strict=True)
         ],
         "metrics": query.metrics,
         "artifacts": [str(path) for path in query.artifacts],
@@ -99,7 +100,7 @@ class PendingCycle:
     query: Query
 
     @classmethod
-    def load(cls, run_dir: str | Path, cycle: int) -> "PendingCycle":
+    def load(cls, run_dir: str | Path, cycle: int) -> PendingCycle:
         folder = export_dir(run_dir, cycle)
         if not is_exported(run_dir, cycle):
             raise LabelStudioImportError(

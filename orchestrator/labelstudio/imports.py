@@ -185,7 +185,9 @@ def polygon_mask(points: list, height: int, width: int) -> np.ndarray:
         raise ValueError("polygon points must lie in [0, 100] percent of the image")
     corners = corners * [width / 100, height / 100]
     x0, y0 = (math.floor(v) for v in corners.min(0))
-    x1, y1 = (min(math.ceil(v), limit) for v, limit in zip(corners.max(0), (width, height)))
+    x1, y1 = (
+        min(math.ceil(v), limit) for v, limit in zip(corners.max(0), (width, height), strict=True)
+    )
     ys, xs = np.mgrid[y0:y1, x0:x1]
     inside = Outline(corners).contains_points(
         np.stack([xs.ravel() + 0.5, ys.ravel() + 0.5], axis=1)

@@ -45,7 +45,7 @@ def labelling_config(label_set: LabelSet, max_prompts: int) -> str:
     ET.SubElement(view, "Image", name=IMAGE, value="$image", zoom="true", zoomControl="true")
     for tag, name in (("BrushLabels", BRUSH), ("PolygonLabels", POLYGON)):
         labels = ET.SubElement(view, tag, name=name, toName=IMAGE)
-        for class_name, colour in zip(label_set.class_names, label_set.colors):
+        for class_name, colour in zip(label_set.class_names, label_set.colors, strict=True):
             ET.SubElement(labels, "Label", value=class_name, background=hex_colour(colour))
     prompts = ET.SubElement(view, "KeyPointLabels", name=PROMPT, toName=IMAGE)
     for rank in range(1, max_prompts + 1):
@@ -64,7 +64,7 @@ class ImageReferences:
     url_prefix: str | None = None
 
     @classmethod
-    def from_config(cls, dataset_root: str | Path, config: LabelStudioConfig) -> "ImageReferences":
+    def from_config(cls, dataset_root: str | Path, config: LabelStudioConfig) -> ImageReferences:
         root = Path(dataset_root).resolve()
         document_root = (
             root if config.document_root is None else Path(config.document_root).resolve()

@@ -68,7 +68,7 @@ def save_panel(
         ("ProxGradCAM", _numpy(proxgradcam), "jet", (0, 1)),
         ("EEM + prompts", eem_np, "inferno", (0, max(float(eem_np.max()), 1e-6))),
     ]
-    for axis, (name, values, cmap, limits) in zip(axes.flat, tiles):
+    for axis, (name, values, cmap, limits) in zip(axes.flat, tiles, strict=False):
         shown = axis.imshow(
             values,
             cmap=cmap,

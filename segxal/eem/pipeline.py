@@ -46,7 +46,7 @@ class EEMMaps:
                 config.max_regions,
                 class_names,
             )
-            for eem, prediction in zip(self.eem.cpu(), self.prediction.cpu())
+            for eem, prediction in zip(self.eem.cpu(), self.prediction.cpu(), strict=False)
         ]
 
 
@@ -71,6 +71,7 @@ class EEMScores:
             self.entropy.tolist(),
             self.proxgradcam.tolist(),
             self.near_fraction.tolist(),
+            strict=False,
         )
         return [
             {"sample_id": str(sid), "score": s, "entropy": h, "proxgradcam": g, "near_fraction": n}

@@ -104,7 +104,9 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
         x, skips = self._encode(self._padded(x))
-        for upsample, block, skip in zip(self.upsample, self.decoder, reversed(skips)):
+        for upsample, block, skip in zip(
+            self.upsample, self.decoder, reversed(skips), strict=False
+        ):
             x = block(torch.cat([upsample(x), skip], dim=1))
         return self.head(x)[..., :height, :width]
 
@@ -118,7 +120,7 @@ class UNet(nn.Module):
         return {"unet_config": asdict(self.config), "state_dict": self.state_dict()}
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: dict) -> "UNet":
+    def from_checkpoint(cls, checkpoint: dict) -> UNet:
         model = cls(UNetConfig(**checkpoint["unet_config"]))
         model.load_state_dict(checkpoint["state_dict"])
         return model

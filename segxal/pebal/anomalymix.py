@@ -46,7 +46,7 @@ class CocoOutliers:
         self.instances = instances
 
     @classmethod
-    def from_config(cls, config: AnomalyMixConfig) -> "CocoOutliers":
+    def from_config(cls, config: AnomalyMixConfig) -> CocoOutliers:
         root = Path(config.coco_root)
         annotations = config.coco_annotations or root / "annotations" / "instances_train2017.json"
         instances = coco_instances(
@@ -88,7 +88,10 @@ def synthetic_outlier(rng: np.random.Generator, size: int = 96) -> OutlierObject
         angles = np.sort(rng.uniform(0, 2 * np.pi, count))
         radii = size * 0.48 * rng.uniform(0.35, 1.0, count)
         draw.polygon(
-            [(centre + r * np.cos(a), centre + r * np.sin(a)) for r, a in zip(radii, angles)],
+            [
+                (centre + r * np.cos(a), centre + r * np.sin(a))
+                for r, a in zip(radii, angles, strict=True)
+            ],
             fill=1,
         )
     elif kind == "ellipse":

@@ -182,7 +182,9 @@ def polygons_to_mask(polygons: list[list[float]], height: int, width: int) -> np
                 f"a polygon needs an even number (>= 6) of coordinates, got {len(polygon)}"
             )
         draw.polygon(
-            [(float(x), float(y)) for x, y in zip(polygon[::2], polygon[1::2])], fill=1, outline=1
+            [(float(x), float(y)) for x, y in zip(polygon[::2], polygon[1::2], strict=True)],
+            fill=1,
+            outline=1,
         )
     return np.asarray(canvas, dtype=bool)
 

@@ -367,13 +367,13 @@ def plot_panels(result: DatasetResult, path: str | Path) -> Path | None:
         figsize=(3.2 * columns, 2.0 * len(result.panels) + 0.4),
         squeeze=False,
     )
-    for row, panel in zip(axes, result.panels):
+    for row, panel in zip(axes, result.panels, strict=False):
         gt = np.where(panel.label == IGNORE_INDEX, 0.5, panel.label.astype(float))  # void grey
         row[0].imshow(panel.image)
         row[0].set_title(panel.sample_id, fontsize=7)
         row[1].imshow(gt, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         row[1].set_title("ground truth anomaly", fontsize=7)
-        for axis, method in zip(row[2:], methods):
+        for axis, method in zip(row[2:], methods, strict=False):
             axis.imshow(panel.maps[method], cmap="inferno")
             axis.set_title(f"{method} score", fontsize=7)
         for axis in row:
