@@ -155,11 +155,11 @@ def fit(
         log.info(
             "epoch %d: loss %.4f, val mIoU %.4f", epoch, train_stats["loss"], metrics["val/miou"]
         )
-        if checkpoint_dir is not None:
+        if last_path is not None:
             best_miou = max(best_miou, metrics["val/miou"])
             state = training_state(model, optimizer, epoch, best_miou=best_miou, metrics=metrics)
             if metrics["val/miou"] >= best_miou:
-                save_checkpoint(Path(checkpoint_dir) / "best.pt", state)
+                save_checkpoint(last_path.with_name("best.pt"), state)
             save_checkpoint(last_path, state)
         if on_epoch is not None:
             on_epoch(epoch, metrics)

@@ -108,7 +108,7 @@ class _Renderer:
         """Base colour with per-pixel noise and low-frequency multiplicative blotches."""
         rng = self.rng
         grid = rng.uniform(1 - blotch, 1 + blotch, (max(2, self.h // scale), max(2, self.w // scale), 1))
-        low = np.asarray(Image.fromarray((grid[..., 0] * 127).astype(np.uint8)).resize((self.w, self.h), Image.BILINEAR), np.float32)[..., None] / 127
+        low = np.asarray(Image.fromarray((grid[..., 0] * 127).astype(np.uint8)).resize((self.w, self.h), Image.Resampling.BILINEAR), np.float32)[..., None] / 127
         jitter = np.asarray(base, np.float32) * rng.uniform(0.85, 1.15, 3)
         return jitter * low + rng.normal(0, noise, (self.h, self.w, 3)).astype(np.float32)
 
@@ -189,8 +189,8 @@ class _Renderer:
 
     def _trees(self, span, z_col, height_m):
         rng = self.rng
-        top_noise = rng.uniform(0.6, 1.0, self.w).astype(np.float32)
-        top_noise = np.convolve(top_noise, np.ones(9) / 9, mode="same")
+        raw_noise = rng.uniform(0.6, 1.0, self.w).astype(np.float32)
+        top_noise = np.convolve(raw_noise, np.ones(9) / 9, mode="same")
         mask = self._vertical_span(span, z_col, height_m * top_noise[None, :]) & (self.rows < self.row_of_height(z_col, 0.0))
         color = self.texture(rng.uniform([40, 80, 20], [90, 140, 60]), noise=18, blotch=0.3, scale=4)
         self.canvas.paint(mask, z_col, ID["vegetation"], color)

@@ -12,13 +12,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Literal
+from typing import Literal, Protocol, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from segxal.eem.fusion import unit_max_per_image
+
+
+class _NamedLayers(Protocol):
+    """A model that resolves its own layer names (the U-Net's ``layer(name)``)."""
+
+    def layer(self, name: str) -> nn.Module: ...
 
 
 def resolve_layer(model: nn.Module, layer: str | nn.Module | None) -> nn.Module:
@@ -33,7 +39,7 @@ def resolve_layer(model: nn.Module, layer: str | nn.Module | None) -> nn.Module:
                 f"target_layer: {type(model).__name__} has no last_decoder_layer; name a layer"
             )
     if hasattr(model, "layer"):
-        return model.layer(layer)
+        return cast(_NamedLayers, model).layer(layer)
     try:
         return model.get_submodule(layer)
     except AttributeError as error:
@@ -125,7 +131,8 @@ def grad_cam(
         raise ValueError(f"target must be sum or max, got {target!r}")
     if torch.is_inference_mode_enabled():
         raise RuntimeError("grad_cam needs autograd: call it outside torch.inference_mode()")
-    batch, size = images.shape[0], tuple(images.shape[-2:])
+    batch = images.shape[0]
+    size: tuple[int, int] = (images.shape[-2], images.shape[-1])
     for name, maps in (("prediction", prediction), ("region", region)):
         if maps is not None and tuple(maps.shape) != (batch, *size):
             raise ValueError(

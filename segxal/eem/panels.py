@@ -46,9 +46,9 @@ def save_panel(
         "proxgradcam": proxgradcam,
         "eem": eem,
     }
-    for name, values in maps.items():
-        if tuple(values.shape) != size:
-            raise ValueError(f"{name} shape {tuple(values.shape)} does not match image {size}")
+    for name, tensor in maps.items():
+        if tuple(tensor.shape) != size:
+            raise ValueError(f"{name} shape {tuple(tensor.shape)} does not match image {size}")
     rgb = _numpy(denormalize(image.detach().float()).clamp(0, 1).permute(1, 2, 0))
     pred = _numpy(prediction).astype(np.int64)
     if label_set is not None:

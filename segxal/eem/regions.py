@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ def extract_regions(
     if eem_np.shape != pred_np.shape:
         raise ValueError(f"eem shape {eem_np.shape} != prediction shape {pred_np.shape}")
     labels, count = ndimage.label(eem_np >= threshold, structure=np.ones((3, 3), dtype=bool))
-    candidates = []
+    candidates: list[dict[str, Any]] = []
     for index, window in enumerate(ndimage.find_objects(labels), start=1):
         inside = labels[window] == index
         area = int(inside.sum())

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -158,6 +158,7 @@ def _normalisation(
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """mean/std from the checkpoint's ``preprocessor_config.json`` if it has one, else DPT's 0.5/0.5."""
     folder = Path(checkpoint).expanduser()
+    path: str | Path | None
     if folder.is_dir():
         path = folder / "preprocessor_config.json"
         path = path if path.is_file() else None
@@ -248,7 +249,7 @@ class TransformersDepth(DepthBackend):
         self.convention = convention
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-        config = model.config
+        config: Any = model.config  # a transformers config; its fields depend on the architecture
         if architecture == "dinov2":
             backbone = config.backbone_config
             self.patch = int(
@@ -307,6 +308,10 @@ def build_depth_backend(config: DepthConfig, device: str | torch.device = "cpu")
     if config.backend == "geometric":
         return GeometricDepth(config.horizon)
     checkpoint = config.resolved_checkpoint
+    if checkpoint is None:  # only the model backends get here, and each has a default checkpoint
+        raise ValueError(
+            f"eem.depth.checkpoint: backend {config.backend!r} has no default; set one"
+        )
     model, architecture = load_depth_model(checkpoint, config.backend, download=config.download)
     convention = (
         checkpoint_convention(model.config) if config.convention == "auto" else config.convention

@@ -47,6 +47,10 @@ class CocoOutliers:
 
     @classmethod
     def from_config(cls, config: AnomalyMixConfig) -> CocoOutliers:
+        if config.coco_root is None:
+            raise ValueError(
+                "CocoOutliers.from_config needs AnomalyMixConfig.coco_root (the image folder)"
+            )
         root = Path(config.coco_root)
         annotations = config.coco_annotations or root / "annotations" / "instances_train2017.json"
         instances = coco_instances(
@@ -135,9 +139,13 @@ class SyntheticOutliers:
 
 
 def _resized(obj: OutlierObject, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    image = np.asarray(Image.fromarray(obj.image).resize((width, height), Image.BILINEAR))
+    image = np.asarray(
+        Image.fromarray(obj.image).resize((width, height), Image.Resampling.BILINEAR)
+    )
     soft = np.asarray(
-        Image.fromarray(obj.mask.astype(np.float32)).resize((width, height), Image.BILINEAR)
+        Image.fromarray(obj.mask.astype(np.float32)).resize(
+            (width, height), Image.Resampling.BILINEAR
+        )
     )
     mask = soft >= 0.5
     if not mask.any():  # an object shrunk below a pixel keeps its strongest pixel

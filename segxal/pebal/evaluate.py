@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -109,7 +110,8 @@ class MixedValidationSet(Dataset):
         self.name = name
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        # a map-style dataset has a length; torch's Dataset type declares none
+        return len(cast(Sized, self.dataset))
 
     def __getitem__(self, index: int) -> dict:
         item = dict(self.dataset[index])

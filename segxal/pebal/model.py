@@ -12,12 +12,15 @@ statistics stay frozen even when a training loop (or Ray Train) calls ``model.tr
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TypeVar
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from segxal.models.unet import UNet
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 def add_abstention_channel(model: UNet) -> UNet:
@@ -30,6 +33,8 @@ def add_abstention_channel(model: UNet) -> UNet:
     new.to(device=head.weight.device, dtype=head.weight.dtype)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
     new.load_state_dict(state, strict=False)  # everything but the head, whose shape changed
+    if head.bias is None or new.head.bias is None:
+        raise ValueError("add_abstention_channel needs a UNet head with a bias")
     with torch.no_grad():
         new.head.weight.copy_(torch.cat([head.weight, head.weight.mean(dim=0, keepdim=True)]))
         new.head.bias.copy_(torch.cat([head.bias, head.bias.mean(dim=0, keepdim=True)]))
@@ -57,7 +62,7 @@ def _trainable_modules(model: nn.Module, trainable: tuple[str, ...]) -> list[nn.
     return modules
 
 
-def freeze_except(model: nn.Module, trainable: tuple[str, ...]) -> nn.Module:
+def freeze_except(model: ModuleT, trainable: tuple[str, ...]) -> ModuleT:
     """Freeze ``model`` in place except the submodules named in ``trainable``; returns ``model``.
 
     Frozen parameters get ``requires_grad = False``; frozen BatchNorm layers stay in eval mode through
@@ -72,8 +77,10 @@ def freeze_except(model: nn.Module, trainable: tuple[str, ...]) -> nn.Module:
         if isinstance(module, _BatchNorm):
             if not hasattr(module, "_pebal_frozen"):
                 module.register_forward_pre_hook(_keep_in_eval)
-            module._pebal_frozen = id(module) not in trainable_modules
-            if module._pebal_frozen:
+            frozen = id(module) not in trainable_modules
+            # torch types nn.Module.__setattr__ for tensors and modules only; any value works
+            module._pebal_frozen = frozen  # type: ignore[assignment]
+            if frozen:
                 module.eval()
     return model
 
