@@ -20,7 +20,6 @@ from actors.pebal_train import (
 )
 from orchestrator.config import ScalingConfig
 from segxal.checkpoint import load_checkpoint
-from segxal.data.anomaly import anomaly_benchmark
 from segxal.data.cityscapes import cityscapes_manifest
 from segxal.data.dataset import SampleTransform, SegmentationDataset
 from segxal.data.labels import CITYSCAPES, IGNORE_INDEX
@@ -28,8 +27,6 @@ from segxal.models.unet import UNet, UNetConfig
 from segxal.pebal.anomalymix import AnomalyMix
 from segxal.pebal.config import AnomalyMixConfig, FinetuneConfig, PebalConfig
 from segxal.pebal.evaluate import (
-    ORIGINAL,
-    PEBAL,
     Method,
     MixedValidationSet,
     anomaly_labels,
@@ -302,8 +299,8 @@ def bn_statistics(state):
 
 
 @pytest.mark.slow
-def test_finetuned_pebal_beats_the_energy_baseline_on_synthetic_anomalies(
-    local_ray, pretrained, datasets, synthetic_root, tmp_path
+def test_pebal_finetuning_on_ray_trains_the_last_block_and_lifts_the_energy_of_pasted_objects(
+    local_ray, pretrained, datasets, tmp_path
 ):
     train, val = datasets
     config = PebalConfig(
@@ -337,14 +334,25 @@ def test_finetuned_pebal_beats_the_energy_baseline_on_synthetic_anomalies(
             "decoder.2."
         ):  # frozen BatchNorm kept its statistics through Ray's prepare_model
             assert torch.equal(tuned[name], value), name
-    benchmark = anomaly_benchmark(synthetic_root / "anomaly")
-    evaluation = evaluate_anomaly(
-        {PEBAL: load_finetuned(result.last_checkpoint), ORIGINAL: pretrained},
-        benchmark.dataset(SampleTransform(SIZE)),
-        benchmark.name,
-    )
-    pebal_ap, energy_ap = evaluation.metrics[PEBAL]["ap"], evaluation.metrics["energy"]["ap"]
-    assert pebal_ap > 2 * energy_ap + 0.05, evaluation.metrics
+    # What cannot flip with the CPU's kernels or the seed (bench/pebal_synthetic_margin.py, 8 seeds on AVX512
+    # and on AVX2 kernels): the loss falls to 0.55-0.71 of the first epoch's, and pasted pixels end with a
+    # mean free energy 0.89-2.0 above the inliers'. Whether PEBAL's AP on the 4-image synthetic benchmark
+    # beats the energy baseline flips with the seed (ratios 0.32-21): that claim lives in the bench.
+    losses = [m["train/loss"] for m in result.history]
+    assert losses[-1] < 0.85 * losses[0], losses
+    assert mean_energy_gap(load_finetuned(result.last_checkpoint), job.val_set) > 0.3
+
+
+@torch.no_grad()
+def mean_energy_gap(model, dataset) -> float:
+    """Mean free energy -logsumexp(inlier logits) of anomaly pixels minus that of inlier pixels."""
+    gaps = {0: [], 1: []}
+    for item in dataset:
+        logits = model(item["image"][None])[0, :-1].double()
+        energy = -torch.log(torch.exp(logits).sum(0))
+        for value in gaps:
+            gaps[value].append(energy[item["label"] == value])
+    return float(torch.cat(gaps[1]).mean() - torch.cat(gaps[0]).mean())
 
 
 @pytest.mark.slow
