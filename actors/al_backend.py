@@ -1,19 +1,20 @@
-"""The active-learning loop's heavy work on Ray: Ray Train retraining and actor-sharded scoring."""
+"""The active-learning run's heavy work on Ray: Ray Train retraining and actor-sharded scoring."""
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from actors.ray_train import TrainingJob, train_on_ray
+from actors.ray_train import TrainingJob, put_manifest, train_on_ray
 from actors.scoring import ScorerPool
 from orchestrator.config import ExperimentConfig
-from orchestrator.coordinator import cycle_name
-from orchestrator.loop import Explained, ScoreOutcome, TrainOutcome
+from orchestrator.records import Metric
+from orchestrator.run import Explained, TrainOutcome
+from orchestrator.run_layout import RunLayout, cycle_name
+from orchestrator.strategies import ScoreKind
 from segxal.checkpoint import load_checkpoint
 from segxal.data.dataset import SampleTransform
 from segxal.data.labels import LabelSet
@@ -39,17 +40,18 @@ def check_fits_cluster(config: ExperimentConfig) -> None:
 
 class RayCycleBackend:
     def __init__(
-        self, config: ExperimentConfig, run_dir: Path, label_set: LabelSet, progress: bool = False
+        self,
+        config: ExperimentConfig,
+        layout: RunLayout,
+        label_set: LabelSet,
+        progress: bool = False,
     ) -> None:
         self.config = config
-        self.run_dir = Path(run_dir)
+        self.layout = layout
         self.label_set = label_set
         size = None if config.data.image_size is None else tuple(config.data.image_size)
-        self.train_transform = SampleTransform(
-            size=size,
-            augment=True,
-            crop_size=None if config.data.crop_size is None else tuple(config.data.crop_size),
-        )
+        crop = None if config.data.crop_size is None else tuple(config.data.crop_size)
+        self.train_transform = SampleTransform(size=size, augment=True, crop_size=crop)
         self.val_transform = SampleTransform(size=size)
         al = config.al
         check_fits_cluster(config)
@@ -69,14 +71,17 @@ class RayCycleBackend:
         self.loaded: Path | None = None
 
     def train(
-        self, cycle: int, train: pa.Table, val: pa.Table, init_checkpoint: Path | None
+        self,
+        cycle: int,
+        train: Iterable[pa.Table],
+        val: Iterable[pa.Table],
+        init_checkpoint: Path | None,
     ) -> TrainOutcome:
-        name = cycle_name(cycle)
         # a cycle interrupted mid-training starts its training afresh, as an uninterrupted run trained it
-        shutil.rmtree(self.run_dir / "ray" / name, ignore_errors=True)
+        shutil.rmtree(self.layout.ray_cycle(cycle), ignore_errors=True)
         job = TrainingJob(
-            train_manifest=train,
-            val_manifest=val,
+            train_manifest=put_manifest(train),
+            val_manifest=put_manifest(val),
             label_set=self.label_set.name,
             unet=UNetConfig(
                 num_classes=self.label_set.num_classes,
@@ -89,9 +94,11 @@ class RayCycleBackend:
             seed=self.config.seed + cycle,
             init_checkpoint=None if init_checkpoint is None else str(init_checkpoint),
         )
-        result = train_on_ray(job, self.config.scaling, self.run_dir / "ray", name, self.progress)
+        result = train_on_ray(
+            job, self.config.scaling, self.layout.ray_storage, cycle_name(cycle), self.progress
+        )
         metrics = {k: v for k, v in result.best_metrics.items() if k.startswith("val/")}
-        metrics["train/best_epoch"] = result.best_metrics["epoch"]
+        metrics[Metric.BEST_EPOCH] = result.best_metrics["epoch"]
         return TrainOutcome(result.best_checkpoint, metrics)
 
     def _load(self, checkpoint: Path) -> None:
@@ -100,24 +107,22 @@ class RayCycleBackend:
             self.loaded = checkpoint
 
     def score(
-        self, cycle: int, checkpoint: Path, candidates: pa.Table, labelled: pa.Table | None
-    ) -> ScoreOutcome:
+        self, cycle: int, checkpoint: Path, rows: Iterable[pa.Table], kind: ScoreKind
+    ) -> Iterator[pa.Table]:
         self._load(checkpoint)
-        scores = self.scorers.score(candidates, self.config.al.strategy)
-        features = None
-        if (
-            labelled is not None
-        ):  # core-set: the labelled pool's embeddings (its unreadable images have none)
-            embedded = self.scorers.score(labelled, self.config.al.strategy)
-            embedded = embedded.filter(pc.is_valid(embedded["embedding"]))
-            features = np.asarray(embedded["embedding"].to_pylist(), dtype=np.float32)
-        return ScoreOutcome(scores, features)
+        return self.scorers.score_batches(rows, kind)
 
     def explain(
-        self, cycle: int, checkpoint: Path, selected: pa.Table, panel_dir: Path, panels: int
+        self,
+        cycle: int,
+        checkpoint: Path,
+        selected: pa.Table,
+        kind: ScoreKind,
+        panel_dir: Path,
+        panels: int,
     ) -> Explained:
         self._load(checkpoint)
-        return self.scorers.explain(selected, self.config.al.strategy, str(panel_dir), panels)
+        return self.scorers.explain(selected, kind, str(panel_dir), panels)
 
     def shutdown(self) -> None:
         self.scorers.shutdown()

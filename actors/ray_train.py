@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import ray
 import ray.train
 import ray.train.torch
 import torch
 from torch.utils.data import DataLoader
 
 from orchestrator.config import ScalingConfig
+from orchestrator.records import WORK_MANIFEST_SCHEMA
 from segxal.checkpoint import load_checkpoint, save_checkpoint
 from segxal.data.dataset import SampleTransform, SegmentationDataset
 from segxal.data.labels import LABEL_SETS
@@ -37,12 +39,31 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
+Manifest = pa.Table | list[ray.ObjectRef]
+"""A work manifest, whole or as batches in the object store (:func:`put_manifest`)."""
+
+
+def put_manifest(batches: Iterable[pa.Table]) -> list[ray.ObjectRef]:
+    """A manifest streamed into the object store a batch per object: the driver holds one at a time."""
+    return [ray.put(table) for table in batches]
+
+
+def manifest_table(manifest: Manifest) -> pa.Table:
+    if isinstance(manifest, pa.Table):
+        return manifest
+    return (
+        pa.concat_tables(ray.get(list(manifest)))
+        if manifest
+        else WORK_MANIFEST_SCHEMA.empty_table()
+    )
+
+
 @dataclass(frozen=True)
 class TrainingJob:
     """Everything a worker needs; pickled to the workers by Ray."""
 
-    train_manifest: pa.Table
-    val_manifest: pa.Table
+    train_manifest: Manifest
+    val_manifest: Manifest
     label_set: str
     unet: UNetConfig
     train: TrainConfig
@@ -104,7 +125,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     state = restored_state(device)
     if state is not None:
         first_epoch, best_miou = restore_training_state(model, optimizer, state), state["best_miou"]
-    train_set = SegmentationDataset(job.train_manifest, label_set, job.train_transform)
+    train_set = SegmentationDataset(
+        manifest_table(job.train_manifest), label_set, job.train_transform
+    )
     loader = DataLoader(
         train_set,
         batch_size=job.train.batch_size,
@@ -114,7 +137,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     )
     loader = ray.train.torch.prepare_data_loader(loader)
     val_loader = DataLoader(
-        SegmentationDataset(job.val_manifest, label_set, job.val_transform),
+        SegmentationDataset(manifest_table(job.val_manifest), label_set, job.val_transform),
         batch_size=job.train.batch_size,
     )
     show = loop_config.get("progress", False) and rank == 0
@@ -138,7 +161,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
 class TrainingResult:
     best_checkpoint: Path  # a checkpoint.pt file (segxal.checkpoint format)
     best_metrics: dict
-    last_metrics: dict
 
 
 def torch_trainer(
@@ -193,4 +215,4 @@ def train_on_ray(
         train_loop_per_worker, loop_config, scaling, storage_path, name, "val/miou"
     ).fit()
     checkpoint, metrics = max(result.best_checkpoints, key=lambda pair: pair[1]["val/miou"])
-    return TrainingResult(Path(checkpoint.path) / CHECKPOINT_FILE, metrics, result.metrics)
+    return TrainingResult(Path(checkpoint.path) / CHECKPOINT_FILE, metrics)

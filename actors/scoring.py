@@ -10,9 +10,8 @@ in ``Explained.unreadable`` (explaining), for the coordinator to quarantine.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +22,11 @@ import torch.nn.functional as F
 from torch.utils.data import default_collate
 
 from actors.dispatch import map_on_idle_actors
-from orchestrator.coordinator import file_name
-from orchestrator.loop import UNREADABLE, Explained
 from orchestrator.oracles import AnnotationRequest
-from orchestrator.strategies import Scorer, StrategySpec, get_strategy
+from orchestrator.records import UNREADABLE
+from orchestrator.run import Explained
+from orchestrator.run_layout import file_name
+from orchestrator.strategies import ScoreKind
 from segxal.data.dataset import DataError, SampleTransform, SegmentationDataset
 from segxal.data.labels import LABEL_SETS
 from segxal.eem.config import EEMConfig
@@ -41,13 +41,36 @@ from segxal.training import resolve_device
 log = logging.getLogger(__name__)
 
 
-def strategy_eem(config: EEMConfig, spec: StrategySpec) -> EEMConfig:
-    """The EEM settings a strategy scores and explains with: the ablations zero one term; strategies
-    outside the EEM pipeline still get the full EEM for their prompts."""
-    if spec.scorer in (Scorer.EEM, Scorer.PAE, Scorer.EBU):
-        alpha, beta = spec.eem_weights(config.alpha, config.beta)
-        return dataclasses.replace(config, alpha=alpha, beta=beta)
-    return config
+@torch.no_grad()
+def _embeddings(scorer: PoolScorer, images: torch.Tensor, batch: dict, kind: ScoreKind) -> list:
+    return [e.tolist() for e in scorer.model.embed(images).float().cpu().numpy()]
+
+
+@torch.no_grad()
+def _mean_entropy(scorer: PoolScorer, images: torch.Tensor, batch: dict, kind: ScoreKind) -> list:
+    return normalized_entropy(scorer.model(images)).mean(dim=(1, 2)).cpu().tolist()
+
+
+def _eem_score(scorer: PoolScorer, images: torch.Tensor, batch: dict, kind: ScoreKind) -> list:
+    depth = batch.get("depth")
+    result = score_batch(
+        scorer.model,
+        images,
+        kind.eem_config(scorer.eem),
+        scorer.depth_backend,
+        None if depth is None else depth.to(scorer.device),
+    )
+    return result.score.tolist()
+
+
+SCORE_FUNCTIONS = {
+    ScoreKind.EMBEDDING: _embeddings,
+    ScoreKind.ENTROPY: _mean_entropy,
+    ScoreKind.EEM: _eem_score,
+    ScoreKind.PAE: _eem_score,
+    ScoreKind.EBU: _eem_score,
+}
+"""What the scorers compute for each kind: one value (a score or an embedding) per image of a batch."""
 
 
 class PoolScorer:
@@ -91,55 +114,36 @@ class PoolScorer:
         if samples:
             yield default_collate(samples)
 
-    def score(self, rows: pa.Table, strategy: str) -> pa.Table:
-        """One row per input row: ``sample_id`` and ``score`` (higher = more informative), or
-        ``embedding`` for core-set; the rows of unreadable images (last) have a reason in ``unreadable``
-        and a null score or embedding."""
+    def score(self, rows: pa.Table, kind: ScoreKind) -> pa.Table:
+        """One row per input row, in id order (``kind.schema``): ``sample_id`` and ``score`` (higher =
+        more informative) or ``embedding``; unreadable images have a reason in ``unreadable`` and a
+        null value."""
         if self.model is None:
             raise RuntimeError("load_model must be called before score")
-        spec = get_strategy(strategy)
-        config = strategy_eem(self.eem, spec)
-        ids, scores, embeddings, unreadable = [], [], [], {}
+        compute = SCORE_FUNCTIONS[kind]
+        ids, values, unreadable = [], [], {}
         for batch in self._batches(rows, unreadable):
-            images = batch["image"].to(self.device)
             ids.extend(batch["sample_id"])
-            if spec.scorer is Scorer.EMBEDDING:
-                with torch.no_grad():
-                    embeddings.extend(self.model.embed(images).float().cpu().numpy())
-            elif spec.scorer is Scorer.ENTROPY:
-                with torch.no_grad():
-                    scores.extend(
-                        normalized_entropy(self.model(images)).mean(dim=(1, 2)).cpu().tolist()
-                    )
-            else:
-                depth = batch.get("depth")
-                result = score_batch(
-                    self.model,
-                    images,
-                    config,
-                    self.depth_backend,
-                    None if depth is None else depth.to(self.device),
-                )
-                scores.extend(result.score.tolist())
-        missing = [None] * len(unreadable)
-        columns = {"sample_id": pa.array(ids + list(unreadable), pa.string())}
-        if spec.scorer is Scorer.EMBEDDING:
-            columns["embedding"] = pa.array(
-                [e.tolist() for e in embeddings] + missing, pa.list_(pa.float32())
-            )
-        else:
-            columns["score"] = pa.array(scores + missing, pa.float64())
-        columns[UNREADABLE] = pa.array([None] * len(ids) + list(unreadable.values()), pa.string())
-        return pa.table(columns)
+            values.extend(compute(self, batch["image"].to(self.device), batch, kind))
+        column = kind.schema.names[1]
+        table = pa.table(
+            {
+                "sample_id": ids + list(unreadable),
+                column: values + [None] * len(unreadable),
+                UNREADABLE: [None] * len(ids) + list(unreadable.values()),
+            },
+            schema=kind.schema,
+        )
+        return table.sort_by("sample_id")
 
     def explain(
-        self, rows: pa.Table, strategy: str, panel_dir: str | None = None, panels: int = 0
+        self, rows: pa.Table, kind: ScoreKind, panel_dir: str | None = None, panels: int = 0
     ) -> Explained:
         """Full EEM maps, prompts and flip-TTA predictions of the selected images; the first ``panels``
         also get a PNG panel in ``panel_dir``."""
         if self.model is None:
             raise RuntimeError("load_model must be called before explain")
-        config = strategy_eem(self.eem, get_strategy(strategy))
+        config = kind.eem_config(self.eem)
         requests, unreadable = [], {}
         for batch in self._batches(rows, unreadable):
             images = batch["image"].to(self.device)
@@ -191,7 +195,7 @@ class PoolScorer:
         return Explained(requests, unreadable)
 
 
-def images_done_bar(show: bool, total: int, desc: str):
+def images_done_bar(show: bool, total: int | None, desc: str):
     """A bar of images done on the driver (tqdm); when not ``show``n, one that counts silently."""
     from tqdm import tqdm
 
@@ -220,21 +224,23 @@ class ScoringActor(PoolScorer):
             self.load_model(ray.get(model_box[0]))  # boxed so Ray does not copy it into every call
             self.version = version
 
-    def score_with(self, version: int, model_box: list, rows: pa.Table, strategy: str) -> pa.Table:
+    def score_with(
+        self, version: int, model_box: list, rows: pa.Table, kind: ScoreKind
+    ) -> pa.Table:
         self._ensure(version, model_box)
-        return self.score(rows, strategy)
+        return self.score(rows, kind)
 
     def explain_with(
         self,
         version: int,
         model_box: list,
         rows: pa.Table,
-        strategy: str,
+        kind: ScoreKind,
         panel_dir: str | None,
         panels: int,
     ) -> Explained:
         self._ensure(version, model_box)
-        return self.explain(rows, strategy, panel_dir, panels)
+        return self.explain(rows, kind, panel_dir, panels)
 
 
 class ScorerPool:
@@ -265,28 +271,35 @@ class ScorerPool:
         self.version += 1
         self.model_box = [ray.put(checkpoint)]
 
-    def score(self, rows: pa.Table, strategy: str) -> pa.Table:
+    def score(self, rows: pa.Table, kind: ScoreKind, bar=None) -> pa.Table:
+        """``rows`` scored by the actors, in their order (``kind.schema``)."""
         parts = shards(rows, len(self.actors) * self.shards_per_actor)
 
         def submit(actor, part: pa.Table):
-            return actor.score_with.remote(self.version, self.model_box, part, strategy)
+            return actor.score_with.remote(self.version, self.model_box, part, kind)
 
-        with images_done_bar(self.progress, len(rows), f"scoring ({strategy})") as bar:
-            results = map_on_idle_actors(
-                self.actors, parts, submit, on_done=lambda i: bar.update(len(parts[i]))
-            )
-        return (
-            pa.concat_tables(results)
-            if results
-            else pa.table({"sample_id": pa.array([], pa.string())})
-        )
+        def done(index: int) -> None:
+            if bar is not None:
+                bar.update(len(parts[index]))
+
+        results = map_on_idle_actors(self.actors, parts, submit, on_done=done)
+        return pa.concat_tables(results) if results else kind.schema.empty_table()
+
+    def score_batches(
+        self, batches: Iterable[pa.Table], kind: ScoreKind, total: int | None = None
+    ) -> Iterator[pa.Table]:
+        """Each batch of ``batches`` scored in turn (a pass holds one batch and its scores at a time),
+        with one bar of images scored over them all; ``total``: the images expected, for the bar."""
+        with images_done_bar(self.progress, total, f"scoring ({kind.value})") as bar:
+            for rows in batches:
+                yield self.score(rows, kind, bar)
 
     def explain(
-        self, rows: pa.Table, strategy: str, panel_dir: str | None, panels: int
+        self, rows: pa.Table, kind: ScoreKind, panel_dir: str | None, panels: int
     ) -> Explained:
         return ray.get(
             self.actors[0].explain_with.remote(
-                self.version, self.model_box, rows, strategy, panel_dir, panels
+                self.version, self.model_box, rows, kind, panel_dir, panels
             )
         )
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from jobs import al as al_job
 from jobs import compare as compare_job
 from jobs import train as train_job
-from orchestrator.loop import Progress
+from orchestrator.run import Progress
 
 EXPERIMENT = "bench-al-camvid"
 STRATEGIES = ("eem", "entropy", "random", "coreset")
@@ -59,7 +59,7 @@ def settings(args: argparse.Namespace, name: str, seed: int) -> list[str]:
 def run_active_learning(args: argparse.Namespace, strategy: str, seed: int) -> None:
     name = f"{strategy}-s{seed}"
     run_dir = (args.out / "runs" / name).absolute()
-    if Progress.load(run_dir).completed_cycle == args.cycles:
+    if Progress.load(RunLayout(run_dir)).completed_cycle == args.cycles:
         print(f"{name}: done already")
         return
     common = [

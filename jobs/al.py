@@ -27,7 +27,6 @@ from jobs.common import (
     show_progress,
 )
 from orchestrator.config import ExperimentConfig, load_experiment
-from orchestrator.coordinator import STATE_FILE, Coordinator, cycle_name, snapshot_path
 from orchestrator.datasets import label_set_for, manifest_for
 from orchestrator.labelstudio.handoff import (
     LabelStudioHandoff,
@@ -36,7 +35,6 @@ from orchestrator.labelstudio.handoff import (
     is_exported,
 )
 from orchestrator.labelstudio.tasks import ImageReferences
-from orchestrator.loop import Progress, run_cycles
 from orchestrator.oracles import (
     DatasetGroundTruth,
     LabelStudioOracle,
@@ -45,11 +43,12 @@ from orchestrator.oracles import (
     SimulatedOracle,
 )
 from orchestrator.pool_state import PoolState
+from orchestrator.run import ActiveLearningRun, Progress
+from orchestrator.run_layout import RunLayout, cycle_name
 from orchestrator.tracking import experiment_run, log_artifact, log_metrics, set_tags
 from orchestrator.typed_config import to_dict
 
 log = logging.getLogger("jobs.al")
-CONFIG_FILE = "config.yaml"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,21 +97,22 @@ def labelstudio_oracle(
 
 def prepare(
     config: ExperimentConfig,
-    run_dir: Path,
+    layout: RunLayout,
     progress: Progress,
     show: bool,
     export_file: Path | None = None,
-):
-    """Everything that can fail on bad input, checked before Ray starts: data, pool, budget, oracle, and a
-    Label Studio export. Returns the label set, a local coordinator and the Label Studio handoff (or None)."""
+) -> ActiveLearningRun:
+    """The run, built once, with everything that can fail on bad input checked before Ray starts: data,
+    pool, budget, oracle, and a Label Studio export."""
+    run_dir = layout.root
     label_set = label_set_for(config.data)
     train = manifest_for(config.data, config.data.train_split, config.data.max_train_images, show)
     val = manifest_for(config.data, config.data.val_split, config.data.max_val_images)
     if progress.completed_cycle >= 0:
-        state = PoolState.load(snapshot_path(run_dir, progress.completed_cycle))
+        state = PoolState.load(layout.snapshot(progress.completed_cycle))
     else:
         state = PoolState.create(
-            run_dir / STATE_FILE, train, config.al.initial_labelled, config.seed, validation=val
+            layout.state_file, train, config.al.initial_labelled, config.seed, validation=val
         )
     handoff = None
     if config.al.oracle == "labelstudio":
@@ -123,10 +123,8 @@ def prepare(
         oracle = PseudoLabelOracle(config.al.pseudo_confidence)
     else:
         oracle = SimulatedOracle(DatasetGroundTruth(label_set, config.data.image_size))
-    return (
-        label_set,
-        Coordinator(run_dir, state, config.al, label_set, config.seed, oracle),
-        handoff,
+    return ActiveLearningRun(
+        layout, state, config.al, label_set, config.seed, oracle, handoff, progress
     )
 
 
@@ -134,42 +132,41 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args, config = parse_job_args(__doc__, add_arguments, argv)
     if args.resume:
         run_dir = Path(args.resume).absolute()
-        if not (run_dir / CONFIG_FILE).is_file():
+        layout = RunLayout(run_dir)
+        if not layout.config_file.is_file():
             raise SystemExit(
-                f"--resume {run_dir}: no {CONFIG_FILE} there; is it a jobs.al run folder?"
+                f"--resume {run_dir}: no {layout.config_file.name} there; is it a jobs.al run folder?"
             )
-        config = load_experiment(run_dir / CONFIG_FILE, args.overrides)
+        config = load_experiment(layout.config_file, args.overrides)
         export_file = export_file_of(args, config)
     else:
         export_file = export_file_of(args, config)
         run_dir = (
             Path(config.output_dir) / config.name
         ).absolute()  # actors write there from other cwds
-        if (run_dir / "progress.json").is_file():
+        layout = RunLayout(run_dir)
+        if layout.progress_file.is_file():
             raise SystemExit(
                 f"{run_dir} holds a run already: continue it with --resume {run_dir}, or set another name"
             )
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        layout.config_file.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
     check_tracking_or_exit(config.tracking.tracking_uri)
     show = show_progress(config, args)
-    progress = Progress.load(run_dir)
+    progress = Progress.load(layout)
     first_cycle = progress.completed_cycle + 1
     try:
-        label_set, local, handoff = prepare(config, run_dir, progress, show, export_file)
+        run = prepare(config, layout, progress, show, export_file)
     except ValueError as error:  # bad data, pool, budget or export: nothing has started yet
         raise SystemExit(f"error: {error}") from error
+    handoff = run.handoff
     if handoff is not None and export_file is None and is_exported(run_dir, first_cycle):
         print(instructions(run_dir, first_cycle))  # still waiting for the people
         return []
     init_ray()
     from actors.al_backend import RayCycleBackend  # imports ray; after the input checks
-    from actors.coordinator import start_coordinator
 
-    backend = RayCycleBackend(config, run_dir, label_set, progress=show)
-    coordinator = start_coordinator(
-        run_dir, local.state, config.al, label_set, config.seed, local.oracle
-    )
+    backend = RayCycleBackend(config, layout, run.label_set, progress=show)
 
     def on_cycle(cycle: int, metrics: dict, artifacts: list[Path]) -> None:
         log_metrics(metrics, step=cycle)
@@ -189,10 +186,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             tracking.run_name or f"al-{config.name}-{config.al.strategy}-{config.al.oracle}",
             config,
             run_id=progress.tracking_run_id,
-        ) as run:
+        ) as tracked:
             if progress.tracking_run_id is None:
-                progress.tracking_run_id = run.info.run_id
-                progress.save(run_dir)
+                progress.tracking_run_id = tracked.info.run_id
+                progress.save(layout)
                 set_tags(
                     {
                         "job": "al",
@@ -202,25 +199,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         "dataset": config.data.dataset,
                     }
                 )
-            history = run_cycles(
-                coordinator,
-                backend,
-                local.strategy,
-                run_dir,
-                progress,
-                config.al.cycles,
-                on_cycle,
-                config.al.warm_start,
-                config.al.panels,
-                **({"progress_bar": bar} if bar else {}),
-                handoff=handoff,
+            history = run.run(
+                backend, config.al.cycles, on_cycle, **({"progress_bar": bar} if bar else {})
             )
             waiting = handoff is not None and handoff.handed_over is not None
             if not waiting:
                 log_artifact(progress.checkpoint, "model")
     finally:
         backend.shutdown()
-        coordinator.shutdown()
     for cycle, metrics in enumerate(history, start=first_cycle):
         print(
             f"cycle {cycle}: mIoU {metrics['val/miou']:.4f}  labelled {100 * metrics['pool/labelled_fraction']:.1f} %"

@@ -13,6 +13,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import pandas as pd
 from mlflow import MlflowClient
@@ -65,7 +66,8 @@ def find_experiment(client: MlflowClient, name: str) -> Experiment:
 
 def search_all_runs(client: MlflowClient, experiment_id: str, filter_string: str = "") -> list[Run]:
     """Every active run of the experiment that matches ``filter_string``, page by page."""
-    runs, token = [], None
+    runs: list[Run] = []
+    token: str | None = None
     while True:
         try:
             page = client.search_runs(
@@ -150,7 +152,8 @@ def al_summary(al_runs: pd.DataFrame) -> pd.DataFrame:
     columns = miou_columns(al_runs)
     grouped = al_runs.groupby(GROUP, sort=True)
     stats = grouped[columns].agg(["mean", "std"])
-    stats.columns = [f"{column}_{stat}" for column, stat in stats.columns]
+    pairs = cast(pd.MultiIndex, stats.columns)  # (column, stat); pandas-stubs says Index[str]
+    stats.columns = [f"{column}_{stat}" for column, stat in pairs]
     return grouped.size().rename("runs").to_frame().join(stats).reset_index()
 
 
@@ -249,6 +252,10 @@ def report_markdown(comparison: Comparison, summary: pd.DataFrame | None) -> str
     sections = [f"# Run comparison: {comparison.experiment}\n"]
     runs = comparison.al_runs
     if not runs.empty:
+        if summary is None:
+            raise ValueError(
+                "report_markdown: SegXAL runs need their al_summary(comparison.al_runs)"
+            )
         columns = miou_columns(runs)
         sections.append("## SegXAL: mIoU (%) over seeds, mean ± std\n")
         sections.append(

@@ -45,7 +45,7 @@ def plot_miou(curves: pd.DataFrame, path: Path, supervised: pd.DataFrame | None 
             100 * by_cycle["x"],
             100 * by_cycle["mean"],
             marker="o",
-            label=f"{' / '.join(key)} ({by_cycle['runs'].max()} runs)",
+            label=f"{' / '.join(str(part) for part in key)} ({by_cycle['runs'].max()} runs)",
         )
         axis.fill_between(
             100 * by_cycle["x"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -131,5 +132,5 @@ class ExperimentConfig:
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
-def load_experiment(path: str | None = None, overrides: list[str] = ()) -> ExperimentConfig:
+def load_experiment(path: str | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
     return load_config(ExperimentConfig, path, overrides)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pyarrow as pa
@@ -30,6 +31,14 @@ def manifest_for(
     return manifest if limit is None else manifest.slice(0, limit)
 
 
+def _height_width(size: Sequence[int] | None) -> tuple[int, int] | None:
+    """``size`` as an (H, W) tuple, also when the config holds a list."""
+    if size is None:
+        return None
+    height, width = size
+    return (height, width)
+
+
 def datasets_for(
     config: DataConfig, progress: bool = False
 ) -> tuple[SegmentationDataset, SegmentationDataset]:
@@ -37,8 +46,8 @@ def datasets_for(
     label_set = label_set_for(config)
     train = manifest_for(config, config.train_split, config.max_train_images, progress)
     val = manifest_for(config, config.val_split, config.max_val_images)
-    size = None if config.image_size is None else tuple(config.image_size)
-    crop = None if config.crop_size is None else tuple(config.crop_size)
+    size = _height_width(config.image_size)
+    crop = _height_width(config.crop_size)
     return (
         SegmentationDataset(
             train, label_set, SampleTransform(size=size, augment=True, crop_size=crop)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from orchestrator.records import Metric
 from segxal.data.labels import IGNORE_INDEX
 from segxal.metrics import mean_dice
 
@@ -111,16 +112,19 @@ def dice_per_image(
 
 
 def gate_summary(decision: GateDecision) -> dict[str, float]:
-    """Scalars for tracking: counts and mean Dice of each side (NaN when a side is empty)."""
+    """The gate's metrics for tracking: counts, and the mean Dice overall and of each side (NaN where
+    there is none)."""
 
     def mean(values: tuple[float, ...]) -> float:
         finite = [v for v in values if not math.isnan(v)]
         return float(np.mean(finite)) if finite else float("nan")
 
     return {
-        "gate/theta": decision.theta,
-        "gate/accepted": float(len(decision.accepted)),
-        "gate/returned": float(len(decision.returned)),
-        "gate/accepted_dice_mean": mean(decision.accepted_dice),
-        "gate/returned_dice_mean": mean(decision.returned_dice),
+        Metric.THETA: decision.theta,
+        Metric.SELECTED: float(len(decision.accepted) + len(decision.returned)),
+        Metric.ACCEPTED: float(len(decision.accepted)),
+        Metric.RETURNED: float(len(decision.returned)),
+        Metric.MEAN_DICE: mean(decision.accepted_dice + decision.returned_dice),
+        Metric.ACCEPTED_DICE: mean(decision.accepted_dice),
+        Metric.RETURNED_DICE: mean(decision.returned_dice),
     }

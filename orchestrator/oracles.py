@@ -127,7 +127,10 @@ class DatasetGroundTruth:
 
     def __init__(self, label_set: LabelSet, size: tuple[int, int] | None) -> None:
         self.label_set = label_set
-        self.transform = SampleTransform(size=None if size is None else tuple(size))
+        if size is not None:
+            height, width = size  # a tuple even when the config holds a list
+            size = (height, width)
+        self.transform = SampleTransform(size=size)
 
     def __call__(self, request: AnnotationRequest) -> np.ndarray:
         if request.label_path is None:

@@ -6,6 +6,7 @@ written in row groups of ``ROWS_PER_BATCH`` rows; readers stream them back in ba
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from segxal.files import write_atomically
+from segxal.files import tmp_name, write_atomically
 
 ROWS_PER_BATCH = 4096
 
@@ -55,3 +56,24 @@ def take_positions(tables: Iterable[pa.Table], positions: np.ndarray) -> Iterato
         if hi > lo:
             yield table.take(pa.array(positions[lo:hi] - offset, type=pa.int64()))
         offset += table.num_rows
+
+
+def tee_parquet(
+    path: str | Path, schema: pa.Schema, tables: Iterable[pa.Table]
+) -> Iterator[pa.Table]:
+    """``tables`` passed through, each also written (cast to ``schema``) to ``path``, which appears
+    atomically once the last one has gone through; a pass stopped early leaves no file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_name(path)
+    try:
+        with open(tmp, "wb") as handle:
+            with pq.ParquetWriter(handle, schema) as writer:
+                for table in tables:
+                    writer.write_table(table.cast(schema), row_group_size=ROWS_PER_BATCH)
+                    yield table
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

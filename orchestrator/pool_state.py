@@ -1,32 +1,22 @@
 """The active-learning pool state: one Parquet file, the audit trail and what a resumed run starts from.
 
-One row per sample, sorted by ``sample_id``, with its role (labelled / unlabelled / validation /
-quarantined) and annotation history. The set of ids never changes after creation: its size and a
-SHA-256 fingerprint are stored in the schema metadata, and the invariants are checked whenever the file
-is read in full (``load``) or written.
+One row per sample (``orchestrator.records.POOL_SCHEMA``), sorted by ``sample_id``, with its role
+(labelled / unlabelled / validation / quarantined) and annotation history; its invariants live in
+``orchestrator.pool_schema`` and are checked whenever the file is read in full (``load``) or written.
 
 The file is never held in memory whole: a ``PoolState`` is a handle on it (its path, the counts per role
 and the total annotation cost), and every query and transition streams it in batches of
-``parquet_io.ROWS_PER_BATCH`` rows, so the memory of the process holding it (the coordinator) does not
-grow with the pool. Transitions (``accept``, ``return_to_pool``, ``quarantine``) rewrite the file; one
-writer at a time.
-
-Every write goes to ``state.parquet`` with a ``state.parquet.sha256`` sidecar (the whole file's SHA-256,
-``sha256sum -c`` format), and the previous good state is rotated to ``state.prev.parquet`` (+ its
-sidecar). Each file is written to a temporary file in the same folder, fsynced and renamed into place,
-and the steps are ordered so that after a crash at any point at least one of the two files verifies and
-holds the latest completed write; a truncated or corrupted file fails verification and is never rotated
-over the previous good one.
+``parquet_io.ROWS_PER_BATCH`` rows, so the memory of the process holding it does not grow with the pool.
+Each transition (``record_decisions``, ``quarantine``) rewrites the file once, published through
+``segxal.verified_files`` (checksum sidecar, previous good version kept); one writer at a time.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 import shutil
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -36,50 +26,31 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from orchestrator.parquet_io import read_batches, write_tables
-from orchestrator.strategies import Budget, IdsLike, as_ids, budget_count, draw_subset
-from segxal.files import tmp_name, write_atomically, write_synced
-
-LABELLED, UNLABELLED, VALIDATION, QUARANTINED = (
-    "labelled",
-    "unlabelled",
-    "validation",
-    "quarantined",
+from orchestrator.pool_schema import (
+    FORMAT_VERSION,
+    META_COUNT,
+    META_FORMAT,
+    META_IDS,
+    PoolChecker,
+    PoolStateError,
+    PoolSummary,
+    check_role,
+    column,
+    examples,
+    ids_fingerprint,
 )
-ROLES = (LABELLED, UNLABELLED, VALIDATION, QUARANTINED)
-NEVER = -1  # cycle_labelled / last_cycle of a sample never labelled / never sent to an oracle
-INITIAL_CYCLE = (
-    0  # cycle_labelled of the initial labelled pool; active-learning cycles count from 1
+from orchestrator.records import (
+    INITIAL_CYCLE,
+    LABELLED,
+    MANIFEST_COLUMNS,
+    NEVER,
+    POOL_SCHEMA,
+    QUARANTINED,
+    UNLABELLED,
+    VALIDATION,
 )
-
-POOL_SCHEMA = pa.schema(
-    [
-        pa.field("sample_id", pa.string(), nullable=False),
-        pa.field("image_path", pa.string(), nullable=False),
-        pa.field("label_path", pa.string()),  # ground truth from the manifest, if any
-        pa.field("depth_path", pa.string()),
-        pa.field("role", pa.string(), nullable=False),
-        pa.field("cycle_labelled", pa.int32(), nullable=False),
-        pa.field("last_cycle", pa.int32(), nullable=False),  # last cycle it went to an oracle
-        pa.field("oracle", pa.string()),  # oracle of the last annotation
-        pa.field("dice", pa.float64()),  # Dice at the last gate decision
-        pa.field("annotation_cost", pa.float64(), nullable=False),  # summed over all annotations
-        pa.field("times_returned", pa.int32(), nullable=False),  # times the gate sent it back
-        pa.field("quarantine_reason", pa.string()),
-        pa.field(
-            "label_source", pa.string()
-        ),  # the label training uses: ground truth or accepted re-annotation
-    ]
-)
-
-FORMAT_VERSION = "2"  # 2: the ids fingerprint is computed batch by batch (IdsDigest)
-_META_FORMAT = b"segxal.pool_state.format"
-_META_COUNT = b"segxal.pool_state.count"
-_META_IDS = b"segxal.pool_state.ids_sha256"
-_MANIFEST_COLUMNS = ("sample_id", "image_path", "label_path", "depth_path")
-
-
-class PoolStateError(ValueError):
-    """The pool table breaks an invariant, or a transition is not allowed."""
+from orchestrator.selection import Budget, IdsLike, as_ids, budget_count, draw_subset
+from segxal.verified_files import VerifiedFileError, previous_path, publish, read_checksum, verify
 
 
 class PoolStateFileError(PoolStateError):
@@ -94,62 +65,13 @@ class PoolStateFileError(PoolStateError):
         super().__init__(message)
 
 
-def previous_path(path: str | Path) -> Path:
-    """Where ``save`` keeps the previous good state: ``state.parquet`` -> ``state.prev.parquet``."""
-    path = Path(path)
-    if path.name.endswith(".prev.parquet"):
-        return path
-    return path.with_name(
-        f"{path.stem}.prev{path.suffix}" if path.suffix == ".parquet" else f"{path.name}.prev"
-    )
-
-
-def checksum_path(path: str | Path) -> Path:
-    path = Path(path)
-    return path.with_name(path.name + ".sha256")
-
-
-def _column(table: pa.Table, name: str) -> pa.Array:
-    column = table.column(name)
-    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
-
-
-class IdsDigest:
-    """SHA-256 fingerprint of a sequence of ids fed in batches; the same however the sequence is cut."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self._lengths = hashlib.sha256()
-        self._bytes = hashlib.sha256()
-
-    def update(self, ids: pa.Array) -> None:
-        ids = ids.cast(pa.large_string())
-        offsets_buffer, data_buffer = ids.buffers()[1], ids.buffers()[2]
-        offsets = np.frombuffer(offsets_buffer, dtype=np.int64)[
-            ids.offset : ids.offset + len(ids) + 1
-        ]
-        self._lengths.update(np.diff(offsets).tobytes())
-        if data_buffer is not None and len(ids):
-            self._bytes.update(memoryview(data_buffer)[int(offsets[0]) : int(offsets[-1])])
-        self.count += len(ids)
-
-    def hexdigest(self) -> str:
-        return hashlib.sha256(
-            f"{self.count}:{self._lengths.hexdigest()}:{self._bytes.hexdigest()}".encode()
-        ).hexdigest()
-
-
-def ids_fingerprint(ids: pa.Array) -> str:
-    digest = IdsDigest()
-    digest.update(ids)
-    return digest.hexdigest()
-
-
-def _examples(ids: pa.Array, mask) -> str:
-    mask = mask if isinstance(mask, (pa.Array, pa.ChunkedArray)) else pa.array(mask)
-    chosen = pc.filter(ids, mask)
-    more = f" and {len(chosen) - 5} more" if len(chosen) > 5 else ""
-    return f"{chosen[:5].to_pylist()}{more}"
+@contextmanager
+def _as_pool_state_error():
+    """A verified-file failure as the pool state's own error, with its fallback hint."""
+    try:
+        yield
+    except VerifiedFileError as error:
+        raise PoolStateFileError(error.path, error.reason) from None
 
 
 def _mask(n: int, rows: np.ndarray) -> pa.BooleanArray:
@@ -217,118 +139,21 @@ def _check_dice(dice, count: int) -> np.ndarray:
 
 
 def _manifest_part(manifest: pa.Table, name: str) -> pa.Table:
-    missing = [c for c in _MANIFEST_COLUMNS if c not in manifest.column_names]
+    missing = [c for c in MANIFEST_COLUMNS if c not in manifest.column_names]
     if missing:
         raise PoolStateError(
             f"{name}: missing columns {missing} (expected segxal.data.manifest.MANIFEST_SCHEMA)"
         )
-    return manifest.select(list(_MANIFEST_COLUMNS)).cast(
-        pa.schema([POOL_SCHEMA.field(c).with_nullable(True) for c in _MANIFEST_COLUMNS])
+    return manifest.select(list(MANIFEST_COLUMNS)).cast(
+        pa.schema([POOL_SCHEMA.field(c).with_nullable(True) for c in MANIFEST_COLUMNS])
     )
-
-
-@dataclass(frozen=True)
-class _Summary:
-    """What a handle keeps of its file: enough for the cycle's bookkeeping without reading it."""
-
-    counts: dict[str, int]
-    annotation_cost: float
-
-
-class _Checker:
-    """Checks a pool table batch by batch against the module's invariants and sums the summary."""
-
-    def __init__(self, schema: pa.Schema) -> None:
-        _check_schema(schema)
-        self.expected_count, self.expected_ids = _created_with(schema.metadata or {})
-        self.digest = IdsDigest()
-        self.last_id: str | None = None
-        self.counts = dict.fromkeys(ROLES, 0)
-        self.cost = 0.0
-
-    def check(self, table: pa.Table) -> pa.Table:
-        _check_schema(table.schema)
-        for field in POOL_SCHEMA:
-            if not field.nullable and table.column(field.name).null_count:
-                raise PoolStateError(
-                    f"column {field.name!r}: {table.column(field.name).null_count} nulls"
-                )
-        ids = _column(table, "sample_id")
-        _check_sorted_unique(ids, self.last_id)
-        role = _column(table, "role")
-        bad_role = pc.invert(pc.is_in(role, value_set=pa.array(ROLES)))
-        if pc.any(bad_role).as_py():
-            raise PoolStateError(
-                f"column 'role': values {sorted(set(pc.filter(role, bad_role).to_pylist()))} are not in {list(ROLES)}"
-                f" (sample ids {_examples(ids, bad_role)})"
-            )
-        for message, broken in _broken_rows(table):
-            if pc.any(broken).as_py():
-                raise PoolStateError(f"{message}; broken for sample ids {_examples(ids, broken)}")
-        self.digest.update(ids)
-        for found in pc.value_counts(role).to_pylist():
-            self.counts[found["values"]] += found["counts"]
-        self.cost += float(pc.sum(_column(table, "annotation_cost")).as_py() or 0.0)
-        if len(ids):
-            self.last_id = ids[-1].as_py()
-        return table
-
-    def finish(self) -> _Summary:
-        if self.digest.count == 0:
-            raise PoolStateError("the pool is empty")
-        if self.digest.count != self.expected_count:
-            raise PoolStateError(
-                f"the pool has {self.digest.count} samples but was created with {self.expected_count}: samples were added or lost"
-            )
-        if self.digest.hexdigest() != self.expected_ids:
-            raise PoolStateError(
-                f"the pool's sample ids differ from those it was created with ({self.expected_count} samples)"
-            )
-        return _Summary(dict(self.counts), self.cost)
-
-
-def _broken_rows(table: pa.Table) -> list[tuple[str, pa.Array]]:
-    """(what is wrong, which rows) for each row-level invariant."""
-    role = _column(table, "role")
-    is_ = {r: pc.equal(role, r) for r in ROLES}
-    cycle, cost = _column(table, "cycle_labelled"), _column(table, "annotation_cost")
-    return [
-        ("labelled samples need cycle_labelled >= 0", pc.and_(is_[LABELLED], pc.less(cycle, 0))),
-        (
-            "labelled samples need a label_source",
-            pc.and_(is_[LABELLED], pc.is_null(_column(table, "label_source"))),
-        ),
-        (
-            "unlabelled and validation samples need cycle_labelled = -1 and no label_source",
-            pc.and_(
-                pc.or_(is_[UNLABELLED], is_[VALIDATION]),
-                pc.or_(pc.not_equal(cycle, NEVER), pc.is_valid(_column(table, "label_source"))),
-            ),
-        ),
-        (
-            "quarantine_reason must be set exactly for quarantined samples",
-            pc.xor(is_[QUARANTINED], pc.is_valid(_column(table, "quarantine_reason"))),
-        ),
-        ("times_returned must be >= 0", pc.less(_column(table, "times_returned"), 0)),
-        (
-            "annotation_cost must be finite and >= 0",
-            pc.invert(pc.and_(pc.is_finite(cost), pc.greater_equal(cost, 0))),
-        ),
-        (
-            "dice must be in [0, 1] or null",
-            pc.fill_null(
-                pc.or_(pc.less(_column(table, "dice"), 0), pc.greater(_column(table, "dice"), 1)),
-                False,
-            ),
-        ),
-    ]
 
 
 class PoolState:
     """A handle on a verified pool-state file; build with ``create`` or ``load``. Queries and
     transitions stream the file; ``table`` reads it whole (for inspection and tests)."""
 
-    def __init__(self, path: Path, summary: _Summary, schema: pa.Schema) -> None:
+    def __init__(self, path: Path, summary: PoolSummary, schema: pa.Schema) -> None:
         self.path, self._summary, self._schema = Path(path), summary, schema
 
     # ---- construction -------------------------------------------------------------------------
@@ -368,7 +193,7 @@ class PoolState:
             else train.combine_chunks()
         )
         ids = as_ids(
-            _column(table, "sample_id"), "manifest sample_id"
+            column(table, "sample_id"), "manifest sample_id"
         )  # nulls and duplicates are errors
         is_val = np.zeros(table.num_rows, dtype=bool)
         is_val[train.num_rows :] = True
@@ -377,12 +202,12 @@ class PoolState:
         chosen = draw_subset(ids.slice(0, train.num_rows), count, seed)
         is_labelled = pc.is_in(ids, value_set=chosen)
 
-        labels = _column(table, "label_path")
+        labels = column(table, "label_path")
         needs_label = pc.or_(is_labelled, pa.array(is_val))
         missing = pc.and_(needs_label, pc.is_null(labels))
         if pc.any(missing).as_py():
             raise PoolStateError(
-                f"initial labelled and validation samples need a label_path; missing for {_examples(ids, missing)}"
+                f"initial labelled and validation samples need a label_path; missing for {examples(ids, missing)}"
             )
 
         n = table.num_rows
@@ -390,7 +215,7 @@ class PoolState:
             pa.array(is_val), VALIDATION, pc.if_else(is_labelled, LABELLED, UNLABELLED)
         )
         columns = {
-            **{c: _column(table, c) for c in _MANIFEST_COLUMNS},
+            **{c: column(table, c) for c in MANIFEST_COLUMNS},
             "role": role,
             "cycle_labelled": pc.if_else(
                 is_labelled, pa.scalar(INITIAL_CYCLE, pa.int32()), pa.scalar(NEVER, pa.int32())
@@ -410,9 +235,9 @@ class PoolState:
             table = table.take(pc.sort_indices(ids))
         schema = POOL_SCHEMA.with_metadata(
             {
-                _META_FORMAT: FORMAT_VERSION.encode(),
-                _META_COUNT: str(n).encode(),
-                _META_IDS: ids_fingerprint(_column(table, "sample_id")).encode(),
+                META_FORMAT: FORMAT_VERSION.encode(),
+                META_COUNT: str(n).encode(),
+                META_IDS: ids_fingerprint(column(table, "sample_id")).encode(),
                 b"segxal.pool_state.seed": str(seed).encode(),
                 b"segxal.pool_state.initial_labelled": str(initial_labelled).encode(),
             }
@@ -423,13 +248,14 @@ class PoolState:
     def _write(cls, path: Path, schema: pa.Schema, tables: Iterable[pa.Table]) -> PoolState:
         """Write ``tables`` as the new state at ``path``, checking every batch; nothing is published if a
         check (or anything else) fails."""
-        checker = _Checker(schema)
+        checker = PoolChecker(schema)
 
-        def write(handle: BinaryIO) -> _Summary:
+        def write(handle: BinaryIO) -> PoolSummary:
             write_tables(handle, schema, (checker.check(table) for table in tables))
             return checker.finish()
 
-        return cls(path, _publish(path, write), schema)
+        with _as_pool_state_error():
+            return cls(path, publish(path, write), schema)
 
     @classmethod
     def load(cls, path: str | Path, *, fallback: bool = False) -> PoolState:
@@ -458,16 +284,11 @@ class PoolState:
     def _load_verified(cls, path: Path) -> PoolState:
         if not path.is_file():
             raise PoolStateFileError(path, "pool state file not found")
-        expected = _read_checksum(path)
-        actual = _sha256_file(path)
-        if actual != expected:
-            raise PoolStateFileError(
-                path,
-                f"checksum mismatch (sha256 {actual}, expected {expected}): the file is truncated or corrupted",
-            )
+        with _as_pool_state_error():
+            verify(path)
         try:
             schema = pq.read_schema(path)
-            checker = _Checker(schema)
+            checker = PoolChecker(schema)
             for table in read_batches(path):
                 checker.check(table)
             summary = checker.finish()
@@ -483,14 +304,17 @@ class PoolState:
         path = Path(path)
         if path.absolute() == self.path.absolute():
             return self
-        expected = _read_checksum(self.path)
+        with _as_pool_state_error():
+            expected = read_checksum(self.path)
 
-        def write(handle: BinaryIO) -> _Summary:
+        def write(handle: BinaryIO) -> PoolSummary:
             with open(self.path, "rb") as source:
                 shutil.copyfileobj(source, handle, 1 << 20)
             return self._summary
 
-        return PoolState(path, _publish(path, write, expected_digest=expected), self._schema)
+        with _as_pool_state_error():
+            summary = publish(path, write, expected_digest=expected)
+        return PoolState(path, summary, self._schema)
 
     # ---- queries ------------------------------------------------------------------------------
 
@@ -514,17 +338,8 @@ class PoolState:
     def __repr__(self) -> str:
         return f"PoolState({self.path}, {', '.join(f'{k}={v}' for k, v in self.counts().items())})"
 
-    def ids(self, role: str) -> pa.StringArray:
-        """Sample ids with ``role``, sorted (materialised: one string per sample of that role)."""
-        _check_role(role)
-        parts = [
-            pc.filter(_column(t, "sample_id"), pc.equal(_column(t, "role"), role))
-            for t in self.batches(["sample_id", "role"])
-        ]
-        return pa.concat_arrays(parts) if parts else pa.array([], pa.string())
-
     def count(self, role: str) -> int:
-        _check_role(role)
+        check_role(role)
         return self._summary.counts[role]
 
     def counts(self) -> dict[str, int]:
@@ -551,10 +366,6 @@ class PoolState:
             raise KeyError(f"unknown sample id {sample_id!r}")
         return rows.to_pylist()[0]
 
-    def check_invariants(self) -> None:
-        """Verify the file again (checksum and every invariant); raises PoolStateFileError if broken."""
-        PoolState._load_verified(self.path)
-
     # ---- transitions --------------------------------------------------------------------------
 
     def _ids(self, ids: IdsLike, action: str) -> pa.StringArray:
@@ -577,91 +388,81 @@ class PoolState:
 
         def updated() -> Iterator[pa.Table]:
             for table in self.batches():
-                where = pc.index_in(_column(table, "sample_id"), value_set=ids)
+                where = pc.index_in(column(table, "sample_id"), value_set=ids)
                 hit = pc.is_valid(where)
                 if not pc.any(hit).as_py():
                     yield table
                     continue
                 rows = np.flatnonzero(hit.to_numpy(zero_copy_only=False))
                 at = pc.filter(where, hit).to_numpy().astype(np.int64)
-                roles = _column(table, "role").take(pa.array(rows))
+                roles = column(table, "role").take(pa.array(rows))
                 wrong = pc.invert(pc.is_in(roles, value_set=pa.array(allowed)))
                 if pc.any(wrong).as_py():
                     found_roles = sorted(set(pc.filter(roles, wrong).to_pylist()))
                     raise PoolStateError(
-                        f"{action}: sample ids {_examples(ids.take(pa.array(at)), wrong)} have role"
+                        f"{action}: sample ids {examples(ids.take(pa.array(at)), wrong)} have role"
                         f" {found_roles}, expected one of {list(allowed)}"
                     )
                 found[at] = True
                 updates = change(table, rows, at)
                 yield pa.Table.from_arrays(
-                    [updates.get(f.name, _column(table, f.name)) for f in POOL_SCHEMA],
+                    [updates.get(f.name, column(table, f.name)) for f in POOL_SCHEMA],
                     schema=table.schema,
                 )
             if not found.all():
                 raise PoolStateError(
-                    f"{action}: unknown sample ids {_examples(ids, pa.array(~found))}"
+                    f"{action}: unknown sample ids {examples(ids, pa.array(~found))}"
                 )
 
         self._summary = PoolState._write(self.path, self._schema, updated())._summary
 
-    def accept(self, ids: IdsLike, cycle: int, oracle: str, dice, cost, label_paths) -> None:
-        """Unlabelled ``ids`` join the labelled pool in ``cycle`` with the re-annotations at
-        ``label_paths`` as labels. ``dice`` and ``cost``: one value per id, or one for all."""
-        ids = self._ids(ids, "accept")
+    def record_decisions(
+        self, ids: IdsLike, cycle: int, oracle: str, dice, cost, accepted, label_paths
+    ) -> None:
+        """The Dice gate's decisions on a batch of unlabelled ``ids``, in one rewrite of the file. Each
+        gets its cycle, oracle, Dice and cost (added up over its annotations); an ``accepted`` one joins
+        the labelled pool with the re-annotation at its ``label_paths`` entry as its label, a returned one
+        stays unlabelled and its ``times_returned`` goes up by one. ``dice`` and ``cost``: one value per
+        id or one for all; ``accepted``: one bool per id; ``label_paths``: one per id, None where
+        returned."""
+        ids = self._ids(ids, "record_decisions")
         if len(ids) == 0:
             return
         cycle, oracle = _check_cycle(cycle), _check_text(oracle, "oracle")
         dice, costs = _check_dice(dice, len(ids)), _check_costs(cost, len(ids))
-        if isinstance(label_paths, (pa.Array, pa.ChunkedArray)):
-            paths = pc.cast(label_paths, pa.string())
-            paths = paths.combine_chunks() if isinstance(paths, pa.ChunkedArray) else paths
-        else:
-            paths = pa.array(list(label_paths), type=pa.string())
-        if len(paths) != len(ids) or paths.null_count or pc.any(pc.equal(paths, "")).as_py():
+        keep = np.asarray(accepted, dtype=bool).reshape(-1)
+        if keep.shape != (len(ids),):
             raise PoolStateError(
-                f"label_paths: expected {len(ids)} non-empty paths (one per id), got {paths.to_pylist()[:5]}"
+                f"accepted: expected {len(ids)} flags (one per id), got {keep.shape}"
+            )
+        paths = pa.array(list(label_paths), type=pa.string())
+        given = pc.and_(pc.is_valid(paths), pc.not_equal(pc.fill_null(paths, ""), ""))
+        if len(paths) != len(ids) or given.to_numpy(zero_copy_only=False).tolist() != keep.tolist():
+            raise PoolStateError(
+                f"label_paths: expected a non-empty path for each accepted id and None for each returned"
+                f" one ({len(ids)} ids), got {paths.to_pylist()[:5]}"
             )
 
         def change(t: pa.Table, rows: np.ndarray, at: np.ndarray) -> dict[str, pa.Array]:
-            mask = _mask(t.num_rows, rows)
+            joins = rows[keep[at]]
             return {
-                "role": pc.if_else(mask, LABELLED, _column(t, "role")),
-                "cycle_labelled": _set_numbers(_column(t, "cycle_labelled"), rows, cycle),
-                "last_cycle": _set_numbers(_column(t, "last_cycle"), rows, cycle),
-                "oracle": pc.if_else(mask, oracle, _column(t, "oracle")),
-                "dice": _set_numbers(_column(t, "dice"), rows, dice[at]),
+                "role": pc.if_else(_mask(t.num_rows, joins), LABELLED, column(t, "role")),
+                "cycle_labelled": _set_numbers(column(t, "cycle_labelled"), joins, cycle),
+                "last_cycle": _set_numbers(column(t, "last_cycle"), rows, cycle),
+                "oracle": pc.if_else(_mask(t.num_rows, rows), oracle, column(t, "oracle")),
+                "dice": _set_numbers(column(t, "dice"), rows, dice[at]),
                 "annotation_cost": _set_numbers(
-                    _column(t, "annotation_cost"), rows, costs[at], add=True
+                    column(t, "annotation_cost"), rows, costs[at], add=True
+                ),
+                "times_returned": _set_numbers(
+                    column(t, "times_returned"), rows, (~keep[at]).astype(np.int32), add=True
                 ),
                 "label_source": _scatter_strings(
-                    _column(t, "label_source"), rows, paths.take(pa.array(at))
+                    column(t, "label_source"), joins, paths.take(pa.array(at[keep[at]]))
                 ),
             }
 
-        self._transition("accept", ids, (UNLABELLED,), change)
-
-    def return_to_pool(self, ids: IdsLike, cycle: int, oracle: str, dice, cost=0.0) -> None:
-        """The gate sent unlabelled ``ids`` back: they stay unlabelled, their Dice, oracle, cycle and
-        cost are recorded and ``times_returned`` goes up by one."""
-        ids = self._ids(ids, "return_to_pool")
-        if len(ids) == 0:
-            return
-        cycle, oracle = _check_cycle(cycle), _check_text(oracle, "oracle")
-        dice, costs = _check_dice(dice, len(ids)), _check_costs(cost, len(ids))
-
-        def change(t: pa.Table, rows: np.ndarray, at: np.ndarray) -> dict[str, pa.Array]:
-            return {
-                "last_cycle": _set_numbers(_column(t, "last_cycle"), rows, cycle),
-                "oracle": pc.if_else(_mask(t.num_rows, rows), oracle, _column(t, "oracle")),
-                "dice": _set_numbers(_column(t, "dice"), rows, dice[at]),
-                "annotation_cost": _set_numbers(
-                    _column(t, "annotation_cost"), rows, costs[at], add=True
-                ),
-                "times_returned": _set_numbers(_column(t, "times_returned"), rows, 1, add=True),
-            }
-
-        self._transition("return_to_pool", ids, (UNLABELLED,), change)
+        self._transition("record_decisions", ids, (UNLABELLED,), change)
 
     def quarantine(self, ids: IdsLike | str, reasons: str | Sequence[str]) -> None:
         """Take ``ids`` (one id or several) out of every pool, e.g. unreadable images, with one reason for
@@ -674,163 +475,14 @@ class PoolState:
             raise PoolStateError(
                 f"reasons: expected {len(ids)} (one per id) or one for all, got {len(reasons)}"
             )
-        reasons = pa.array([_check_text(reason, "reason") for reason in reasons], pa.string())
+        why = pa.array([_check_text(reason, "reason") for reason in reasons], pa.string())
 
         def change(t: pa.Table, rows: np.ndarray, at: np.ndarray) -> dict[str, pa.Array]:
             return {
-                "role": pc.if_else(_mask(t.num_rows, rows), QUARANTINED, _column(t, "role")),
+                "role": pc.if_else(_mask(t.num_rows, rows), QUARANTINED, column(t, "role")),
                 "quarantine_reason": _scatter_strings(
-                    _column(t, "quarantine_reason"), rows, reasons.take(pa.array(at))
+                    column(t, "quarantine_reason"), rows, why.take(pa.array(at))
                 ),
             }
 
         self._transition("quarantine", ids, (LABELLED, UNLABELLED, VALIDATION), change)
-
-
-def _check_role(role: str) -> None:
-    if role not in ROLES:
-        raise ValueError(f"unknown role {role!r}; valid roles: {', '.join(ROLES)}")
-
-
-def _check_schema(schema: pa.Schema) -> None:
-    names = schema.names
-    missing = [f.name for f in POOL_SCHEMA if f.name not in names]
-    if missing:
-        raise PoolStateError(f"pool table is missing columns {missing}")
-    if names != POOL_SCHEMA.names:
-        raise PoolStateError(f"pool table columns {names} differ from {POOL_SCHEMA.names}")
-    for field in POOL_SCHEMA:
-        if schema.field(field.name).type != field.type:
-            raise PoolStateError(
-                f"column {field.name!r} has type {schema.field(field.name).type}, expected {field.type}"
-            )
-
-
-def _check_sorted_unique(ids: pa.Array, previous: str | None) -> None:
-    """``ids`` strictly ascending, and after ``previous`` (the last id of the batch before)."""
-    if pc.any(pc.equal(pc.utf8_length(ids), 0)).as_py():
-        raise PoolStateError("column 'sample_id': empty sample ids")
-    if previous is not None and len(ids):
-        ids = pa.concat_arrays([pa.array([previous], pa.string()), ids])
-    if len(ids) < 2:
-        return
-    ascending = pc.less(ids.slice(0, len(ids) - 1), ids.slice(1))
-    if pc.all(ascending).as_py():
-        return
-    later = ids.slice(1)
-    duplicate = pc.and_(pc.invert(ascending), pc.equal(ids.slice(0, len(ids) - 1), later))
-    if pc.any(duplicate).as_py():
-        raise PoolStateError(
-            f"column 'sample_id': duplicate sample ids {_examples(later, duplicate)}"
-        )
-    raise PoolStateError(
-        f"column 'sample_id': not sorted, first out of order at {_examples(later, pc.invert(ascending))}"
-    )
-
-
-def _created_with(metadata: Mapping[bytes, bytes]) -> tuple[int, str]:
-    """The sample count and ids fingerprint the pool was created with."""
-    if metadata.get(_META_FORMAT) != FORMAT_VERSION.encode():
-        raise PoolStateError(
-            f"pool table metadata {_META_FORMAT.decode()} is {metadata.get(_META_FORMAT)!r}, expected {FORMAT_VERSION!r}"
-            " (build pool states with PoolState.create)"
-        )
-    try:
-        return int(metadata[_META_COUNT]), metadata[_META_IDS].decode()
-    except (KeyError, ValueError) as error:
-        raise PoolStateError(f"pool table metadata lacks a valid {error}") from None
-
-
-def _publish(
-    path: Path, write: Callable[[BinaryIO], Any], expected_digest: str | None = None
-) -> Any:
-    """Write a new version of ``path`` through ``write(handle)`` in the crash-safe order of the module doc;
-    returns what ``write`` returns. With ``expected_digest``, the written file must have that SHA-256."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_name(path)
-    try:
-        result = write_synced(tmp, write)
-        digest = _sha256_file(tmp)
-        if expected_digest is not None and digest != expected_digest:
-            raise PoolStateFileError(
-                path, f"copy has sha256 {digest}, expected {expected_digest}: the source changed"
-            )
-        current = _verified_digest(path)
-        if current is not None:
-            # Order matters: each window between these steps leaves one file that verifies.
-            _write_checksum(previous_path(path), current)
-            os.replace(path, previous_path(path))
-            _fsync_dir(path.parent)
-        elif path.exists():
-            warnings.warn(
-                f"{path}: failed verification; overwriting it and keeping {previous_path(path)}",
-                stacklevel=2,
-            )
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        _write_checksum(path, digest)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return result
-
-
-# ---- files ------------------------------------------------------------------------------------
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # platforms without directory handles
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_checksum(path: Path, digest: str) -> None:
-    """Atomically write ``path``'s sidecar in ``sha256sum`` format."""
-    target = checksum_path(path)
-    write_atomically(
-        target, lambda handle: handle.write(f"{digest}  {path.name}\n".encode("ascii"))
-    )
-    _fsync_dir(target.parent)
-
-
-def _read_checksum(path: Path) -> str:
-    sidecar = checksum_path(path)
-    try:
-        text = sidecar.read_text(encoding="ascii")
-    except FileNotFoundError:
-        raise PoolStateFileError(
-            path, f"checksum file {sidecar.name} not found, cannot verify the state"
-        ) from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise PoolStateFileError(
-            path, f"cannot read checksum file {sidecar.name} ({error})"
-        ) from None
-    digest = text.split(maxsplit=1)[0] if text.strip() else ""
-    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-        raise PoolStateFileError(path, f"checksum file {sidecar.name} is malformed")
-    return digest
-
-
-def _verified_digest(path: Path) -> str | None:
-    """``path``'s digest if the file and its sidecar exist and agree, else None."""
-    if not path.is_file():
-        return None
-    try:
-        expected = _read_checksum(path)
-    except PoolStateFileError:
-        return None
-    return expected if _sha256_file(path) == expected else None

@@ -111,6 +111,7 @@ def retrying(call: Callable[[], T], what: str, tracking_uri: str | None = None) 
                 delay,
             )
             time.sleep(delay)
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 @contextlib.contextmanager

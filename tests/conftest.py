@@ -26,3 +26,31 @@ def synthetic_root(tmp_path_factory):
 def tracking_uri(tmp_path):
     """A fresh SQLite MLflow store."""
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+LOCAL_RAY = {"num_cpus": 2, "include_dashboard": False, "configure_logging": False}
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One embedded 2-CPU Ray for the whole session, started by the first test that asks for it."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(**LOCAL_RAY)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def own_ray():
+    """For a module whose tests start a Ray of their own (a cluster, a job's ``init_ray``): the shared
+    one is stopped for it and started again after, for the modules that follow."""
+    import ray
+
+    running = ray.is_initialized()
+    ray.shutdown()
+    yield
+    ray.shutdown()
+    if running:
+        ray.init(**LOCAL_RAY)

@@ -8,7 +8,7 @@ from jobs import al as al_job
 
 
 @pytest.fixture(autouse=True)
-def no_ray_left():
+def no_ray_left(own_ray):
     yield
     if (
         ray.is_initialized()

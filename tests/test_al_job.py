@@ -4,65 +4,16 @@ import shutil
 from pathlib import Path
 
 import mlflow
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
-from conftest import TINY_SYNTHETIC
+from helpers import THETA, comparable_pool_state, ids_with_role, tiny
 
 from jobs import al as al_job
-from orchestrator.coordinator import snapshot_path
 from orchestrator.pool_state import LABELLED, QUARANTINED, UNLABELLED, PoolState
+from orchestrator.run_layout import RunLayout
 from segxal.data.cityscapes import cityscapes_manifest
 
 pytestmark = pytest.mark.slow
-THETA = 0.3
-
-
-def tiny(synthetic_root, output_dir, tracking_uri, name, cycles):
-    settings = {
-        "name": name,
-        "output_dir": output_dir,
-        "tracking.tracking_uri": tracking_uri,
-        "tracking.experiment": "al-test",
-        "data.root": synthetic_root,
-        "data.image_size": "[32, 64]",
-        **{f"data.synthetic.{k}": v for k, v in TINY_SYNTHETIC.__dict__.items()},
-        "model.width": 4,
-        "model.depth": 2,
-        "train.epochs": 1,
-        "train.batch_size": 4,
-        "al.cycles": cycles,
-        "al.initial_labelled": 4,
-        "al.budget": 2,
-        "al.subset": 1.0,
-        "al.theta": THETA,
-        "al.num_scorers": 2,
-        "al.panels": 1,
-        "eem.min_region_area": 2,
-    }
-    return ["--config", "jobs/configs/demo.yaml", "--quiet"] + [
-        a for k, v in settings.items() for a in ("--set", f"{k}={v}")
-    ]
-
-
-def comparable_pool_state(run_dir) -> pa.Table:
-    """A run's final pool state with its run folder in paths (accepted labels) written as RUN."""
-    table = PoolState.load(run_dir / "pool_state.parquet").table
-    sources = [
-        None if s is None else s.replace(str(run_dir), "RUN")
-        for s in table["label_source"].to_pylist()
-    ]
-    return table.set_column(
-        table.schema.get_field_index("label_source"), "label_source", pa.array(sources, pa.string())
-    )
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -77,14 +28,14 @@ def test_two_cycles_on_ray(straight_run):
     run_dir, uri, history = straight_run
     assert len(history) == 3
     state = PoolState.load(run_dir / "pool_state.parquet")
-    state.check_invariants()
+    PoolState.load(state.path)
     labelled_before = 4
     for cycle in (1, 2):
         scores = pq.read_table(
             run_dir / "cycles" / f"cycle_{cycle:02d}" / "scores.parquet"
         ).to_pylist()
         unlabelled = set(
-            PoolState.load(snapshot_path(run_dir, cycle - 1)).ids(UNLABELLED).to_pylist()
+            ids_with_role(PoolState.load(RunLayout(run_dir).snapshot(cycle - 1)), UNLABELLED).to_pylist()
         )
         assert {
             s["sample_id"] for s in scores
@@ -96,7 +47,7 @@ def test_two_cycles_on_ray(straight_run):
             run_dir / "cycles" / f"cycle_{cycle:02d}" / "decisions.parquet"
         ).to_pylist()
         assert [d["sample_id"] for d in decisions] == top
-        after = PoolState.load(snapshot_path(run_dir, cycle))
+        after = PoolState.load(RunLayout(run_dir).snapshot(cycle))
         moved = {i for i in top if after.record(i)["role"] == LABELLED}
         assert moved == {d["sample_id"] for d in decisions if d["dice"] > THETA}
         assert all(d["accepted"] == (d["dice"] > THETA) for d in decisions)
@@ -154,7 +105,7 @@ def test_a_corrupt_unlabelled_image_is_quarantined_and_the_run_goes_on(
         seed=0,  # as jobs.al
         validation=cityscapes_manifest(root, "val"),
     )  # draws it (seed 0)
-    victim = pool.ids(UNLABELLED)[0].as_py()
+    victim = ids_with_role(pool, UNLABELLED)[0].as_py()
     image = Path(pool.record(victim)["image_path"])
     image.write_bytes(
         image.read_bytes()[: image.stat().st_size // 2]
@@ -162,10 +113,10 @@ def test_a_corrupt_unlabelled_image_is_quarantined_and_the_run_goes_on(
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     history = al_job.main(tiny(root, tmp_path / "runs", uri, "damaged", 1))
     state = PoolState.load(tmp_path / "runs" / "damaged" / "pool_state.parquet")
-    state.check_invariants()
+    PoolState.load(state.path)
     record = state.record(victim)
     assert record["role"] == QUARANTINED and str(image) in record["quarantine_reason"]
-    assert state.ids(QUARANTINED).to_pylist() == [victim]
+    assert ids_with_role(state, QUARANTINED).to_pylist() == [victim]
     assert [h["pool/quarantined"] for h in history] == [0, 1] and history[1]["gate/selected"] == 2
     mlflow.set_tracking_uri(uri)
     (run,) = mlflow.search_runs(experiment_names=["al-test"], output_format="list")

@@ -1,7 +1,5 @@
 """The active-learning loop against a fake backend: selection, gate, pool updates, resume."""
 
-import zlib
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -9,76 +7,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import SIZE, FakeBackend, ground_truth, ids_with_role
 
 from orchestrator import parquet_io
 from orchestrator.config import ActiveLearningConfig
-from orchestrator.coordinator import Coordinator, cycle_dir, snapshot_path
-from orchestrator.loop import (
-    UNREADABLE,
-    Explained,
-    Progress,
-    ScoreOutcome,
-    TrainOutcome,
-    run_cycles,
-)
-from orchestrator.oracles import AnnotationRequest, DatasetGroundTruth, SimulatedOracle
+from orchestrator.oracles import DatasetGroundTruth, SimulatedOracle
 from orchestrator.pool_state import LABELLED, QUARANTINED, UNLABELLED, PoolState
-from orchestrator.strategies import get_strategy
+from orchestrator.records import UNREADABLE
+from orchestrator.run import ActiveLearningRun, Explained, Progress
+from orchestrator.run_layout import RunLayout
 from segxal.data.cityscapes import cityscapes_manifest
 from segxal.data.dataset import SampleTransform, SegmentationDataset
 from segxal.data.labels import CITYSCAPES
 from segxal.metrics import mean_dice
-
-SIZE = (16, 32)
-
-
-def score_of(sample_id: str) -> float:
-    return (zlib.crc32(sample_id.encode()) % 4) / 4  # few distinct values: ties are common
-
-
-class FakeBackend:
-    """Predictions are the truth with a stripe of rows wrong, wider for some ids, so Dice varies."""
-
-    def __init__(self, truth, tmp: Path):
-        self.truth, self.tmp = truth, tmp
-        self.trained_on = []
-
-    def train(self, cycle, train, val, init_checkpoint):
-        path = self.tmp / f"fake_{cycle}.pt"
-        torch.save({"cycle": cycle}, path)
-        self.trained_on.append(sorted(train["sample_id"].to_pylist()))
-        return TrainOutcome(path, {"val/miou": len(train) / 100})
-
-    def score(self, cycle, checkpoint, candidates, labelled):
-        ids = candidates["sample_id"].to_pylist()
-        return ScoreOutcome(pa.table({"sample_id": ids, "score": [score_of(i) for i in ids]}))
-
-    def prediction(self, sample_id):
-        truth = self.truth(sample_id)
-        wrong = truth.copy()
-        rows = zlib.crc32(sample_id.encode()) % 5
-        wrong[:rows] = (wrong[:rows] + 1) % 19
-        return wrong
-
-    def explain(self, cycle, checkpoint, selected, panel_dir, panels):
-        return Explained(
-            [
-                AnnotationRequest(
-                    i,
-                    p,
-                    self.prediction(i),
-                    self.prediction(i),
-                    np.ones(SIZE, np.float32),
-                    np.ones(SIZE, np.int32),
-                    [{"id": 1}],
-                    label_path=label,
-                )
-                for i, p, label in zip(
-                    *(selected[c].to_pylist() for c in ("sample_id", "image_path", "label_path")),
-                    strict=False,
-                )
-            ]
-        )
 
 
 class DamagedPoolBackend(FakeBackend):
@@ -88,22 +29,27 @@ class DamagedPoolBackend(FakeBackend):
         super().__init__(truth, tmp)
         self.unreadable = unreadable
 
-    def score(self, cycle, checkpoint, candidates, labelled):
-        ids = candidates["sample_id"].to_pylist()
-        return ScoreOutcome(
-            pa.table(
-                {
-                    "sample_id": ids,
-                    "score": [None if i in self.unreadable else score_of(i) for i in ids],
-                    UNREADABLE: [
-                        f"{i}.png: truncated" if i in self.unreadable else None for i in ids
+    def score(self, cycle, checkpoint, rows, kind):
+        for table in super().score(cycle, checkpoint, rows, kind):
+            broken = [i in self.unreadable for i in table["sample_id"].to_pylist()]
+            reasons = [
+                f"{i}.png: truncated" if b else None
+                for i, b in zip(table["sample_id"].to_pylist(), broken, strict=True)
+            ]
+            yield table.set_column(
+                1,
+                "score",
+                pa.array(
+                    [
+                        None if b else v
+                        for v, b in zip(table["score"].to_pylist(), broken, strict=True)
                     ],
-                }
-            )
-        )
+                    pa.float64(),
+                ),
+            ).set_column(2, UNREADABLE, pa.array(reasons, pa.string()))
 
-    def explain(self, cycle, checkpoint, selected, panel_dir, panels):
-        explained = super().explain(cycle, checkpoint, selected, panel_dir, panels)
+    def explain(self, cycle, checkpoint, selected, kind, panel_dir, panels):
+        explained = super().explain(cycle, checkpoint, selected, kind, panel_dir, panels)
         return Explained(
             [r for r in explained.requests if r.sample_id not in self.unreadable],
             {
@@ -112,13 +58,6 @@ class DamagedPoolBackend(FakeBackend):
                 if i in self.unreadable
             },
         )
-
-
-def ground_truth(manifest: pa.Table, size: tuple[int, int]) -> Callable[[str], np.ndarray]:
-    """sample id -> its label in train ids at ``size``: what the simulated annotator corrects with."""
-    dataset = SegmentationDataset(manifest, CITYSCAPES, SampleTransform(size=size))
-    index = {s: i for i, s in enumerate(manifest["sample_id"].to_pylist())}
-    return lambda sample_id: dataset[index[sample_id]]["label"].numpy().astype(np.uint8)
 
 
 @pytest.fixture
@@ -133,19 +72,18 @@ def pool(synthetic_root, tmp_path):
 
 def run(run_dir, state, truth, cycles, al, progress=None, backend=None):
     run_dir.mkdir(parents=True, exist_ok=True)
-    coordinator = Coordinator(
-        run_dir,
+    owner = ActiveLearningRun(
+        RunLayout(run_dir),
         state,
         al,
         CITYSCAPES,
         seed=3,
         oracle=SimulatedOracle(DatasetGroundTruth(CITYSCAPES, SIZE)),
+        progress=progress,
     )
     backend = backend or FakeBackend(truth, run_dir)
-    history = run_cycles(
-        coordinator, backend, get_strategy(al.strategy), run_dir, progress or Progress(), cycles
-    )
-    return coordinator, backend, history
+    history = owner.run(backend, cycles)
+    return owner, backend, history
 
 
 def test_cycles_select_top_n_and_gate_by_dice(pool, tmp_path):
@@ -153,7 +91,7 @@ def test_cycles_select_top_n_and_gate_by_dice(pool, tmp_path):
     al = ActiveLearningConfig(strategy="entropy", budget=3, subset=1.0, theta=0.9)
     coordinator, backend, history = run(tmp_path, state, truth, 2, al)
     final = coordinator.state
-    final.check_invariants()
+    PoolState.load(final.path)
     for cycle in (1, 2):
         scores = pq.read_table(
             tmp_path / "cycles" / f"cycle_{cycle:02d}" / "scores.parquet"
@@ -165,9 +103,9 @@ def test_cycles_select_top_n_and_gate_by_dice(pool, tmp_path):
             tmp_path / "cycles" / f"cycle_{cycle:02d}" / "decisions.parquet"
         ).to_pylist()
         assert [d["sample_id"] for d in decisions] == expected
-        before = PoolState.load(snapshot_path(tmp_path, cycle - 1))
-        after = PoolState.load(snapshot_path(tmp_path, cycle))
-        assert set(expected) <= set(before.ids(UNLABELLED).to_pylist())
+        before = PoolState.load(RunLayout(tmp_path).snapshot(cycle - 1))
+        after = PoolState.load(RunLayout(tmp_path).snapshot(cycle))
+        assert set(expected) <= set(ids_with_role(before, UNLABELLED).to_pylist())
         for decision in decisions:
             sample_id = decision["sample_id"]
             dice = mean_dice(
@@ -203,7 +141,7 @@ def test_cycles_select_top_n_and_gate_by_dice(pool, tmp_path):
     accepted = sum(h["gate/accepted"] for h in history[1:])
     assert 0 < accepted < 6  # the fixture's Dice values straddle theta
     assert history[-1]["pool/labelled"] == 4 + accepted
-    assert backend.trained_on[-1] == sorted(final.ids(LABELLED).to_pylist())
+    assert backend.trained_on[-1] == sorted(ids_with_role(final, LABELLED).to_pylist())
 
 
 def test_theta_zero_accepts_everything(pool, tmp_path):
@@ -219,9 +157,9 @@ def test_resume_after_cycle_one_equals_uninterrupted(pool, tmp_path):
     al = ActiveLearningConfig(strategy="random", budget=2, subset=0.75, theta=0.8)
     straight, _, _ = run(tmp_path / "a", state, truth, 3, al)
     run(tmp_path / "b", state, truth, 1, al)
-    progress = Progress.load(tmp_path / "b")
+    progress = Progress.load(RunLayout(tmp_path / "b"))
     assert progress.completed_cycle == 1
-    resumed_state = PoolState.load(snapshot_path(tmp_path / "b", 1))
+    resumed_state = PoolState.load(RunLayout(tmp_path / "b").snapshot(1))
     resumed, _, history = run(tmp_path / "b", resumed_state, truth, 3, al, progress)
     assert len(history) == 2  # only cycles 2 and 3 ran again
 
@@ -244,7 +182,9 @@ def test_resume_after_cycle_one_equals_uninterrupted(pool, tmp_path):
 def test_budget_larger_than_pool_is_refused_before_work(pool, tmp_path):
     state, truth = pool
     with pytest.raises(ValueError, match="al.budget"):
-        Coordinator(tmp_path, state, ActiveLearningConfig(budget=50), CITYSCAPES, seed=0)
+        ActiveLearningRun(
+            RunLayout(tmp_path), state, ActiveLearningConfig(budget=50), CITYSCAPES, 0, None
+        )
     assert not (tmp_path / "pool_state.parquet").exists()
 
 
@@ -261,13 +201,13 @@ def test_unreadable_images_are_quarantined_and_the_run_goes_on(pool, tmp_path, s
         ]
         broken = set(picked.to_pylist()[:2])
     else:  # every unlabelled image is a candidate (subset 1.0): scoring meets them
-        broken = set(state.ids(UNLABELLED).to_pylist()[:2])
+        broken = set(ids_with_role(state, UNLABELLED).to_pylist()[:2])
     coordinator, _, history = run(
         tmp_path / "run", state, truth, 2, al, backend=DamagedPoolBackend(truth, tmp_path, broken)
     )
     final = coordinator.state
-    final.check_invariants()
-    assert set(final.ids(QUARANTINED).to_pylist()) == broken
+    PoolState.load(final.path)
+    assert set(ids_with_role(final, QUARANTINED).to_pylist()) == broken
     for sample_id in broken:
         assert (
             final.record(sample_id)["quarantine_reason"] == f"cycle 1: {sample_id}.png: truncated"
@@ -284,7 +224,7 @@ def test_unreadable_images_are_quarantined_and_the_run_goes_on(pool, tmp_path, s
     assert history[1]["gate/selected"] == (
         1 if strategy == "random" else 3
     )  # explaining lost 2 of the 3
-    assert PoolState.load(snapshot_path(tmp_path / "run", 1)).count(QUARANTINED) == 2
+    assert PoolState.load(RunLayout(tmp_path / "run").snapshot(1)).count(QUARANTINED) == 2
 
 
 @pytest.mark.parametrize("strategy", ["entropy", "random"])
@@ -301,12 +241,16 @@ def test_cycles_on_a_pool_streamed_in_small_row_groups_match_one_group(
     assert pq.ParquetFile(grouped.state.path).num_row_groups > 4
     for cycle in (1, 2):
         for name in ("candidates.parquet", "decisions.parquet", "train_manifest.parquet"):
-            assert pq.read_table(cycle_dir(tmp_path / "grouped", cycle) / name).to_pylist() == [
+            assert pq.read_table(
+                RunLayout(tmp_path / "grouped").cycle_dir(cycle) / name
+            ).to_pylist() == [
                 {
                     k: v.replace(str(tmp_path / "whole"), str(tmp_path / "grouped"))
                     if isinstance(v, str)
                     else v
                     for k, v in row.items()
                 }
-                for row in pq.read_table(cycle_dir(tmp_path / "whole", cycle) / name).to_pylist()
+                for row in pq.read_table(
+                    RunLayout(tmp_path / "whole").cycle_dir(cycle) / name
+                ).to_pylist()
             ]

@@ -11,9 +11,9 @@ import jsonschema
 import pytest
 import ray.autoscaler
 import yaml
+from helpers import CLUSTER_YAML
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster.yaml"
 RAY_SCHEMA = Path(ray.autoscaler.__file__).parent / "ray-schema.json"
 PROJECT_ON_NODES = "/home/ray/segxal"
 

@@ -12,13 +12,6 @@ from actors.dispatch import map_on_idle_actors
 pytestmark = pytest.mark.slow  # starts Ray
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
 @ray.remote(num_cpus=0)
 class Gate:
     def __init__(self) -> None:

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from helpers import REPO, comparable_pool_state, tiny
 from procfs import command_line, descendants, kill_exactly, wait_gone
-from test_al_job import comparable_pool_state, tiny
-from test_job_submit import REPO
 
 pytestmark = pytest.mark.slow
 JOB_TIMEOUT_S = 300

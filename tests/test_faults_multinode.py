@@ -4,8 +4,7 @@ pass completes, every id scored once, as a fault-free pass scores it."""
 
 import pytest
 import ray
-from ray.cluster_utils import Cluster
-from test_faults_scoring import (
+from helpers import (
     SCORER_ARGS,
     actor_pid,
     assert_scored_once_like,
@@ -14,8 +13,10 @@ from test_faults_scoring import (
     pool_rows,
     tiny_checkpoint,
 )
+from ray.cluster_utils import Cluster
 
 from actors.scoring import ScorerPool
+from orchestrator.strategies import ScoreKind
 
 pytestmark = pytest.mark.slow
 LOOPBACK = {"node_ip_address": "127.0.0.1"}
@@ -28,7 +29,7 @@ FAST_HEALTH_CHECKS = {
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(own_ray):
     cluster = Cluster(
         initialize_head=True,
         head_node_args={
@@ -61,7 +62,7 @@ def test_a_lost_worker_node_does_not_stop_pool_scoring(cluster, synthetic_root):
     pool = ScorerPool(2, SCORER_ARGS, shards_per_actor=36)
     try:
         pool.load_model(tiny_checkpoint())
-        reference = pool.score(rows, "eem")
+        reference = pool.score(rows, ScoreKind.EEM)
         victim = pool.actors[0]
         lost_node_id = node_of(victim)
         (lost,) = [node for node in cluster.worker_nodes if node.node_id == lost_node_id]

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import ray
 import ray.train
+from helpers import tiny_training_job
 from ray import cloudpickle
-from test_ray_train import tiny_training_job
 
 from actors import ray_train
 from actors.ray_train import CHECKPOINT_FILE, torch_trainer
@@ -45,15 +45,13 @@ def dies_once_after_a_checkpoint(loop_config: dict) -> None:
     ray_train.train_loop_per_worker(loop_config)
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+@pytest.fixture(scope="module", autouse=True)
+def pickled_by_value(local_ray):
     cloudpickle.register_pickle_by_value(
         sys.modules[__name__]
     )  # Ray workers cannot import this module
     yield
     cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-    ray.shutdown()
 
 
 def test_a_dead_worker_resumes_from_its_last_checkpoint(local_ray, synthetic_root, tmp_path):

@@ -20,14 +20,12 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from helpers import REPO, tiny, write_config
 from procfs import processes_mentioning
-from test_al_job import tiny
-from test_pebal_job import write_config
 
 from jobs.common import free_loopback_port
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 JOB_TIMEOUT_S = 600
 

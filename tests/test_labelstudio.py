@@ -13,12 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
-from test_al_job import tiny
-from test_al_loop import FakeBackend, ground_truth
+from helpers import FakeBackend, ground_truth, tiny
 
 from jobs import al as al_job
 from orchestrator.config import ActiveLearningConfig, LabelStudioConfig
-from orchestrator.coordinator import Coordinator, snapshot_path
 from orchestrator.labelstudio import rle
 from orchestrator.labelstudio.handoff import (
     LabelStudioHandoff,
@@ -28,10 +26,10 @@ from orchestrator.labelstudio.handoff import (
 )
 from orchestrator.labelstudio.imports import LabelStudioImportError, polygon_mask
 from orchestrator.labelstudio.tasks import LOCAL_FILES, ImageReferences, labelling_config
-from orchestrator.loop import Explained, Progress, run_cycles
 from orchestrator.oracles import AnnotationRequest, LabelStudioOracle
 from orchestrator.pool_state import LABELLED, PoolState
-from orchestrator.strategies import get_strategy
+from orchestrator.run import ActiveLearningRun, Explained, Progress
+from orchestrator.run_layout import RunLayout
 from orchestrator.typed_config import ConfigError, load_config
 from segxal.data.cityscapes import cityscapes_manifest
 from segxal.data.dataset import SampleTransform, SegmentationDataset
@@ -243,7 +241,7 @@ class PromptingBackend(FakeBackend):
         wrong = super().prediction(sample_id)
         return np.where(wrong == 255, 8, wrong).astype(np.uint8)
 
-    def explain(self, cycle, checkpoint, selected, panel_dir, panels):
+    def explain(self, cycle, checkpoint, selected, kind, panel_dir, panels):
         region_map = np.zeros(SIZE, np.int32)
         region_map[2:6, 3:9], region_map[10:12, 20:30] = 1, 2
         regions = [
@@ -297,11 +295,11 @@ def exported(synthetic_root, tmp_path):
     images = ImageReferences.from_config(synthetic_root, LabelStudioConfig())
     backend = PromptingBackend(truth, tmp_path)
     state = PoolState.create(tmp_path / "initial.parquet", train, 4, seed=3, validation=val)
-    coordinator = Coordinator(tmp_path, state, AL, CITYSCAPES, seed=3, oracle=LabelStudioOracle({}))
     handoff = LabelStudioHandoff(tmp_path, images, CITYSCAPES, 10)
-    history = run_cycles(
-        coordinator, backend, get_strategy(AL.strategy), tmp_path, Progress(), 2, handoff=handoff
+    owner = ActiveLearningRun(
+        RunLayout(tmp_path), state, AL, CITYSCAPES, 3, LabelStudioOracle({}), handoff
     )
+    history = owner.run(backend, 2)
     assert (
         len(history) == 1 and handoff.handed_over == 1
     )  # cycle 0 trained, cycle 1 waits for people
@@ -311,17 +309,16 @@ def exported(synthetic_root, tmp_path):
 def continue_run(run_dir, images, backend, export_file, cycles=2):
     """What ``jobs.al --resume RUN --stage import FILE`` does, on the fake backend: check the export in
     full, then finish the cycle."""
-    progress = Progress.load(run_dir)
+    layout = RunLayout(run_dir)
+    progress = Progress.load(layout)
     imported = import_cycle(run_dir, progress.completed_cycle + 1, export_file, images, CITYSCAPES)
-    state = PoolState.load(snapshot_path(run_dir, progress.completed_cycle))
-    coordinator = Coordinator(
-        run_dir, state, AL, CITYSCAPES, seed=3, oracle=LabelStudioOracle(imported.labels)
-    )
+    state = PoolState.load(layout.snapshot(progress.completed_cycle))
     handoff = LabelStudioHandoff(run_dir, images, CITYSCAPES, 10, imported)
-    history = run_cycles(
-        coordinator, backend, get_strategy(AL.strategy), run_dir, progress, cycles, handoff=handoff
+    owner = ActiveLearningRun(
+        layout, state, AL, CITYSCAPES, 3, LabelStudioOracle(imported.labels), handoff, progress
     )
-    return coordinator, history, handoff
+    history = owner.run(backend, cycles)
+    return owner, history, handoff
 
 
 def accepted_unchanged(tasks: list[dict]) -> list[dict]:
@@ -378,7 +375,7 @@ def test_export_writes_tasks_config_and_instructions(exported):
     text = instructions(run_dir, 1)
     assert str(folder / "tasks.json") in text
     assert f"python -m jobs.al --resume {run_dir} --stage import" in text
-    assert Progress.load(run_dir).completed_cycle == 0
+    assert Progress.load(RunLayout(run_dir)).completed_cycle == 0
 
 
 def test_round_trip_accepted_pre_annotations_equal_the_predictions(exported):
@@ -404,7 +401,7 @@ def test_round_trip_accepted_pre_annotations_equal_the_predictions(exported):
     assert (
         "time/score_s" in metrics and "time/train_s" in metrics
     )  # the query half, timed at export
-    state = PoolState.load(snapshot_path(run_dir, 1))
+    state = PoolState.load(RunLayout(run_dir).snapshot(1))
     assert state.count(LABELLED) == 4 + 3
     for sample_id in ids:
         record = state.record(sample_id)
@@ -430,7 +427,7 @@ def test_round_trip_accepted_pre_annotations_equal_the_predictions(exported):
             relabel, backend.prediction(sample_id)
         )  # what training reads, pixel for pixel
     assert (export_dir(run_dir, 1) / "export.json").read_text() == export_file.read_text()
-    assert Progress.load(run_dir).completed_cycle == 1
+    assert Progress.load(RunLayout(run_dir)).completed_cycle == 1
 
 
 def test_corrections_are_painted_over_the_pre_annotation_and_costed(exported):
@@ -533,7 +530,7 @@ def test_bad_export_is_refused_and_the_pool_state_untouched(exported, spoil):
         continue_run(run_dir, images, backend, write_json(run_dir / "bad.json", export))
     assert hashlib.sha256(state_file.read_bytes()).hexdigest() == before
     assert not (export_dir(run_dir, 1) / "export.json").exists()
-    assert Progress.load(run_dir).completed_cycle == 0
+    assert Progress.load(RunLayout(run_dir)).completed_cycle == 0
 
 
 def test_truncated_export_is_refused_and_the_pool_state_untouched(exported):
@@ -572,7 +569,9 @@ def test_stage_is_refused_where_it_does_not_apply(synthetic_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_jobs_al_stops_for_people_and_continues_with_their_export(synthetic_root, tmp_path, capsys):
+def test_jobs_al_stops_for_people_and_continues_with_their_export(
+    own_ray, synthetic_root, tmp_path, capsys
+):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_dir = tmp_path / "runs" / "people"
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
@@ -612,7 +611,7 @@ def test_jobs_al_stops_for_people_and_continues_with_their_export(synthetic_root
     ]  # the model's own segmentation, pixel for pixel
     state = PoolState.load(state_file)
     assert {state.record(d["sample_id"])["oracle"] for d in decisions} == {"labelstudio"}
-    assert Progress.load(run_dir).completed_cycle == 1
+    assert Progress.load(RunLayout(run_dir)).completed_cycle == 1
     mlflow.set_tracking_uri(uri)
     (run,) = mlflow.search_runs(experiment_names=["al-test"], output_format="list")
     client = mlflow.MlflowClient(uri)

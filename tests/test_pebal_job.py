@@ -1,13 +1,10 @@
 """jobs.pebal end to end on tiny synthetic data with a temporary MLflow store, and its input checks."""
 
 import json
-from dataclasses import asdict
 
 import mlflow
 import pytest
-import ray
-import yaml
-from conftest import TINY_SYNTHETIC
+from helpers import write_config
 
 from jobs.pebal import main
 from segxal.checkpoint import load_checkpoint, save_checkpoint
@@ -15,35 +12,6 @@ from segxal.models.unet import UNet, UNetConfig
 from segxal.pebal.evaluate import default_methods
 
 DATASETS = ("synthetic", "cityscapes_anomalymix_val")
-
-
-def write_config(tmp_path, synthetic_root, tracking_uri, **pebal):
-    config = {
-        "name": "pebal-test",
-        "output_dir": str(tmp_path / "runs"),
-        "progress": False,
-        "data": {
-            "dataset": "synthetic",
-            "root": str(synthetic_root),
-            "image_size": [64, 128],
-            "synthetic": asdict(TINY_SYNTHETIC),
-        },
-        "model": {"width": 8, "depth": 3},
-        "train": {"epochs": 2, "batch_size": 4, "lr": 0.01, "device": "cpu"},
-        "pebal": {
-            "m_in": -4.0,
-            "m_out": -2.0,
-            "trainable": ["decoder.2", "head"],
-            "benchmarks": [str(synthetic_root / "anomaly")],
-            "panel_images": 2,
-            "finetune": {"epochs": 2, "batch_size": 4, "device": "cpu"},
-            **pebal,
-        },
-        "tracking": {"tracking_uri": tracking_uri, "experiment": "pebal-test"},
-    }
-    path = tmp_path / "pebal.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
 
 
 def no_run_started(tmp_path, tracking_uri):
@@ -114,13 +82,6 @@ def test_a_missing_pretrained_checkpoint_stops_before_training(
         main(["--config", config, "--quiet"])
     assert f"input error: {tmp_path / 'nope.pt'}: checkpoint not found" == caught.value.code
     assert no_run_started(tmp_path, tracking_uri)
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.mark.slow

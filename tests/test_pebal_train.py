@@ -6,7 +6,6 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import ray
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
@@ -285,13 +284,6 @@ def test_epoch_trains_only_the_last_block_and_stops_on_non_finite_loss(
 
 
 # -- Ray Train ------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
-    yield
-    ray.shutdown()
 
 
 def bn_statistics(state):

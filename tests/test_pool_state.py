@@ -1,12 +1,11 @@
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from helpers import accept, ids_with_role, return_to_pool
 
 from orchestrator import parquet_io
 from orchestrator import pool_state as ps
@@ -18,10 +17,10 @@ from orchestrator.pool_state import (
     PoolState,
     PoolStateError,
     PoolStateFileError,
-    checksum_path,
-    previous_path,
 )
+from segxal import verified_files as vf
 from segxal.data.manifest import MANIFEST_SCHEMA
+from segxal.verified_files import checksum_path, previous_path
 
 
 def make_manifest(
@@ -57,7 +56,7 @@ def pool(tmp_path) -> PoolState:
 
 
 def first_unlabelled(state: PoolState, k: int) -> list[str]:
-    return state.ids(UNLABELLED)[:k].to_pylist()
+    return ids_with_role(state, UNLABELLED)[:k].to_pylist()
 
 
 def frozen(state: PoolState, tmp_path, name: str = "frozen.parquet") -> PoolState:
@@ -87,24 +86,23 @@ def test_initial_split_is_deterministic_from_the_seed_and_input_order(pool, tmp_
         seed=1,
         validation=make_manifest(4, "val", prefix="v"),
     )
-    assert other.ids(LABELLED).to_pylist() != pool.ids(LABELLED).to_pylist()
-    assert PoolState.create(tmp_path / "count.parquet", make_manifest(20), 5, seed=0).ids(
-        LABELLED
-    ) == pool.ids(LABELLED)
+    assert ids_with_role(other, LABELLED).to_pylist() != ids_with_role(pool, LABELLED).to_pylist()
+    counted = PoolState.create(tmp_path / "count.parquet", make_manifest(20), 5, seed=0)
+    assert ids_with_role(counted, LABELLED) == ids_with_role(pool, LABELLED)
 
 
 def test_initial_rows_and_queries(pool):
     table = pool.table
     assert table.column("sample_id").to_pylist() == sorted(table.column("sample_id").to_pylist())
-    assert pool.ids(VALIDATION).to_pylist() == ["v000", "v001", "v002", "v003"]
-    labelled = pool.record(pool.ids(LABELLED)[0].as_py())
+    assert ids_with_role(pool, VALIDATION).to_pylist() == ["v000", "v001", "v002", "v003"]
+    labelled = pool.record(ids_with_role(pool, LABELLED)[0].as_py())
     assert labelled["cycle_labelled"] == 0 and labelled["label_source"] == labelled["label_path"]
     assert (
         labelled["oracle"] is None
         and labelled["times_returned"] == 0
         and labelled["annotation_cost"] == 0.0
     )
-    unlabelled = pool.record(pool.ids(UNLABELLED)[0].as_py())
+    unlabelled = pool.record(ids_with_role(pool, UNLABELLED)[0].as_py())
     assert (
         unlabelled["cycle_labelled"] == -1
         and unlabelled["label_source"] is None
@@ -112,7 +110,7 @@ def test_initial_rows_and_queries(pool):
     )
     assert pool.training_pool_size == 20 and pool.labelled_fraction == 0.25 and len(pool) == 24
     with pytest.raises(ValueError, match="unknown role 'train'"):
-        pool.ids("train")
+        pool.count("train")
     with pytest.raises(KeyError, match="unknown sample id 'nope'"):
         pool.record("nope")
 
@@ -167,7 +165,8 @@ def test_construction_needs_labels_for_the_initial_pool_and_manifest_columns(tmp
 def test_accept_return_and_quarantine_rewrite_the_file_and_keep_invariants(pool, tmp_path):
     a, b, c = first_unlabelled(pool, 3)
     before = frozen(pool, tmp_path)
-    pool.accept(
+    accept(
+        pool,
         [a, b],
         cycle=1,
         oracle="pseudo",
@@ -188,8 +187,8 @@ def test_accept_return_and_quarantine_rewrite_the_file_and_keep_invariants(pool,
     assert (row["dice"], row["annotation_cost"], row["label_source"]) == (0.8, 3.0, "/r/a.png")
     assert pool.labelled_fraction == 7 / 20 and pool.total_annotation_cost == 7.0
 
-    pool.return_to_pool([c], cycle=1, oracle="simulated", dice=[0.2], cost=1.5)
-    pool.return_to_pool([c], cycle=2, oracle="simulated", dice=[0.3], cost=1.0)
+    return_to_pool(pool, [c], cycle=1, oracle="simulated", dice=[0.2], cost=1.5)
+    return_to_pool(pool, [c], cycle=2, oracle="simulated", dice=[0.3], cost=1.0)
     row = pool.record(c)
     assert (
         row["role"],
@@ -211,11 +210,11 @@ def test_accept_return_and_quarantine_rewrite_the_file_and_keep_invariants(pool,
         "unreadable image",
         "truncated",
     ]
-    pool.check_invariants()
+    PoolState.load(pool.path)
     assert PoolState.load(pool.path).counts() == pool.counts()
 
     content = pool.path.read_bytes()
-    pool.accept([], 1, "pseudo", [], 0.0, [])  # nothing to do: nothing rewritten
+    accept(pool, [], 1, "pseudo", [], 0.0, [])  # nothing to do: nothing rewritten
     assert (
         pool.path.read_bytes() == content
         and PoolState.load(previous_path(pool.path)).count(QUARANTINED) == 1
@@ -224,35 +223,37 @@ def test_accept_return_and_quarantine_rewrite_the_file_and_keep_invariants(pool,
 
 def test_accept_with_nan_dice_stores_null(pool):
     (a,) = first_unlabelled(pool, 1)
-    pool.accept([a], 1, "pseudo", float("nan"), 0.0, ["/r/a.png"])
+    accept(pool, [a], 1, "pseudo", float("nan"), 0.0, ["/r/a.png"])
     assert pool.record(a)["dice"] is None
 
 
 def test_transition_errors_name_the_ids_and_leave_the_file_alone(pool):
-    labelled = pool.ids(LABELLED)[0].as_py()
+    labelled = ids_with_role(pool, LABELLED)[0].as_py()
     (a,) = first_unlabelled(pool, 1)
     content = pool.path.read_bytes()
     with pytest.raises(
         PoolStateError,
-        match=rf"accept: sample ids \['{labelled}'\] have role \['labelled'\], expected one of \['unlabelled'\]",
+        match=rf"record_decisions: sample ids \['{labelled}'\] have role \['labelled'\], expected one of \['unlabelled'\]",
     ):
-        pool.accept([a, labelled], 1, "pseudo", [0.9, 0.9], 0.0, ["/r.png", "/s.png"])
+        accept(pool, [a, labelled], 1, "pseudo", [0.9, 0.9], 0.0, ["/r.png", "/s.png"])
     with pytest.raises(PoolStateError, match=r"unknown sample ids \['nope'\]"):
-        pool.return_to_pool([a, "nope"], 1, "pseudo", [0.1, 0.1])
+        return_to_pool(pool, [a, "nope"], 1, "pseudo", [0.1, 0.1])
     with pytest.raises(PoolStateError, match="duplicate sample ids"):
-        pool.accept([a, a], 1, "pseudo", [0.9, 0.9], 0.0, ["/r.png", "/r.png"])
+        accept(pool, [a, a], 1, "pseudo", [0.9, 0.9], 0.0, ["/r.png", "/r.png"])
     with pytest.raises(PoolStateError, match="cycle must be an int >= 1"):
-        pool.accept([a], 0, "pseudo", [0.9], 0.0, ["/r.png"])
+        accept(pool, [a], 0, "pseudo", [0.9], 0.0, ["/r.png"])
     with pytest.raises(PoolStateError, match=r"dice must be in \[0, 1\]"):
-        pool.accept([a], 1, "pseudo", [1.2], 0.0, ["/r.png"])
-    with pytest.raises(PoolStateError, match="label_paths: expected 1 non-empty paths"):
-        pool.accept([a], 1, "pseudo", [0.9], 0.0, [])
+        accept(pool, [a], 1, "pseudo", [1.2], 0.0, ["/r.png"])
+    with pytest.raises(
+        PoolStateError, match="label_paths: expected a non-empty path for each accepted id"
+    ):
+        accept(pool, [a], 1, "pseudo", [0.9], 0.0, [])
     with pytest.raises(PoolStateError, match="cost must be finite and >= 0"):
-        pool.return_to_pool([a], 1, "pseudo", [0.1], -1.0)
+        return_to_pool(pool, [a], 1, "pseudo", [0.1], -1.0)
     with pytest.raises(PoolStateError, match="dice: expected 1 values"):
-        pool.return_to_pool([a], 1, "pseudo", [0.1, 0.2])
+        return_to_pool(pool, [a], 1, "pseudo", [0.1, 0.2])
     with pytest.raises(PoolStateError, match="oracle must be a non-empty string"):
-        pool.return_to_pool([a], 1, "", [0.1])
+        return_to_pool(pool, [a], 1, "", [0.1])
     with pytest.raises(PoolStateError, match="reason must be a non-empty string"):
         pool.quarantine(a, "")
     with pytest.raises(PoolStateError, match="reasons: expected 1"):
@@ -270,7 +271,7 @@ def test_a_state_in_many_row_groups_is_checked_and_updated_across_them(tmp_path,
     assert pq.ParquetFile(state.path).num_row_groups == 8
     assert state.table.equals(whole.table, check_metadata=True)  # same rows, same ids fingerprint
     chosen = first_unlabelled(state, 24)[::5]  # spread over several row groups
-    state.accept(chosen, 1, "pseudo", 0.9, 1.0, [f"/r/{i}.png" for i in chosen])
+    accept(state, chosen, 1, "pseudo", 0.9, 1.0, [f"/r/{i}.png" for i in chosen])
     assert [PoolState.load(state.path).record(i)["role"] for i in chosen] == [LABELLED] * len(
         chosen
     )
@@ -297,7 +298,7 @@ def check_whole(table: pa.Table, tmp_path) -> None:
     pq.write_table(
         table.cast(nullable), path, row_group_size=parquet_io.ROWS_PER_BATCH
     )  # nulls anywhere
-    ps._write_checksum(path, ps._sha256_file(path))
+    vf.write_checksum(path, vf.sha256_file(path))
     try:
         PoolState.load(path)
     except PoolStateFileError as error:
@@ -377,8 +378,8 @@ def test_broken_tables_are_rejected(pool, tmp_path):
 
 def test_load_round_trip_and_copies(pool, tmp_path):
     a, b = first_unlabelled(pool, 2)
-    pool.accept([a], 1, "pseudo", [0.7], 2.0, ["/r/a.png"])
-    pool.return_to_pool([b], 1, "pseudo", [0.1], 1.0)
+    accept(pool, [a], 1, "pseudo", [0.7], 2.0, ["/r/a.png"])
+    return_to_pool(pool, [b], 1, "pseudo", [0.1], 1.0)
     loaded = PoolState.load(pool.path)
     assert loaded == pool and loaded.table.schema.metadata == pool.table.schema.metadata
     assert loaded.counts() == pool.counts() and loaded.total_annotation_cost == 3.0
@@ -397,7 +398,7 @@ def written_twice(pool: PoolState, tmp_path) -> tuple[PoolState, PoolState]:
     """(a copy of the first state, the state) after a second write to ``pool.path``."""
     first = frozen(pool, tmp_path, "first.parquet")
     (a,) = first_unlabelled(pool, 1)
-    pool.accept([a], 1, "pseudo", [0.9], 1.0, ["/r/a.png"])
+    accept(pool, [a], 1, "pseudo", [0.9], 1.0, ["/r/a.png"])
     assert PoolState.load(pool.path) == pool and PoolState.load(previous_path(pool.path)) == first
     return first, pool
 
@@ -450,11 +451,11 @@ def test_missing_files_are_clear_errors(pool, tmp_path):
 def test_a_valid_checksum_over_a_non_pool_file_is_rejected(pool, tmp_path):
     path = tmp_path / "state.parquet"
     pq.write_table(pool.table.slice(1), path)  # written around PoolState: a lost row
-    ps._write_checksum(path, ps._sha256_file(path))
+    vf.write_checksum(path, vf.sha256_file(path))
     with pytest.raises(PoolStateFileError, match="invalid pool state .*created with 24"):
         PoolState.load(path)
     path.write_bytes(b"not parquet at all")
-    ps._write_checksum(path, ps._sha256_file(path))
+    vf.write_checksum(path, vf.sha256_file(path))
     with pytest.raises(PoolStateFileError, match="cannot read Parquet"):
         PoolState.load(path)
 
@@ -485,7 +486,7 @@ def test_crash_between_rotation_and_rename_keeps_the_last_good_state(pool, tmp_p
             raise OSError("power cut")
         real_replace(src, dst)
 
-    monkeypatch.setattr(ps.os, "replace", replace)
+    monkeypatch.setattr(vf.os, "replace", replace)
     with pytest.raises(OSError, match="power cut"):
         second.quarantine(first_unlabelled(second, 1)[0], "x")
     monkeypatch.undo()
@@ -502,14 +503,14 @@ def test_crash_before_the_checksum_is_written_keeps_the_last_good_state(
     path = pool.path
     first, second = written_twice(pool, tmp_path)
     second_copy = frozen(second, tmp_path, "second.parquet")
-    real_write = ps._write_checksum
+    real_write = vf.write_checksum
 
     def write_checksum(target, digest):
         if target == path:
             raise OSError("power cut")
         real_write(target, digest)
 
-    monkeypatch.setattr(ps, "_write_checksum", write_checksum)
+    monkeypatch.setattr(vf, "write_checksum", write_checksum)
     with pytest.raises(OSError, match="power cut"):
         second.quarantine(first_unlabelled(second, 1)[0], "x")
     monkeypatch.undo()
@@ -538,8 +539,9 @@ def test_a_million_samples_build_transition_and_persist(tmp_path):
     )
     state = PoolState.create(tmp_path / "state.parquet", manifest, 0.1, seed=0)
     assert state.count(LABELLED) == 100_000
-    chosen = state.ids(UNLABELLED)[:1000]
-    state.accept(
+    chosen = ids_with_role(state, UNLABELLED)[:1000]
+    accept(
+        state,
         chosen,
         1,
         "pseudo",
@@ -551,9 +553,27 @@ def test_a_million_samples_build_transition_and_persist(tmp_path):
     assert loaded.count(LABELLED) == 101_000 and len(loaded) == n
 
 
-def test_orchestrator_core_does_not_import_ray():
-    code = "import sys, orchestrator.pool_state, orchestrator.strategies, orchestrator.gate; print('ray' in sys.modules)"
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+def test_a_gate_decision_on_a_batch_is_one_rewrite(pool, tmp_path):
+    a, b, c = first_unlabelled(pool, 3)
+    before = frozen(pool, tmp_path)
+    pool.record_decisions(
+        [a, b, c],
+        2,
+        "simulated",
+        [0.9, 0.1, 0.8],
+        [1.0, 2.0, 3.0],
+        [True, False, True],
+        ["/r/a.png", None, "/r/c.png"],
     )
-    assert result.stdout.strip() == "False"
+    assert (
+        PoolState.load(previous_path(pool.path)) == before
+    )  # one publish: the previous is the start
+    rows = {i: pool.record(i) for i in (a, b, c)}
+    assert [rows[i]["role"] for i in (a, b, c)] == [LABELLED, UNLABELLED, LABELLED]
+    assert [rows[i]["label_source"] for i in (a, b, c)] == ["/r/a.png", None, "/r/c.png"]
+    assert [rows[i]["times_returned"] for i in (a, b, c)] == [0, 1, 0]
+    assert [rows[i]["cycle_labelled"] for i in (a, b, c)] == [2, -1, 2]
+    assert [rows[i]["last_cycle"] for i in (a, b, c)] == [2, 2, 2]
+    assert pool.total_annotation_cost == 6.0
+    with pytest.raises(PoolStateError, match="label_paths: expected a non-empty path"):
+        pool.record_decisions(first_unlabelled(pool, 1), 3, "pseudo", 0.5, 0.0, [False], ["/x.png"])

@@ -10,15 +10,15 @@ from contextlib import ExitStack
 import pytest
 import ray
 import yaml
+from helpers import CLUSTER_YAML
 from procfs import descendants, listening_sockets, socket_inodes
-from test_cluster_yaml import CLUSTER_YAML
 
 from jobs import common
 from jobs.common import free_loopback_port, init_ray, print_results_hint
 
 
 @pytest.mark.slow
-def test_the_jobs_embedded_ray_listens_on_loopback_only(monkeypatch):
+def test_the_jobs_embedded_ray_listens_on_loopback_only(own_ray, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "")  # init_ray sets it: restored afterwards
     constants = ray._private.ray_constants

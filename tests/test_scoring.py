@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from actors.scoring import UNREADABLE, PoolScorer
+from orchestrator.strategies import ScoreKind
 from segxal.data.cityscapes import cityscapes_manifest
 from segxal.data.dataset import SampleTransform, SegmentationDataset
 from segxal.data.labels import CITYSCAPES
@@ -55,7 +56,7 @@ def with_broken_image(rows: pa.Table, index: int, tmp_path) -> tuple[pa.Table, s
 
 
 def test_entropy_scores_are_the_mean_normalised_entropy_of_each_image(scorer, model, rows):
-    scores = scorer.score(rows, "entropy")
+    scores = scorer.score(rows, ScoreKind.ENTROPY)
     dataset = SegmentationDataset(rows, CITYSCAPES, SampleTransform(size=SIZE))
     with torch.no_grad():
         expected = [
@@ -70,9 +71,9 @@ def test_entropy_scores_are_the_mean_normalised_entropy_of_each_image(scorer, mo
 def test_an_unreadable_image_is_set_aside_with_its_reason_and_the_rest_scored_as_before(
     scorer, rows, tmp_path
 ):
-    clean = scorer.score(rows, "eem")
+    clean = scorer.score(rows, ScoreKind.EEM)
     damaged, broken = with_broken_image(rows, 2, tmp_path)
-    scores = scorer.score(damaged, "eem")
+    scores = scorer.score(damaged, ScoreKind.EEM)
     bad_id = rows["sample_id"][2].as_py()
     assert sorted(scores["sample_id"].to_pylist()) == sorted(
         rows["sample_id"].to_pylist()
@@ -90,7 +91,7 @@ def test_an_unreadable_image_is_set_aside_with_its_reason_and_the_rest_scored_as
 
 def test_core_set_embeddings_leave_an_unreadable_image_null(scorer, rows, tmp_path):
     damaged, _ = with_broken_image(rows, 0, tmp_path)
-    table = scorer.score(damaged, "coreset")
+    table = scorer.score(damaged, ScoreKind.EMBEDDING)
     embeddings = dict(
         zip(table["sample_id"].to_pylist(), table["embedding"].to_pylist(), strict=True)
     )
@@ -100,7 +101,7 @@ def test_core_set_embeddings_leave_an_unreadable_image_null(scorer, rows, tmp_pa
 
 def test_explain_returns_requests_for_readable_images_only(scorer, rows, tmp_path):
     damaged, broken = with_broken_image(rows.slice(0, 3), 1, tmp_path)
-    explained = scorer.explain(damaged, "eem", str(tmp_path), panels=1)
+    explained = scorer.explain(damaged, ScoreKind.EEM, str(tmp_path), panels=1)
     ids = rows["sample_id"].to_pylist()[:3]
     assert [r.sample_id for r in explained.requests] == [ids[0], ids[2]]
     assert list(explained.unreadable) == [ids[1]] and broken in explained.unreadable[ids[1]]

@@ -2,20 +2,27 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from orchestrator.strategies import (
-    STRATEGIES,
-    Scorer,
-    Selection,
+from orchestrator.selection import (
     budget_count,
     cycle_rng,
     draw_subset,
-    get_strategy,
     k_center_greedy,
-    random_select,
-    select,
-    top_n,
     top_n_of_batches,
 )
+from orchestrator.strategies import STRATEGIES, Candidates, ScoreKind, get_strategy
+from segxal.eem.config import EEMConfig
+
+
+def top_n(ids, scores, n):
+    return top_n_of_batches([(ids, scores)], n)
+
+
+def candidates(columns: dict, rng=0, labelled=None, batch=2) -> Candidates:
+    """``columns`` as a strategy's input, in batches of ``batch`` rows."""
+    table = pa.table(columns)
+    batches = [table.slice(i, batch) for i in range(0, len(table), batch)]
+    return Candidates(batches, len(table), np.random.default_rng(rng), labelled)
+
 
 # ---- core-set ------------------------------------------------------------------------------------
 
@@ -77,11 +84,15 @@ def test_k_center_errors():
     assert k_center_greedy(np.zeros((3, 2)), None, 0).tolist() == []
 
 
-def test_select_coreset_breaks_ties_by_id_whatever_the_input_order():
-    ids = ["e", "d", "c", "b", "a"]
-    features = np.array([[0.0], [4.0], [-4.0], [1.0], [-1.0]])  # d and c tie at distance 4 from e
-    chosen = select("coreset", ids, 2, features=features, labelled_features=np.array([[0.0]]))
-    assert chosen.to_pylist() == ["c", "d"]
+def test_coreset_breaks_ties_by_id_and_refuses_candidates_out_of_order():
+    features = {"a": [-1.0], "b": [1.0], "c": [-4.0], "d": [4.0], "e": [0.0]}
+    ids = sorted(features)  # d and c tie at distance 4 from the labelled centre 0
+    rows = {"sample_id": ids, "embedding": [features[i] for i in ids]}
+    chosen = get_strategy("coreset").select(candidates(rows, labelled=np.array([[0.0]])), 2)
+    assert chosen == ["c", "d"]
+    shuffled = {"sample_id": ids[::-1], "embedding": [features[i] for i in ids[::-1]]}
+    with pytest.raises(ValueError, match="candidates must come in id order"):
+        get_strategy("coreset").select(candidates(shuffled), 2)
 
 
 # ---- top n ---------------------------------------------------------------------------------------
@@ -119,15 +130,14 @@ def test_top_n_handles_infinities_and_rejects_nan():
     assert top_n(["a", "b", "c"], [np.inf, -np.inf, 0.0], 2).to_pylist() == ["a", "c"]
     with pytest.raises(ValueError, match=r"NaN for 1 ids, e.g. \['b'\]"):
         top_n(["a", "b"], [1.0, np.nan], 1)
-    with pytest.raises(ValueError, match="missing scores"):
+    with pytest.raises(ValueError, match="NaN for 1 ids"):  # a missing score reads as NaN
         top_n(["a", "b"], pa.array([1.0, None]), 1)
 
 
 def test_top_n_errors():
     with pytest.raises(ValueError, match="expected 3 scores"):
         top_n(["a", "b", "c"], [1.0, 2.0], 1)
-    with pytest.raises(ValueError, match="larger than the 2 candidates"):
-        top_n(["a", "b"], [1.0, 2.0], 3)
+    assert top_n(["a", "b"], [1.0, 2.0], 3).to_pylist() == ["b", "a"]  # fewer than n: all, ranked
     with pytest.raises(ValueError, match="non-negative"):
         top_n(["a", "b"], [1.0, 2.0], -1)
     with pytest.raises(ValueError, match=r"duplicate sample ids \['a'\]"):
@@ -164,15 +174,19 @@ def test_draw_subset_sizes_and_errors():
         draw_subset(ids, 3, None)
 
 
-def test_random_select_and_cycle_rng():
-    ids = [f"s{i}" for i in range(50)]
-    chosen = random_select(ids, 5, cycle_rng(3, 2, "random")).to_pylist()
+def test_uniform_random_draws_by_cycle_rng_in_id_order():
+    ids = [f"s{i:02d}" for i in range(50)]
+    random = get_strategy("random")
+    chosen = random.select(
+        candidates({"sample_id": ids}, rng=cycle_rng(3, 2, "random"), batch=7), 5
+    )
     assert len(set(chosen)) == 5 and chosen == sorted(chosen) and set(chosen) <= set(ids)
-    assert random_select(ids[::-1], 5, cycle_rng(3, 2, "random")).to_pylist() == chosen
-    assert random_select(ids, 5, cycle_rng(3, 3, "random")).to_pylist() != chosen
-    assert select("random", ids, 5, rng=cycle_rng(3, 2, "random")).to_pylist() == chosen
-    with pytest.raises(ValueError, match="larger than the 50 candidates"):
-        random_select(ids, 51, 0)
+    expected = np.sort(cycle_rng(3, 2, "random").choice(50, size=5, replace=False))
+    assert chosen == [
+        ids[i] for i in expected
+    ]  # positions drawn by the generator, whatever the batches
+    assert random.select(candidates({"sample_id": ids}, rng=cycle_rng(3, 3, "random")), 5) != chosen
+    assert random.select(candidates({"sample_id": ids[:3]}), 5) == ids[:3]  # fewer than n: all
 
 
 # ---- budgets --------------------------------------------------------------------------------------
@@ -212,29 +226,29 @@ def test_budget_count_errors(budget, size, error, match):
 
 def test_registry_declares_what_each_strategy_needs():
     assert set(STRATEGIES) == {"eem", "eem_no_ebu", "eem_no_pae", "random", "entropy", "coreset"}
-    assert get_strategy("eem").scorer is Scorer.EEM and get_strategy("eem").needs_depth
-    assert (
-        get_strategy("eem_no_ebu").scorer is Scorer.PAE and get_strategy("eem_no_ebu").needs_depth
-    )
-    assert (
-        get_strategy("eem_no_pae").scorer is Scorer.EBU
-        and not get_strategy("eem_no_pae").needs_depth
-    )
-    assert (
-        get_strategy("entropy").scorer is Scorer.ENTROPY and not get_strategy("entropy").needs_depth
-    )
-    coreset = get_strategy("coreset")
-    assert (
-        coreset.scorer is Scorer.EMBEDDING
-        and coreset.selection is Selection.K_CENTER
-        and coreset.needs_labelled_features
-    )
-    assert not get_strategy("random").needs_segmenter
-    assert get_strategy("eem").eem_weights(0.3, 0.7) == (0.3, 0.7)
-    assert get_strategy("eem_no_ebu").eem_weights(0.3, 0.7) == (1.0, 0.0)
-    assert get_strategy("eem_no_pae").eem_weights(0.3, 0.7) == (0.0, 1.0)
-    with pytest.raises(ValueError, match="does not score with the EEM pipeline"):
-        get_strategy("entropy").eem_weights(0.5, 0.5)
+    kinds = {name: strategy.score_kind for name, strategy in STRATEGIES.items()}
+    assert kinds == {
+        "eem": ScoreKind.EEM,
+        "eem_no_ebu": ScoreKind.PAE,
+        "eem_no_pae": ScoreKind.EBU,
+        "entropy": ScoreKind.ENTROPY,
+        "coreset": ScoreKind.EMBEDDING,
+        "random": None,
+    }
+    assert {n for n, s in STRATEGIES.items() if s.needs_depth} == {"eem", "eem_no_ebu"}
+    assert {n for n, s in STRATEGIES.items() if s.needs_labelled_embeddings} == {"coreset"}
+    explained = {name: strategy.explain_kind for name, strategy in STRATEGIES.items()}
+    assert explained["eem_no_ebu"] is ScoreKind.PAE and explained["eem_no_pae"] is ScoreKind.EBU
+    assert explained["random"] is explained["coreset"] is explained["entropy"] is ScoreKind.EEM
+
+
+def test_score_kinds_set_the_eem_weights_of_the_ablations():
+    config = EEMConfig(alpha=0.3, beta=0.7)
+    weights = {k: (k.eem_config(config).alpha, k.eem_config(config).beta) for k in ScoreKind}
+    assert weights[ScoreKind.EEM] == (0.3, 0.7) and weights[ScoreKind.ENTROPY] == (0.3, 0.7)
+    assert weights[ScoreKind.PAE] == (1.0, 0.0) and weights[ScoreKind.EBU] == (0.0, 1.0)
+    assert ScoreKind.EMBEDDING.schema.names == ["sample_id", "embedding", "unreadable"]
+    assert ScoreKind.EEM.schema.names == ["sample_id", "score", "unreadable"]
 
 
 def test_unknown_strategy_lists_the_valid_names():
@@ -243,17 +257,10 @@ def test_unknown_strategy_lists_the_valid_names():
         match="unknown strategy 'eemm'; valid strategies: coreset, eem, eem_no_ebu, eem_no_pae, entropy, random",
     ):
         get_strategy("eemm")
-    with pytest.raises(ValueError, match="unknown strategy"):
-        select("bald", ["a"], 1, scores=[1.0])
 
 
-def test_select_names_what_is_missing():
-    with pytest.raises(ValueError, match="'eem' needs scores"):
-        select("eem", ["a", "b"], 1)
-    with pytest.raises(ValueError, match="'coreset' needs features"):
-        select("coreset", ["a", "b"], 1)
-    with pytest.raises(ValueError, match="'random' needs rng"):
-        select("random", ["a", "b"], 1)
-    with pytest.raises(ValueError, match="features: expected 2 rows"):
-        select("coreset", ["a", "b"], 1, features=np.zeros((3, 2)))
-    assert select(get_strategy("entropy"), ["a", "b"], 1, scores=[0.1, 0.9]).to_pylist() == ["b"]
+def test_top_score_streams_batches_and_keeps_the_best():
+    ids = [f"s{i}" for i in range(7)]
+    scores = [0.1, 0.9, 0.5, 0.9, 0.2, 0.7, 0.0]
+    chosen = get_strategy("entropy").select(candidates({"sample_id": ids, "score": scores}), 3)
+    assert chosen == ["s1", "s3", "s5"]

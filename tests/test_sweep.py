@@ -42,7 +42,7 @@ def test_sampled_trials_always_have_m_in_below_m_out():
 
 
 @pytest.fixture(scope="module")
-def sweep_ray():
+def sweep_ray(own_ray):
     """Ray as jobs.sweep starts it locally: with the State API that frees ASHA-stopped trials' workers."""
     saved = os.environ.get("RAY_API_SERVER_ADDRESS")
     init_ray(num_cpus=2)

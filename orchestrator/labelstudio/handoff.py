@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestrator.coordinator import cycle_name
 from orchestrator.labelstudio.imports import ExportedTask, LabelStudioImportError, read_export
 from orchestrator.labelstudio.tasks import ImageReferences, labelling_config, task
-from orchestrator.loop import Query
 from orchestrator.oracles import AnnotationRequest
+from orchestrator.run import Query
+from orchestrator.run_layout import RunLayout, cycle_name
 from segxal.data.io import image_size
 from segxal.data.labels import LabelSet
 from segxal.files import write_atomically
@@ -41,7 +41,7 @@ MAPS = ("prediction", "tta_prediction", "tta_confidence", "region_map")
 
 
 def export_dir(run_dir: str | Path, cycle: int) -> Path:
-    return Path(run_dir) / "labelstudio" / cycle_name(cycle)
+    return RunLayout(Path(run_dir)).labelstudio_dir(cycle)
 
 
 def is_exported(run_dir: str | Path, cycle: int) -> bool:
@@ -115,10 +115,13 @@ class PendingCycle:
         with np.load(folder / REQUESTS) as maps:
             requests = [
                 AnnotationRequest(
-                    record["sample_id"],
-                    record["image_path"],
-                    *(maps[f"{name}_{i}"] for name in MAPS),
-                    record["regions"],
+                    sample_id=record["sample_id"],
+                    image_path=record["image_path"],
+                    prediction=maps[f"prediction_{i}"],
+                    tta_prediction=maps[f"tta_prediction_{i}"],
+                    tta_confidence=maps[f"tta_confidence_{i}"],
+                    region_map=maps[f"region_map_{i}"],
+                    regions=record["regions"],
                 )
                 for i, record in enumerate(manifest["tasks"])
             ]
@@ -161,7 +164,7 @@ def import_cycle(
 
 
 class LabelStudioHandoff:
-    """The loop's :class:`~orchestrator.loop.Handoff` for people annotating in Label Studio."""
+    """The run's :class:`~orchestrator.run.Handoff` for people annotating in Label Studio."""
 
     def __init__(
         self,

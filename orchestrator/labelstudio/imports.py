@@ -90,7 +90,9 @@ def _load_tasks(path: Path) -> list:
 def _task_name(item, index: int) -> str:
     if not isinstance(item, dict):
         return f"task #{index + 1}"
-    data = item.get("data") if isinstance(item.get("data"), dict) else {}
+    data = item.get("data")
+    if not isinstance(data, dict):
+        data = {}
     number = item.get("id", f"#{index + 1}")
     return f"task {number} ({data['sample_id']})" if "sample_id" in data else f"task {number}"
 

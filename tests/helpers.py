@@ -1,0 +1,276 @@
+"""Helpers shared by test modules (no test module imports another)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import zlib
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import ray.autoscaler
+import torch
+import yaml
+from conftest import TINY_SYNTHETIC
+from procfs import cpu_ticks
+
+from actors.ray_train import TrainingJob
+from actors.scoring import ScorerPool
+from orchestrator.oracles import AnnotationRequest
+from orchestrator.pool_state import PoolState
+from orchestrator.records import UNREADABLE
+from orchestrator.run import Explained, TrainOutcome
+from orchestrator.strategies import ScoreKind
+from segxal.data.cityscapes import cityscapes_manifest
+from segxal.data.dataset import SampleTransform, SegmentationDataset
+from segxal.data.labels import CITYSCAPES
+from segxal.eem.config import EEMConfig
+from segxal.models.unet import UNet, UNetConfig
+from segxal.training import TrainConfig
+
+SCORER_ARGS = {
+    "eem": EEMConfig(min_region_area=2),
+    "label_set": "cityscapes",
+    "size": None,
+    "batch_size": 1,
+    "device": "cpu",
+}
+
+SIZE = (16, 32)  # the loop tests' scoring resolution
+THETA = 0.3  # the tiny job's Dice gate
+
+
+def pool_rows(synthetic_root, copies: int) -> pa.Table:
+    """The training images ``copies`` times over, each copy under its own ids: a pass long enough to
+    be interrupted."""
+    manifest = cityscapes_manifest(synthetic_root, "train")
+    column = manifest.schema.get_field_index("sample_id")
+    ids = manifest["sample_id"].to_pylist()
+    return pa.concat_tables(
+        [
+            manifest.set_column(column, "sample_id", pa.array([f"{i}#{k}" for i in ids]))
+            for k in range(copies)
+        ]
+    )
+
+
+def tiny_checkpoint() -> dict:
+    torch.manual_seed(0)
+    return UNet(UNetConfig(num_classes=19, width=4, depth=2)).to_checkpoint()
+
+
+def actor_pid(actor) -> int:
+    return ray.get(actor.__ray_call__.remote(lambda scorer: os.getpid()))
+
+
+def model_version(actor) -> int | None:
+    """The model version the actor's current process loaded (None: it has scored nothing)."""
+    return ray.get(actor.__ray_call__.remote(lambda scorer: scorer.version))
+
+
+def pass_under_way(pool: ScorerPool, rows: pa.Table, pid: int) -> tuple[threading.Thread, dict]:
+    """A pass started in the background (its thread, and its outcome once done: ``table`` or ``error``),
+    returned as soon as the actor process ``pid`` works on it (0.05 s of CPU) while it still runs."""
+    idle = cpu_ticks(pid)
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["table"] = pool.score(rows, ScoreKind.EEM)
+        except BaseException as error:  # reported by the test
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while cpu_ticks(pid) < idle + 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert thread.is_alive(), "the pass ended before the fault"
+    return thread, outcome
+
+
+def assert_scored_once_like(result: pa.Table, reference: pa.Table, rows: pa.Table) -> None:
+    ids = result["sample_id"].to_pylist()
+    assert Counter(ids) == Counter(rows["sample_id"].to_pylist())  # every id, exactly once
+    assert ids == reference["sample_id"].to_pylist()
+    np.testing.assert_allclose(
+        result["score"].to_numpy(), reference["score"].to_numpy(), rtol=1e-6, atol=1e-9
+    )
+
+
+CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster.yaml"
+
+
+def score_of(sample_id: str) -> float:
+    return (zlib.crc32(sample_id.encode()) % 4) / 4  # few distinct values: ties are common
+
+
+class FakeBackend:
+    """Predictions are the truth with a stripe of rows wrong, wider for some ids, so Dice varies."""
+
+    def __init__(self, truth, tmp: Path):
+        self.truth, self.tmp = truth, tmp
+        self.trained_on = []
+
+    def train(self, cycle, train, val, init_checkpoint):
+        path = self.tmp / f"fake_{cycle}.pt"
+        torch.save({"cycle": cycle}, path)
+        ids = [i for table in train for i in table["sample_id"].to_pylist()]
+        list(val)
+        self.trained_on.append(sorted(ids))
+        return TrainOutcome(path, {"val/miou": len(ids) / 100})
+
+    def score(self, cycle, checkpoint, rows, kind):
+        for table in rows:
+            ids = table["sample_id"].to_pylist()
+            values = [self.value(i, kind) for i in ids]
+            yield pa.table(
+                {"sample_id": ids, kind.schema.names[1]: values, UNREADABLE: [None] * len(ids)},
+                schema=kind.schema,
+            )
+
+    def value(self, sample_id, kind):
+        if kind is ScoreKind.EMBEDDING:
+            return [zlib.crc32((str(k) + sample_id).encode()) % 97 / 97 for k in range(4)]
+        return score_of(sample_id)
+
+    def prediction(self, sample_id):
+        truth = self.truth(sample_id)
+        wrong = truth.copy()
+        rows = zlib.crc32(sample_id.encode()) % 5
+        wrong[:rows] = (wrong[:rows] + 1) % 19
+        return wrong
+
+    def explain(self, cycle, checkpoint, selected, kind, panel_dir, panels):
+        return Explained(
+            [
+                AnnotationRequest(
+                    i,
+                    p,
+                    self.prediction(i),
+                    self.prediction(i),
+                    np.ones(SIZE, np.float32),
+                    np.ones(SIZE, np.int32),
+                    [{"id": 1}],
+                    label_path=label,
+                )
+                for i, p, label in zip(
+                    *(selected[c].to_pylist() for c in ("sample_id", "image_path", "label_path")),
+                    strict=False,
+                )
+            ]
+        )
+
+
+def ground_truth(manifest: pa.Table, size: tuple[int, int]) -> Callable[[str], np.ndarray]:
+    """sample id -> its label in train ids at ``size``: what the simulated annotator corrects with."""
+    dataset = SegmentationDataset(manifest, CITYSCAPES, SampleTransform(size=size))
+    index = {s: i for i, s in enumerate(manifest["sample_id"].to_pylist())}
+    return lambda sample_id: dataset[index[sample_id]]["label"].numpy().astype(np.uint8)
+
+
+def tiny_training_job(synthetic_root, epochs: int) -> TrainingJob:
+    """A small U-Net on the tiny synthetic dataset at 32x64."""
+    return TrainingJob(
+        train_manifest=cityscapes_manifest(synthetic_root, "train"),
+        val_manifest=cityscapes_manifest(synthetic_root, "val"),
+        label_set="cityscapes",
+        unet=UNetConfig(num_classes=19, width=4, depth=2),
+        train=TrainConfig(epochs=epochs, batch_size=4, lr=0.01, device="cpu"),
+        train_transform=SampleTransform(size=(32, 64), augment=True),
+        val_transform=SampleTransform(size=(32, 64)),
+    )
+
+
+def write_config(tmp_path, synthetic_root, tracking_uri, **pebal):
+    config = {
+        "name": "pebal-test",
+        "output_dir": str(tmp_path / "runs"),
+        "progress": False,
+        "data": {
+            "dataset": "synthetic",
+            "root": str(synthetic_root),
+            "image_size": [64, 128],
+            "synthetic": asdict(TINY_SYNTHETIC),
+        },
+        "model": {"width": 8, "depth": 3},
+        "train": {"epochs": 2, "batch_size": 4, "lr": 0.01, "device": "cpu"},
+        "pebal": {
+            "m_in": -4.0,
+            "m_out": -2.0,
+            "trainable": ["decoder.2", "head"],
+            "benchmarks": [str(synthetic_root / "anomaly")],
+            "panel_images": 2,
+            "finetune": {"epochs": 2, "batch_size": 4, "device": "cpu"},
+            **pebal,
+        },
+        "tracking": {"tracking_uri": tracking_uri, "experiment": "pebal-test"},
+    }
+    path = tmp_path / "pebal.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny(synthetic_root, output_dir, tracking_uri, name, cycles):
+    settings = {
+        "name": name,
+        "output_dir": output_dir,
+        "tracking.tracking_uri": tracking_uri,
+        "tracking.experiment": "al-test",
+        "data.root": synthetic_root,
+        "data.image_size": "[32, 64]",
+        **{f"data.synthetic.{k}": v for k, v in TINY_SYNTHETIC.__dict__.items()},
+        "model.width": 4,
+        "model.depth": 2,
+        "train.epochs": 1,
+        "train.batch_size": 4,
+        "al.cycles": cycles,
+        "al.initial_labelled": 4,
+        "al.budget": 2,
+        "al.subset": 1.0,
+        "al.theta": THETA,
+        "al.num_scorers": 2,
+        "al.panels": 1,
+        "eem.min_region_area": 2,
+    }
+    return ["--config", "jobs/configs/demo.yaml", "--quiet"] + [
+        a for k, v in settings.items() for a in ("--set", f"{k}={v}")
+    ]
+
+
+def comparable_pool_state(run_dir) -> pa.Table:
+    """A run's final pool state with its run folder in paths (accepted labels) written as RUN."""
+    table = PoolState.load(run_dir / "pool_state.parquet").table
+    sources = [
+        None if s is None else s.replace(str(run_dir), "RUN")
+        for s in table["label_source"].to_pylist()
+    ]
+    return table.set_column(
+        table.schema.get_field_index("label_source"), "label_source", pa.array(sources, pa.string())
+    )
+
+
+def ids_with_role(state, role: str) -> pa.StringArray:
+    """The sorted sample ids of ``state`` (a PoolState) with ``role``."""
+    table = state.table
+    return pc.filter(table["sample_id"], pc.equal(table["role"], role)).combine_chunks()
+
+
+def accept(pool, ids, cycle, oracle, dice, cost, label_paths):
+    """The gate accepts every one of ``ids``: one transition of ``pool``."""
+    pool.record_decisions(ids, cycle, oracle, dice, cost, [True] * len(ids), label_paths)
+
+
+def return_to_pool(pool, ids, cycle, oracle, dice, cost=0.0):
+    """The gate returns every one of ``ids``: one transition of ``pool``."""
+    pool.record_decisions(ids, cycle, oracle, dice, cost, [False] * len(ids), [None] * len(ids))
