@@ -5,7 +5,7 @@ and panels only for the images sent to the oracle.
 ``PoolScorer`` is a plain class (tests call it directly); ``ScorerPool`` runs it as Ray actors that
 restart after a crash and retry the shard they were working on, so a pass always scores every id once.
 An image that cannot be read is not scored: it comes back with its reason in ``unreadable`` (scoring) or
-in ``Explained.unreadable`` (explaining), for the coordinator to quarantine.
+in ``Explained.unreadable`` (explaining), for the run to quarantine.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from jobs import al as al_job
 from jobs import compare as compare_job
 from jobs import train as train_job
 from orchestrator.run import Progress
+from orchestrator.run_layout import RunLayout
 
 EXPERIMENT = "bench-al-camvid"
 STRATEGIES = ("eem", "entropy", "random", "coreset")

@@ -26,6 +26,7 @@ import ray  # noqa: E402
 from scoring_throughput import add_workload_arguments, workload  # noqa: E402  (bench/, next to this script)
 
 from actors.scoring import ScorerPool, ScoringActor, shards  # noqa: E402
+from orchestrator.strategies import ScoreKind, get_strategy  # noqa: E402
 
 
 class SlowScoringActor(ScoringActor):
@@ -42,12 +43,12 @@ class SlowScoringActor(ScoringActor):
         return result
 
 
-def fixed_split(pool: ScorerPool, rows: pa.Table, strategy: str) -> pa.Table:
+def fixed_split(pool: ScorerPool, rows: pa.Table, kind: ScoreKind) -> pa.Table:
     """Shard i to actor i mod n, all submitted at once (the pool's former assignment)."""
     parts = shards(rows, len(pool.actors) * pool.shards_per_actor)
     refs = [
         pool.actors[i % len(pool.actors)].score_with.remote(
-            pool.version, pool.model_box, part, strategy
+            pool.version, pool.model_box, part, kind
         )
         for i, part in enumerate(parts)
     ]
@@ -62,6 +63,7 @@ def main() -> None:
     parser.add_argument("--slowdown", type=float, default=2.0)
     parser.add_argument("--shards-per-actor", type=int, default=8)
     args = parser.parse_args()
+    kind = get_strategy(args.strategy).score_kind
     rows, scorer_args, checkpoint = workload(args)
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
     pool = ScorerPool(2, scorer_args, cpus=1.0, shards_per_actor=args.shards_per_actor)
@@ -69,11 +71,11 @@ def main() -> None:
     ray.kill(pool.actors[1])
     pool.actors[1] = slow.remote(args.slowdown, **scorer_args)
     pool.load_model(checkpoint)
-    pool.score(rows.slice(0, 2), args.strategy)  # warm-up: actors built, model loaded
+    pool.score(rows.slice(0, 2), kind)  # warm-up: actors built, model loaded
 
     passes = {
-        "fixed": lambda: fixed_split(pool, rows, args.strategy),
-        "on_demand": lambda: pool.score(rows, args.strategy),
+        "fixed": lambda: fixed_split(pool, rows, kind),
+        "on_demand": lambda: pool.score(rows, kind),
     }
     best, results = {name: float("inf") for name in passes}, {}
     for _ in range(args.rounds):

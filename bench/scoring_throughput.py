@@ -21,6 +21,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 from actors.scoring import PoolScorer, ScorerPool  # noqa: E402
+from orchestrator.strategies import get_strategy  # noqa: E402
 from segxal.data.cityscapes import cityscapes_manifest  # noqa: E402
 from segxal.data.synthetic import SyntheticConfig, generate_synthetic  # noqa: E402
 from segxal.eem.config import EEMConfig  # noqa: E402
@@ -63,6 +64,7 @@ def main() -> None:
     add_workload_arguments(parser)
     parser.add_argument("--actors", type=int, default=2)
     args = parser.parse_args()
+    kind = get_strategy(args.strategy).score_kind
     rows, scorer_args, checkpoint = workload(args)
 
     local = PoolScorer(**scorer_args)
@@ -70,15 +72,15 @@ def main() -> None:
     ray.init(num_cpus=args.actors, include_dashboard=False, configure_logging=False)
     pool = ScorerPool(args.actors, scorer_args, cpus=1.0, shards_per_actor=2)
     pool.load_model(checkpoint)
-    pool.score(rows.slice(0, args.actors), args.strategy)  # warm-up: actors built, model loaded
+    pool.score(rows.slice(0, args.actors), kind)  # warm-up: actors built, model loaded
 
     best = {"in_process": 0.0, "distributed": 0.0}
     for _ in range(args.rounds):
         start = time.perf_counter()
-        local_scores = local.score(rows, args.strategy)
+        local_scores = local.score(rows, kind)
         best["in_process"] = max(best["in_process"], len(rows) / (time.perf_counter() - start))
         start = time.perf_counter()
-        remote_scores = pool.score(rows, args.strategy)
+        remote_scores = pool.score(rows, kind)
         best["distributed"] = max(best["distributed"], len(rows) / (time.perf_counter() - start))
     differences = [
         abs(a - b)

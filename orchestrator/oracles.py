@@ -122,7 +122,7 @@ class SimulatedOracle(Oracle):
 
 class DatasetGroundTruth:
     """The simulated oracle's ground truth: a request's ``label_path`` read, checked against its image and
-    resized as the dataset loader does for scoring. It holds nothing pool-sized, so the coordinator actor
+    resized as the dataset loader does for scoring. It holds nothing pool-sized, so the process
     that owns the oracle stays small however large the pool."""
 
     def __init__(self, label_set: LabelSet, size: tuple[int, int] | None) -> None:

@@ -38,9 +38,6 @@ class ConfusionMatrix:
         counts = torch.bincount(index, minlength=self.num_classes**2)
         self.matrix += counts.reshape(self.num_classes, self.num_classes).cpu()
 
-    def merge(self, other: ConfusionMatrix) -> None:
-        self.matrix += other.matrix
-
     def iou(self) -> torch.Tensor:
         """Per-class IoU; NaN for classes absent from both target and prediction."""
         m = self.matrix.double()

@@ -35,7 +35,9 @@ def test_two_cycles_on_ray(straight_run):
             run_dir / "cycles" / f"cycle_{cycle:02d}" / "scores.parquet"
         ).to_pylist()
         unlabelled = set(
-            ids_with_role(PoolState.load(RunLayout(run_dir).snapshot(cycle - 1)), UNLABELLED).to_pylist()
+            ids_with_role(
+                PoolState.load(RunLayout(run_dir).snapshot(cycle - 1)), UNLABELLED
+            ).to_pylist()
         )
         assert {
             s["sample_id"] for s in scores

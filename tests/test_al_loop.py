@@ -89,8 +89,8 @@ def run(run_dir, state, truth, cycles, al, progress=None, backend=None):
 def test_cycles_select_top_n_and_gate_by_dice(pool, tmp_path):
     state, truth = pool
     al = ActiveLearningConfig(strategy="entropy", budget=3, subset=1.0, theta=0.9)
-    coordinator, backend, history = run(tmp_path, state, truth, 2, al)
-    final = coordinator.state
+    owner, backend, history = run(tmp_path, state, truth, 2, al)
+    final = owner.state
     PoolState.load(final.path)
     for cycle in (1, 2):
         scores = pq.read_table(
@@ -146,10 +146,10 @@ def test_cycles_select_top_n_and_gate_by_dice(pool, tmp_path):
 
 def test_theta_zero_accepts_everything(pool, tmp_path):
     state, truth = pool
-    coordinator, _, history = run(
+    owner, _, history = run(
         tmp_path, state, truth, 1, ActiveLearningConfig(strategy="entropy", budget=3, theta=0.0)
     )
-    assert history[1]["gate/accepted"] == 3 and coordinator.state.count(LABELLED) == 7
+    assert history[1]["gate/accepted"] == 3 and owner.state.count(LABELLED) == 7
 
 
 def test_resume_after_cycle_one_equals_uninterrupted(pool, tmp_path):
@@ -202,10 +202,10 @@ def test_unreadable_images_are_quarantined_and_the_run_goes_on(pool, tmp_path, s
         broken = set(picked.to_pylist()[:2])
     else:  # every unlabelled image is a candidate (subset 1.0): scoring meets them
         broken = set(ids_with_role(state, UNLABELLED).to_pylist()[:2])
-    coordinator, _, history = run(
+    owner, _, history = run(
         tmp_path / "run", state, truth, 2, al, backend=DamagedPoolBackend(truth, tmp_path, broken)
     )
-    final = coordinator.state
+    final = owner.state
     PoolState.load(final.path)
     assert set(ids_with_role(final, QUARANTINED).to_pylist()) == broken
     for sample_id in broken:
@@ -231,7 +231,7 @@ def test_unreadable_images_are_quarantined_and_the_run_goes_on(pool, tmp_path, s
 def test_cycles_on_a_pool_streamed_in_small_row_groups_match_one_group(
     pool, tmp_path, monkeypatch, strategy
 ):
-    """The coordinator streams the pool state, D^S and its scores in row groups: cut into groups of 3 rows,
+    """The run streams the pool state, D^S and its scores in row groups: cut into groups of 3 rows,
     a run selects, gates and writes exactly what it does when everything fits in one group."""
     state, truth = pool
     al = ActiveLearningConfig(strategy=strategy, budget=3, subset=0.75, theta=0.8)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segxal.data.anomaly import anomaly_benchmark, anomaly_manifest, detect_anomaly_layout
+from segxal.data.anomaly import anomaly_benchmark, detect_anomaly_layout
 from segxal.data.io import DataError
 
 H, W = 6, 8
@@ -43,7 +43,7 @@ def test_fishyscapes_validation_layouts(tmp_path):
     ]
     assert mapped(bench, [0, 1, 255, 2]) == [0, 1, 255, 255]
     assert anomaly_benchmark(tmp_path / "Static").name == "fishyscapes_static"
-    assert anomaly_manifest(tmp_path / "Static").num_rows == 2
+    assert anomaly_benchmark(tmp_path / "Static").manifest.num_rows == 2
     with pytest.raises(
         DataError, match="holds several anomaly benchmarks \\(LostAndFound, Static\\); pass one"
     ):

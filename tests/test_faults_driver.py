@@ -75,7 +75,7 @@ def kill_when(job: subprocess.Popen, log: Path, ready: Path) -> dict[int, int]:
 
 
 def test_driver_killed_mid_cycle_then_resumed_matches_an_uninterrupted_run(
-    synthetic_root, tmp_path
+    own_ray, synthetic_root, tmp_path
 ):
     runs, uri, killed_dir = (
         tmp_path / "runs",

@@ -49,7 +49,7 @@ def wait_for_dashboard(url: str, head: subprocess.Popen, log: Path, timeout_s: f
 
 
 @pytest.fixture(scope="module")
-def head_node(tmp_path_factory):
+def head_node(own_ray, tmp_path_factory):
     """A ``ray start --head`` cluster on loopback with token authentication; yields (address, env)."""
     root = tmp_path_factory.mktemp("head")
     token = root / "auth_token"

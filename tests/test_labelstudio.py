@@ -389,7 +389,7 @@ def test_round_trip_accepted_pre_annotations_equal_the_predictions(exported):
         native = resize_nearest(torch.from_numpy(backend.prediction(sample_id)), NATIVE).numpy()
         assert np.array_equal(imported.labels[sample_id], native)
 
-    coordinator, history, handoff = continue_run(run_dir, images, backend, export_file)
+    owner, history, handoff = continue_run(run_dir, images, backend, export_file)
     assert len(history) == 1 and handoff.handed_over == 2  # cycle 1 finished, cycle 2 exported
     metrics = history[0]
     assert (
@@ -448,7 +448,7 @@ def test_corrections_are_painted_over_the_pre_annotation_and_costed(exported):
     )
     # and skips the second image's first try before submitting it unchanged
     export[1]["annotations"].insert(0, {"id": 1, "was_cancelled": True, "result": []})
-    coordinator, history, _ = continue_run(
+    owner, history, _ = continue_run(
         run_dir, images, backend, write_json(run_dir / "ls.json", export)
     )
     first = tasks[0]["data"]["sample_id"]

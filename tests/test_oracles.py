@@ -124,7 +124,7 @@ def test_dataset_ground_truth_reads_the_requests_label_file_at_the_scoring_size(
 
 
 def test_the_simulated_oracle_holds_nothing_pool_sized():
-    # it is pickled into the coordinator actor: a closure over the manifest made that actor grow with the pool
+    # a closure over the manifest would make the oracle grow with the pool
     assert len(pickle.dumps(SimulatedOracle(DatasetGroundTruth(CITYSCAPES, (256, 512))))) < 4096
 
 

@@ -191,8 +191,3 @@ def anomaly_benchmark(root: str | Path, split: str | None = None) -> AnomalyBenc
     if split is not None:
         raise ValueError(f"{folder}: split={split!r} is only meaningful for LostAndFound, found layout {layout!r}")
     return LOADERS[layout](folder)
-
-
-def anomaly_manifest(root: str | Path, split: str | None = None) -> pa.Table:
-    """The manifest of :func:`anomaly_benchmark` (use its ``label_set`` to map labels to 0/1/255)."""
-    return anomaly_benchmark(root, split).manifest
