@@ -3,8 +3,8 @@
     python bench/run_memory.py [--sizes 10000 1000000] [--cycles 2]
 
 Each size runs in fresh processes. A first process builds the manifest and the initial pool state file
-(40 % labelled, as in the paper's protocol), as ``jobs.al`` does before its first cycle. A second
-process, the one measured, runs the real ``orchestrator.run.ActiveLearningRun`` through each cycle, as the
+(40 % labelled, as in the paper's protocol), as ``jobs.al`` does before its first cycle, also in a process
+of its own (``jobs.al.create_pool_apart``). A second process, the one measured, runs the real ``orchestrator.run.ActiveLearningRun`` through each cycle, as the
 driver of ``jobs.al`` does: draw D^S (50 % of the unlabelled pool, as in the shipped configs) and stream
 it to an in-process backend that scores each batch as it comes (pseudo-random EEM scores), select the
 top 200, explain them, have the simulated oracle re-annotate them, apply the Dice gate (theta 0.5),
@@ -41,7 +41,7 @@ def memory_mib(field: str) -> float:
 
 
 def prepare_pool(size: int, folder: Path) -> dict:
-    """The driver's part: a manifest of ``size`` images and the initial pool state file."""
+    """The pool creation: a manifest of ``size`` images and the initial pool state file."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -60,7 +60,7 @@ def prepare_pool(size: int, folder: Path) -> dict:
         }
     )
     PoolState.create(folder / "initial.parquet", manifest, 0.4, seed=0)
-    return {"driver_peak_mib": round(memory_mib("VmHWM"), 1)}
+    return {"create_peak_mib": round(memory_mib("VmHWM"), 1)}
 
 
 class StreamingBackend:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -95,6 +97,24 @@ def labelstudio_oracle(
     return LabelStudioOracle({} if imported is None else imported.labels), handoff
 
 
+def create_pool(config: ExperimentConfig, path: Path, show: bool) -> None:
+    """The run's initial pool state at ``path``, from the dataset's training and validation manifests."""
+    train = manifest_for(config.data, config.data.train_split, config.data.max_train_images, show)
+    val = manifest_for(config.data, config.data.val_split, config.data.max_val_images)
+    PoolState.create(path, train, config.al.initial_labelled, config.seed, validation=val)
+
+
+def create_pool_apart(config: ExperimentConfig, path: Path, show: bool) -> PoolState:
+    """:func:`create_pool` in a process of its own: the manifests are held whole while the pool is built
+    (about 650 MiB for a million images), and the driver, which then runs every cycle, never holds them.
+    Its errors (bad data, too small a pool) come back as they were raised."""
+    with ProcessPoolExecutor(
+        max_workers=1, mp_context=multiprocessing.get_context("spawn")
+    ) as pool:
+        pool.submit(create_pool, config, path, show).result()
+    return PoolState.load(path)
+
+
 def prepare(
     config: ExperimentConfig,
     layout: RunLayout,
@@ -106,14 +126,10 @@ def prepare(
     pool, budget, oracle, and a Label Studio export."""
     run_dir = layout.root
     label_set = label_set_for(config.data)
-    train = manifest_for(config.data, config.data.train_split, config.data.max_train_images, show)
-    val = manifest_for(config.data, config.data.val_split, config.data.max_val_images)
     if progress.completed_cycle >= 0:
         state = PoolState.load(layout.snapshot(progress.completed_cycle))
     else:
-        state = PoolState.create(
-            layout.state_file, train, config.al.initial_labelled, config.seed, validation=val
-        )
+        state = create_pool_apart(config, layout.state_file, show)
     handoff = None
     if config.al.oracle == "labelstudio":
         oracle, handoff = labelstudio_oracle(
