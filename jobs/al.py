@@ -14,9 +14,11 @@ Locally this starts an embedded Ray; under ``ray job submit`` it joins the clust
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
+from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
@@ -47,8 +49,10 @@ from orchestrator.oracles import (
 from orchestrator.pool_state import PoolState
 from orchestrator.run import ActiveLearningRun, Progress
 from orchestrator.run_layout import RunLayout, cycle_name
+from orchestrator.run_lock import RunFolderInUse, exclusive_run
 from orchestrator.tracking import experiment_run, log_artifact, log_metrics, set_tags
-from orchestrator.typed_config import to_dict
+from orchestrator.typed_config import ConfigError, to_dict
+from segxal.files import write_atomically
 
 log = logging.getLogger("jobs.al")
 
@@ -144,37 +148,101 @@ def prepare(
     )
 
 
+# What a resume may change: how long the run goes on, where it logs, and resources that do not change
+# what it computes. Everything else (seed, strategy, data, model, training) would make another experiment.
+RESUME_OVERRIDES = (
+    "al.cycles",
+    "al.panels",
+    "progress",
+    "tracking.",
+    "al.num_scorers",
+    "al.scorer_cpus",
+    "al.scorer_gpus",
+    "al.scorer_batch_size",
+    "scaling.use_gpu",
+    "scaling.cpus_per_worker",
+    "scaling.max_failures",
+)
+
+
+def check_resume_overrides(overrides: list[str]) -> None:
+    keys = [override.partition("=")[0].strip() for override in overrides]
+    refused = [
+        k
+        for k in keys
+        if not any(k == a or (a.endswith(".") and k.startswith(a)) for a in RESUME_OVERRIDES)
+    ]
+    if refused:
+        allowed = ", ".join(a + "*" if a.endswith(".") else a for a in RESUME_OVERRIDES)
+        raise SystemExit(
+            f"--resume keeps the experiment: --set {', '.join(refused)} cannot change on resume "
+            f"(it may change: {allowed}); start a new run for another experiment"
+        )
+
+
+def record_resume_overrides(
+    layout: RunLayout, overrides: list[str], config: ExperimentConfig
+) -> None:
+    """The run folder keeps saying what runs: config.yaml takes the accepted overrides, and
+    overrides.jsonl keeps each resume's, with its time."""
+    entry = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "set": overrides}
+    with open(layout.overrides_file, "a") as log_file:
+        log_file.write(json.dumps(entry) + "\n")
+    text = yaml.safe_dump(to_dict(config), sort_keys=False).encode()
+    write_atomically(layout.config_file, lambda handle: handle.write(text))
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     args, config = parse_job_args(__doc__, add_arguments, argv)
     if args.resume:
-        run_dir = Path(args.resume).absolute()
-        layout = RunLayout(run_dir)
+        if args.config:
+            raise SystemExit(
+                "--resume continues a run with its own config.yaml: drop --config (change what may "
+                "change with --set)"
+            )
+        check_resume_overrides(args.overrides)
+        layout = RunLayout(Path(args.resume).absolute())
         if not layout.config_file.is_file():
             raise SystemExit(
-                f"--resume {run_dir}: no {layout.config_file.name} there; is it a jobs.al run folder?"
+                f"--resume {layout.root}: no {layout.config_file.name} there; is it a jobs.al run folder?"
             )
-        config = load_experiment(layout.config_file, args.overrides)
+    else:
+        export_file_of(args, config)  # a misused --stage exits before the run folder is made
+        # absolute: actors write there from other working directories
+        layout = RunLayout((Path(config.output_dir) / config.name).absolute())
+    try:
+        with exclusive_run(layout):
+            return run_job(args, config, layout)
+    except RunFolderInUse as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+def run_job(args: argparse.Namespace, config: ExperimentConfig, layout: RunLayout) -> list[dict]:
+    """The job, holding the run folder."""
+    run_dir = layout.root
+    if args.resume:
+        try:
+            config = load_experiment(layout.config_file, args.overrides)
+        except ConfigError as error:
+            raise SystemExit(f"config error: {error}") from None
+        if args.overrides:
+            record_resume_overrides(layout, args.overrides, config)
         export_file = export_file_of(args, config)
     else:
         export_file = export_file_of(args, config)
-        run_dir = (
-            Path(config.output_dir) / config.name
-        ).absolute()  # actors write there from other cwds
-        layout = RunLayout(run_dir)
         if layout.progress_file.is_file():
             raise SystemExit(
                 f"{run_dir} holds a run already: continue it with --resume {run_dir}, or set another name"
             )
-        run_dir.mkdir(parents=True, exist_ok=True)
         layout.config_file.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
     check_tracking_or_exit(config.tracking.tracking_uri)
     show = show_progress(config, args)
-    progress = Progress.load(layout)
-    first_cycle = progress.completed_cycle + 1
     try:
+        progress = Progress.load(layout)
         run = prepare(config, layout, progress, show, export_file)
     except ValueError as error:  # bad data, pool, budget or export: nothing has started yet
         raise SystemExit(f"error: {error}") from error
+    first_cycle = progress.completed_cycle + 1
     handoff = run.handoff
     if handoff is not None and export_file is None and is_exported(run_dir, first_cycle):
         print(instructions(run_dir, first_cycle))  # still waiting for the people

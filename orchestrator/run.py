@@ -132,7 +132,15 @@ class Progress:
     @classmethod
     def load(cls, layout: RunLayout) -> Progress:
         path = layout.progress_file
-        return cls(**json.loads(path.read_text())) if path.is_file() else cls()
+        if not path.is_file():
+            return cls()
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (ValueError, TypeError) as error:  # bad JSON, bad UTF-8, unknown or missing keys
+            raise ValueError(
+                f"{path} is damaged ({error}); the run's cycles are in {layout.root / 'cycles'}: "
+                "restore the file from a backup, or start the run anew under another name"
+            ) from None
 
     def save(self, layout: RunLayout) -> None:
         text = json.dumps(self.__dict__, indent=2).encode()

@@ -37,6 +37,14 @@ class RunLayout:
         object.__setattr__(self, "root", Path(self.root))
 
     @property
+    def lock_file(self) -> Path:
+        return self.root / ".lock"
+
+    @property
+    def overrides_file(self) -> Path:
+        return self.root / "overrides.jsonl"
+
+    @property
     def config_file(self) -> Path:
         return self.root / "config.yaml"
 

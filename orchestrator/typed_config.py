@@ -143,7 +143,14 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{key}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as error:
+            problem = getattr(error, "problem", None) or "not YAML"
+            raise ConfigError(
+                f"--set {override!r}: the value of {key.strip()} is not valid YAML ({problem}); "
+                "quote a string, write a list as [a, b]"
+            ) from None
     return data
 
 

@@ -6,7 +6,7 @@ from PIL import Image
 from segxal.data.camvid import camvid_manifest
 from segxal.data.cityscapes import cityscapes_manifest
 from segxal.data.dataset import SampleTransform, SegmentationDataset
-from segxal.data.io import DataError, read_disparity, write_disparity
+from segxal.data.io import DataError, read_disparity, read_rgb, write_disparity
 from segxal.data.labels import CAMVID, CITYSCAPES, IGNORE_INDEX
 from segxal.data.manifest import MANIFEST_SCHEMA
 from segxal.data.transforms import denormalize, random_crop_flip
@@ -244,3 +244,26 @@ def test_manifest_paths_are_absolute_for_relative_roots(tmp_path, monkeypatch):
     manifest = camvid_manifest("cv", "val")
     assert manifest["image_path"][0].as_py() == str(tmp_path / "cv" / "val" / "a.png")
     assert manifest["label_path"][0].as_py() == str(tmp_path / "cv" / "valannot" / "a.png")
+
+
+def test_images_of_other_bit_depths_are_scaled_by_their_depth_or_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    eight = rng.integers(0, 256, (6, 9), dtype=np.uint8)
+    Image.fromarray(eight.astype(np.uint16) * 257).save(
+        tmp_path / "grey16.png"
+    )  # the same, 16-bit
+    assert Image.open(tmp_path / "grey16.png").mode.startswith("I;16")
+    assert np.array_equal(read_rgb(tmp_path / "grey16.png"), np.repeat(eight[..., None], 3, axis=2))
+    Image.fromarray(np.array([[0, 128, 65535]], np.uint16)).save(tmp_path / "ends.png")
+    assert read_rgb(tmp_path / "ends.png")[0, :, 0].tolist() == [0, 0, 255]  # 128/257 rounds to 0
+    colour = rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)
+    Image.fromarray(colour).save(tmp_path / "rgb.png")
+    assert np.array_equal(read_rgb(tmp_path / "rgb.png"), colour)
+    Image.fromarray(np.full((3, 3), 70000, np.int32)).save(tmp_path / "int32.tiff")
+    with pytest.raises(
+        DataError, match=r"int32\.tiff: a 32-bit integer image \(mode I\) has no defined range"
+    ):
+        read_rgb(tmp_path / "int32.tiff")
+    Image.fromarray(np.full((3, 3), 0.5, np.float32)).save(tmp_path / "float.tiff")
+    with pytest.raises(DataError, match=r"float\.tiff: a floating-point image"):
+        read_rgb(tmp_path / "float.tiff")
