@@ -21,7 +21,9 @@ class RunFolderInUse(RuntimeError):
 def exclusive_run(layout: RunLayout) -> Iterator[None]:
     """Hold ``layout``'s folder for the ``with`` block; another holder is refused at once."""
     layout.root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(layout.lock_file, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by child processes
+    fd = os.open(
+        layout.lock_file, os.O_RDWR | os.O_CREAT, 0o644
+    )  # not inherited by child processes
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

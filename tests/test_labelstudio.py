@@ -17,7 +17,7 @@ from helpers import FakeBackend, ground_truth, tiny
 
 from jobs import al as al_job
 from orchestrator.config import ActiveLearningConfig, LabelStudioConfig
-from orchestrator.labelstudio import rle
+from orchestrator.labelstudio import imports, rle
 from orchestrator.labelstudio.handoff import (
     LabelStudioHandoff,
     export_dir,
@@ -491,6 +491,22 @@ def wrong_rle_length(export):
     return rf"task 102 \({export[2]['data']['sample_id']}\): region class-\d+: brush mask holds 8128 pixels but the image is 128x64"
 
 
+def huge_declared_rle(export):
+    # a header that declares 2^28 words (1 GiB of pixels) in a few bytes: refused before decoding
+    export[2]["annotations"][0]["result"][0]["value"]["rle"] = [16, 0, 0, 0, 0, 0, 0]
+    return rf"task 102 \({export[2]['data']['sample_id']}\): region class-\d+: brush mask holds 6.71089e\+07 pixels"
+
+
+def json_min(export):
+    export[0] = {"id": 100, "sample_id": export[0]["data"]["sample_id"], "tag": []}
+    return r"task 100: a JSON-MIN task .*export the project in Label Studio's JSON format"
+
+
+def sample_id_of_another_type(export):
+    export[0]["data"]["sample_id"] = ["a", "list"]
+    return r"task 100 \(\['a', 'list'\]\): data.sample_id must be a string, got list"
+
+
 def outside_root(export):
     export[0]["data"]["image"] = LOCAL_FILES + "../../../../etc/passwd"
     return (
@@ -515,6 +531,9 @@ def not_annotated(export):
         unknown_class,
         wrong_size,
         wrong_rle_length,
+        huge_declared_rle,
+        json_min,
+        sample_id_of_another_type,
         outside_root,
         missing_task,
         not_annotated,
@@ -531,6 +550,37 @@ def test_bad_export_is_refused_and_the_pool_state_untouched(exported, spoil):
     assert hashlib.sha256(state_file.read_bytes()).hexdigest() == before
     assert not (export_dir(run_dir, 1) / "export.json").exists()
     assert Progress.load(RunLayout(run_dir)).completed_cycle == 0
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda folder: folder, r"is a folder; pass the JSON file"),
+        (lambda folder: write_text(folder / "deep.json", "[" * 100_000 + "]" * 100_000),
+         r"deep\.json: JSON nested deeper than the parser allows"),
+        (lambda folder: write_text(folder / "nested.json", "[" * 40 + "]" * 40),
+         r"nested\.json: JSON nested more than 32 levels"),
+    ],
+)  # fmt: skip
+def test_an_export_file_that_cannot_be_one_is_refused(exported, tmp_path, make, message):
+    run_dir, images, backend = exported
+    with pytest.raises(LabelStudioImportError, match=message):
+        continue_run(run_dir, images, backend, make(tmp_path))
+    assert Progress.load(RunLayout(run_dir)).completed_cycle == 0
+
+
+def test_an_export_over_the_size_cap_is_refused_before_it_is_read(exported, monkeypatch):
+    run_dir, images, backend = exported
+    path = write_json(run_dir / "big.json", accepted_unchanged(read_tasks(run_dir)))
+    monkeypatch.setattr(imports, "MAX_EXPORT_BYTES", path.stat().st_size - 1)
+    monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail("read"))
+    with pytest.raises(LabelStudioImportError, match=r"big\.json: 0 MiB, more than the 0 MiB"):
+        continue_run(run_dir, images, backend, path)
+
+
+def write_text(path, text):
+    path.write_text(text)
+    return path
 
 
 def test_truncated_export_is_refused_and_the_pool_state_untouched(exported):

@@ -28,6 +28,8 @@ from segxal.data.io import DataError
 from segxal.data.labels import IGNORE_INDEX, LabelSet
 
 REGION_TAGS = {"brushlabels": BRUSH, "polygonlabels": POLYGON, "keypointlabels": PROMPT}
+MAX_EXPORT_BYTES = 1 << 30  # a cycle's brush masks are RLE-compressed: far below this
+MAX_NESTING = 32  # a Label Studio JSON export nests 7 levels
 
 
 class LabelStudioImportError(DataError):
@@ -72,19 +74,52 @@ def read_export(
 
 
 def _load_tasks(path: Path) -> list:
+    if path.is_dir():
+        raise LabelStudioImportError(
+            f"{path}: is a folder; pass the JSON file Label Studio exported"
+        )
     try:
-        tasks = json.loads(path.read_text())
+        size = path.stat().st_size
     except FileNotFoundError as error:
         raise LabelStudioImportError(f"{path}: file not found") from error
+    if size > MAX_EXPORT_BYTES:
+        raise LabelStudioImportError(
+            f"{path}: {size / 2**20:.0f} MiB, more than the {MAX_EXPORT_BYTES >> 20} MiB a cycle's "
+            "export can need; export only this cycle's project"
+        )
+    try:
+        tasks = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise LabelStudioImportError(
             f"{path}: not valid JSON ({error}); is the export file complete?"
         ) from error
+    except RecursionError:
+        raise LabelStudioImportError(
+            f"{path}: JSON nested deeper than the parser allows; not a Label Studio export"
+        ) from None
     if not isinstance(tasks, list):
         raise LabelStudioImportError(
             f"{path}: a Label Studio JSON export is a list of tasks, got {type(tasks).__name__}"
         )
+    if _nesting(tasks) > MAX_NESTING:
+        raise LabelStudioImportError(
+            f"{path}: JSON nested more than {MAX_NESTING} levels; not a Label Studio export"
+        )
     return tasks
+
+
+def _nesting(value) -> int:
+    """How deep lists and objects nest in ``value``, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = (
+            node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        )
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def _task_name(item, index: int) -> str:
@@ -100,10 +135,17 @@ def _task_name(item, index: int) -> str:
 def _read_task(
     item, by_id: dict[str, ExportedTask], images: ImageReferences, label_set: LabelSet
 ) -> tuple[str, np.ndarray]:
+    if isinstance(item, dict) and "data" not in item and "sample_id" in item:
+        raise ValueError(
+            "a JSON-MIN task (fields at the top, no 'data' object): export the project in Label "
+            "Studio's JSON format (not JSON-MIN or CSV)"
+        )
     if not isinstance(item, dict) or not isinstance(item.get("data"), dict):
         raise ValueError("not a Label Studio task (no 'data' object)")
     data = item["data"]
     sample_id = data.get("sample_id")
+    if not isinstance(sample_id, str):
+        raise ValueError(f"data.sample_id must be a string, got {type(sample_id).__name__}")
     if sample_id not in by_id:
         raise ValueError(
             f"sample_id {sample_id!r} is not one of the {len(by_id)} images this cycle exported "

@@ -86,8 +86,7 @@ class _BitReader:
         return np.packbits(self.bits[start : self.position])
 
 
-def decode(rle: Sequence[int]) -> np.ndarray:
-    """The flat uint8 words of an RLE (runs and literal blocks, 8-bit words)."""
+def _bytes(rle: Sequence[int]) -> np.ndarray:
     data = np.asarray(rle)
     if (
         data.ndim != 1
@@ -95,7 +94,20 @@ def decode(rle: Sequence[int]) -> np.ndarray:
         or ((data < 0) | (data > 255)).any()
     ):
         raise ValueError("brush RLE must be a list of byte values (integers 0..255)")
-    reader = _BitReader(data.astype(np.uint8))
+    return data.astype(np.uint8)
+
+
+def declared_words(rle: Sequence[int]) -> int:
+    """The word count an RLE's header declares (what decoding it would allocate)."""
+    head = _bytes(rle[:4])
+    if len(head) < 4:
+        raise ValueError("brush RLE shorter than its 32-bit header")
+    return int.from_bytes(head.tobytes(), "big")
+
+
+def decode(rle: Sequence[int]) -> np.ndarray:
+    """The flat uint8 words of an RLE (runs and literal blocks, 8-bit words)."""
+    reader = _BitReader(_bytes(rle))
     n = reader.read(32)
     word_bits = reader.read(5) + 1
     sizes = [reader.read(4) + 1 for _ in LENGTH_BITS]
@@ -124,10 +136,11 @@ def mask_to_rle(mask: np.ndarray) -> list[int]:
 
 def rle_to_mask(rle: Sequence[int], height: int, width: int) -> np.ndarray:
     """(H, W) boolean mask of a brush RLE; an RLE of another size is a ValueError that says both sizes."""
-    words = decode(rle)
-    if len(words) != 4 * height * width:
+    declared = declared_words(rle)  # checked before decoding: the header could declare 2^32 words
+    if declared != 4 * height * width:
         raise ValueError(
-            f"brush mask holds {len(words) / 4:g} pixels but the image is {width}x{height} "
+            f"brush mask holds {declared / 4:g} pixels but the image is {width}x{height} "
             f"({height * width} pixels)"
         )
+    words = decode(rle)
     return words.reshape(height, width, 4)[..., 3] >= OPAQUE
