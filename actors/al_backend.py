@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from actors.ray_train import TrainingJob, put_manifest, train_on_ray
+from actors.ray_train import TrainingJob, put_manifest, root_cause, train_on_ray
 from actors.scoring import ScorerPool
 from orchestrator.config import ExperimentConfig
 from orchestrator.records import Metric
@@ -94,9 +94,17 @@ class RayCycleBackend:
             seed=self.config.seed + cycle,
             init_checkpoint=None if init_checkpoint is None else str(init_checkpoint),
         )
-        result = train_on_ray(
-            job, self.config.scaling, self.layout.ray_storage, cycle_name(cycle), self.progress
-        )
+        from ray.train import TrainingFailedError
+
+        try:
+            result = train_on_ray(
+                job, self.config.scaling, self.layout.ray_storage, cycle_name(cycle), self.progress
+            )
+        except TrainingFailedError as error:
+            cause = root_cause(error)
+            if isinstance(cause, OSError) and cause.errno is not None:
+                raise cause from error  # a checkpoint could not be written: the job says which
+            raise
         metrics = {k: v for k, v in result.best_metrics.items() if k.startswith("val/")}
         metrics[Metric.BEST_EPOCH] = result.best_metrics["epoch"]
         return TrainOutcome(result.best_checkpoint, metrics)

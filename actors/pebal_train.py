@@ -34,6 +34,7 @@ from actors.ray_train import (
     epochs_with_progress,
     report_with_checkpoint,
     restored_state,
+    root_cause,
     torch_trainer,
 )
 from orchestrator.config import ExperimentConfig, ScalingConfig
@@ -225,16 +226,6 @@ class PebalTrainingError(RuntimeError):
         self.last_checkpoint = last_checkpoint
 
 
-def _root_cause(error: BaseException) -> BaseException:
-    failures = getattr(error, "worker_failures", None)
-    if failures:
-        error = failures[min(failures)]
-    cause = getattr(
-        error, "cause", None
-    )  # RayTaskError-style wrappers keep the user's exception here
-    return cause if isinstance(cause, BaseException) else error
-
-
 def finetune_on_ray(
     job: PebalJob,
     scaling: ScalingConfig,
@@ -257,7 +248,7 @@ def finetune_on_ray(
     try:
         result = trainer.fit()
     except TrainingFailedError as error:
-        cause = _root_cause(error)
+        cause = root_cause(error)
         last = None
         try:
             latest = Result.from_path(Path(storage_path).resolve() / name).checkpoint

@@ -163,6 +163,17 @@ class TrainingResult:
     best_metrics: dict
 
 
+def root_cause(error: BaseException) -> BaseException:
+    """The worker's own exception inside a Ray Train failure."""
+    failures = getattr(error, "worker_failures", None)
+    if failures:
+        error = failures[min(failures)]
+    cause = getattr(
+        error, "cause", None
+    )  # RayTaskError-style wrappers keep the user's exception here
+    return cause if isinstance(cause, BaseException) else error
+
+
 def torch_trainer(
     loop,
     loop_config: dict,

@@ -251,6 +251,46 @@ def run_job(args: argparse.Namespace, config: ExperimentConfig, layout: RunLayou
     from actors.al_backend import RayCycleBackend  # imports ray; after the input checks
 
     backend = RayCycleBackend(config, layout, run.label_set, progress=show)
+    try:
+        history, waiting = run_cycles_logged(run, backend, config, progress, layout, show)
+    except OSError as error:
+        if isinstance(error, ConnectionError) or error.errno is None:
+            raise
+        raise SystemExit(write_failure(error, run_dir)) from error
+    finally:
+        backend.shutdown()
+    for cycle, metrics in enumerate(history, start=first_cycle):
+        print(
+            f"cycle {cycle}: mIoU {metrics['val/miou']:.4f}  labelled {100 * metrics['pool/labelled_fraction']:.1f} %"
+        )
+    if waiting:
+        print(instructions(run_dir, handoff.handed_over))
+    print_results_hint(config.tracking.tracking_uri, run_dir)
+    return history
+
+
+def write_failure(error: OSError, run_dir: Path) -> str:
+    """One line for a file the run could not write (a full disk, a read-only folder): which file, why,
+    and how to go on. Every state file is replaced atomically, so the run's state is the last one
+    completed."""
+    target = error.filename or "a file of the run"
+    return (
+        f"error: cannot write {target}: {error.strerror or error}. The run's state is kept as of its "
+        f"last completed step: fix the cause (free disk space), then continue with "
+        f"python -m jobs.al --resume {run_dir}"
+    )
+
+
+def run_cycles_logged(
+    run: ActiveLearningRun,
+    backend,
+    config: ExperimentConfig,
+    progress: Progress,
+    layout: RunLayout,
+    show: bool,
+) -> tuple[list[dict], bool]:
+    """The run's cycles inside its MLflow run; returns their metrics and whether the run now waits for
+    people."""
 
     def on_cycle(cycle: int, metrics: dict, artifacts: list[Path]) -> None:
         log_metrics(metrics, step=cycle)
@@ -263,42 +303,33 @@ def run_job(args: argparse.Namespace, config: ExperimentConfig, layout: RunLayou
 
         bar = lambda cycles: tqdm(cycles, desc="cycles", unit="cycle")  # noqa: E731
     tracking = config.tracking
-    try:
-        with experiment_run(
-            tracking.tracking_uri,
-            tracking.experiment,
-            tracking.run_name or f"al-{config.name}-{config.al.strategy}-{config.al.oracle}",
-            config,
-            run_id=progress.tracking_run_id,
-        ) as tracked:
-            if progress.tracking_run_id is None:
-                progress.tracking_run_id = tracked.info.run_id
-                progress.save(layout)
-                set_tags(
-                    {
-                        "job": "al",
-                        "strategy": config.al.strategy,
-                        "oracle": config.al.oracle,
-                        "depth_backend": config.eem.depth.backend,
-                        "dataset": config.data.dataset,
-                    }
-                )
-            history = run.run(
-                backend, config.al.cycles, on_cycle, **({"progress_bar": bar} if bar else {})
+    handoff = run.handoff
+    with experiment_run(
+        tracking.tracking_uri,
+        tracking.experiment,
+        tracking.run_name or f"al-{config.name}-{config.al.strategy}-{config.al.oracle}",
+        config,
+        run_id=progress.tracking_run_id,
+    ) as tracked:
+        if progress.tracking_run_id is None:
+            progress.tracking_run_id = tracked.info.run_id
+            progress.save(layout)
+            set_tags(
+                {
+                    "job": "al",
+                    "strategy": config.al.strategy,
+                    "oracle": config.al.oracle,
+                    "depth_backend": config.eem.depth.backend,
+                    "dataset": config.data.dataset,
+                }
             )
-            waiting = handoff is not None and handoff.handed_over is not None
-            if not waiting:
-                log_artifact(progress.checkpoint, "model")
-    finally:
-        backend.shutdown()
-    for cycle, metrics in enumerate(history, start=first_cycle):
-        print(
-            f"cycle {cycle}: mIoU {metrics['val/miou']:.4f}  labelled {100 * metrics['pool/labelled_fraction']:.1f} %"
+        history = run.run(
+            backend, config.al.cycles, on_cycle, **({"progress_bar": bar} if bar else {})
         )
-    if waiting:
-        print(instructions(run_dir, handoff.handed_over))
-    print_results_hint(tracking.tracking_uri, run_dir)
-    return history
+        waiting = handoff is not None and handoff.handed_over is not None
+        if not waiting:
+            log_artifact(progress.checkpoint, "model")
+    return history, waiting
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from segxal.files import tmp_name, write_atomically
+from segxal.files import naming, tmp_name, write_atomically
 
 ROWS_PER_BATCH = 4096
 
@@ -67,13 +67,16 @@ def tee_parquet(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_name(path)
     try:
-        with open(tmp, "wb") as handle:
-            with pq.ParquetWriter(handle, schema) as writer:
-                for table in tables:
+        with naming(path):
+            handle = open(tmp, "wb")
+        with handle, pq.ParquetWriter(handle, schema) as writer:
+            for table in tables:  # an error of the source is its own, not this file's
+                with naming(path):
                     writer.write_table(table.cast(schema), row_group_size=ROWS_PER_BATCH)
-                    yield table
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+                yield table
+        with naming(path):
+            with open(tmp, "rb+") as synced:
+                os.fsync(synced.fileno())
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

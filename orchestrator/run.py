@@ -55,7 +55,7 @@ from orchestrator.selection import budget_count, cycle_rng, subset_positions
 from orchestrator.strategies import Candidates, ScoreKind, get_strategy
 from segxal.data.io import image_size
 from segxal.data.labels import LabelSet
-from segxal.files import write_atomically
+from segxal.files import naming, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +249,8 @@ class ActiveLearningRun:
             )
         model_path = self.layout.model(cycle)
         model_path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(outcome.checkpoint, model_path)
+        with naming(model_path):
+            shutil.copyfile(outcome.checkpoint, model_path)
         metrics.update(outcome.metrics)
         metrics.update(self.pool_metrics())
         metrics.update(timer.seconds)
@@ -405,7 +406,8 @@ class ActiveLearningRun:
         )
         path = self.layout.annotation(cycle, sample_id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        raw.save(path)
+        with naming(path):
+            raw.save(path)
         return path
 
     # -- the pool state --------------------------------------------------------------------------

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
@@ -26,6 +27,18 @@ def write_synced(path: Path, write: Callable[[BinaryIO], T]) -> T:
     return result
 
 
+@contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """An OSError raised while writing ``path`` (through its temporary file) names ``path``: a write
+    that fails for want of space names no file at all, and the temporary's name means nothing to a user."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename == str(path) or error.errno is None:
+            raise
+        raise OSError(error.errno, error.strerror, str(path)) from error
+
+
 def write_atomically(path: str | Path, write: Callable[[BinaryIO], T]) -> T:
     """Write ``path`` through ``write(handle)``; returns what ``write`` returns. If anything fails, the
     old file (if any) is left as it was and no temporary file stays behind."""
@@ -33,8 +46,9 @@ def write_atomically(path: str | Path, write: Callable[[BinaryIO], T]) -> T:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_name(path)
     try:
-        result = write_synced(tmp, write)
-        os.replace(tmp, path)
+        with naming(path):
+            result = write_synced(tmp, write)
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return result

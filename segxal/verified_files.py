@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
-from segxal.files import tmp_name, write_atomically, write_synced
+from segxal.files import naming, tmp_name, write_atomically, write_synced
 
 T = TypeVar("T")
 
@@ -51,7 +51,8 @@ def publish(path: Path, write: Callable[[BinaryIO], T], expected_digest: str | N
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_name(path)
     try:
-        result = write_synced(tmp, write)
+        with naming(path):
+            result = write_synced(tmp, write)
         digest = sha256_file(tmp)
         if expected_digest is not None and digest != expected_digest:
             raise VerifiedFileError(

@@ -249,9 +249,7 @@ def test_manifest_paths_are_absolute_for_relative_roots(tmp_path, monkeypatch):
 def test_images_of_other_bit_depths_are_scaled_by_their_depth_or_refused(tmp_path):
     rng = np.random.default_rng(0)
     eight = rng.integers(0, 256, (6, 9), dtype=np.uint8)
-    Image.fromarray(eight.astype(np.uint16) * 257).save(
-        tmp_path / "grey16.png"
-    )  # the same, 16-bit
+    Image.fromarray(eight.astype(np.uint16) * 257).save(tmp_path / "grey16.png")  # the same, 16-bit
     assert Image.open(tmp_path / "grey16.png").mode.startswith("I;16")
     assert np.array_equal(read_rgb(tmp_path / "grey16.png"), np.repeat(eight[..., None], 3, axis=2))
     Image.fromarray(np.array([[0, 128, 65535]], np.uint16)).save(tmp_path / "ends.png")
