@@ -133,3 +133,19 @@ def init_ray(num_cpus: int | None = None) -> None:
         dashboard_port=port,
         configure_logging=False,
     )
+    private_ray_token()
+
+
+def private_ray_token() -> Path | None:
+    """The token file of Ray's token authentication, made readable by its owner only: Ray writes
+    ``~/.ray/auth_token`` with the process's umask (0644 under the usual 022), so on a home folder that
+    others may enter (0755, the Debian and Ubuntu default) any local user could read it and submit
+    jobs. Returns the file, or None when no token file is in use."""
+    if os.environ.get("RAY_AUTH_TOKEN"):  # the token is given in the environment, not a file
+        return None
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if not path.is_file():
+        return None
+    if path.stat().st_mode & 0o077:
+        path.chmod(0o600)
+    return path

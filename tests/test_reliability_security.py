@@ -45,6 +45,24 @@ def test_the_jobs_embedded_ray_listens_on_loopback_only(own_ray, monkeypatch):
         ray.shutdown()
 
 
+def test_the_ray_token_file_is_made_private(tmp_path, monkeypatch):
+    token = tmp_path / "auth_token"
+    token.write_text("0" * 64)
+    token.chmod(0o644)  # as Ray writes it under the usual umask
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    assert common.private_ray_token() == token and token.stat().st_mode & 0o777 == 0o600
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH")
+    (tmp_path / ".ray").mkdir()
+    default = tmp_path / ".ray" / "auth_token"
+    default.write_text("1" * 64)
+    default.chmod(0o664)
+    assert common.private_ray_token() == default and default.stat().st_mode & 0o777 == 0o600
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "2" * 64)
+    assert common.private_ray_token() is None
+
+
 def test_a_free_loopback_port_lies_below_the_ephemeral_range_whatever_the_random_seed():
     ephemeral_start = int(common.EPHEMERAL_PORTS_FILE.read_text().split()[0])
     ports = set()
