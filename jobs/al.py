@@ -17,10 +17,12 @@ import argparse
 import json
 import logging
 import multiprocessing
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pyarrow.compute as pc
 import yaml
 
 from jobs.common import (
@@ -31,7 +33,7 @@ from jobs.common import (
     show_progress,
 )
 from orchestrator.config import ExperimentConfig, load_experiment
-from orchestrator.datasets import label_set_for, manifest_for
+from orchestrator.datasets import check_label_ids, label_set_for, manifest_for
 from orchestrator.labelstudio.handoff import (
     LabelStudioHandoff,
     import_cycle,
@@ -47,6 +49,7 @@ from orchestrator.oracles import (
     SimulatedOracle,
 )
 from orchestrator.pool_state import PoolState
+from orchestrator.records import LABELLED, VALIDATION
 from orchestrator.run import ActiveLearningRun, Progress
 from orchestrator.run_layout import RunLayout, cycle_name
 from orchestrator.run_lock import RunFolderInUse, exclusive_run
@@ -102,10 +105,20 @@ def labelstudio_oracle(
 
 
 def create_pool(config: ExperimentConfig, path: Path, show: bool) -> None:
-    """The run's initial pool state at ``path``, from the dataset's training and validation manifests."""
+    """The run's initial pool state at ``path``, from the dataset's training and validation manifests,
+    with the label ids of its initial labelled pool and its validation set checked (images drawn later
+    are checked when they are read)."""
     train = manifest_for(config.data, config.data.train_split, config.data.max_train_images, show)
     val = manifest_for(config.data, config.data.val_split, config.data.max_val_images)
-    PoolState.create(path, train, config.al.initial_labelled, config.seed, validation=val)
+    state = PoolState.create(path, train, config.al.initial_labelled, config.seed, validation=val)
+    check_label_ids(labels_to_check(state), label_set_for(config.data))
+
+
+def labels_to_check(state: PoolState) -> Iterator[str]:
+    """The label files of the initial labelled pool and of the validation set, streamed."""
+    for table in state.batches(["role", "label_source", "label_path"]):
+        yield from table.filter(pc.equal(table["role"], LABELLED))["label_source"].to_pylist()
+        yield from table.filter(pc.equal(table["role"], VALIDATION))["label_path"].to_pylist()
 
 
 def create_pool_apart(config: ExperimentConfig, path: Path, show: bool) -> PoolState:

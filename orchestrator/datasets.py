@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -11,6 +12,7 @@ from orchestrator.config import DataConfig
 from segxal.data.camvid import camvid_manifest
 from segxal.data.cityscapes import cityscapes_manifest
 from segxal.data.dataset import SampleTransform, SegmentationDataset
+from segxal.data.io import read_label
 from segxal.data.labels import CAMVID, CITYSCAPES, LabelSet
 from segxal.data.synthetic import generate_synthetic
 
@@ -29,6 +31,21 @@ def manifest_for(
     scan = camvid_manifest if config.dataset == "camvid" else cityscapes_manifest
     manifest = scan(root, split)
     return manifest if limit is None else manifest.slice(0, limit)
+
+
+def check_label_ids(label_paths: Iterable[str], label_set: LabelSet, threads: int = 4) -> int:
+    """Read every label file and refuse the first whose ids are outside ``label_set``'s table, naming
+    it (a :class:`~segxal.data.io.DataError`); returns how many were read. The files are decoded on
+    ``threads`` threads (Pillow releases the GIL while it decodes)."""
+
+    def check(path: str) -> None:
+        label_set.to_train_ids(read_label(path), path)
+
+    count = 0
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in pool.map(check, label_paths):
+            count += 1
+    return count
 
 
 def _height_width(size: Sequence[int] | None) -> tuple[int, int] | None:

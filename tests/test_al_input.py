@@ -1,8 +1,12 @@
 """jobs.al refuses bad input with a clear message before any work (Ray never starts)."""
 
+import shutil
+
+import numpy as np
 import pytest
 import ray
 from conftest import TINY_SYNTHETIC
+from PIL import Image
 
 from jobs import al as al_job
 
@@ -67,4 +71,21 @@ def test_empty_dataset_is_refused(tmp_path):
                 f"output_dir={tmp_path / 'runs'}",
             ]
         )
+    assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_label_ids_outside_the_table_in_the_first_pools_fail_before_ray(
+    synthetic_root, tmp_path, capsys, split
+):
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root, data)
+    labels = sorted((data / "gtFine" / split).rglob("*_labelIds.png"))
+    for path in labels:  # every one, so whichever the initial draw labels is broken
+        Image.fromarray(np.full((64, 128), 250, np.uint8)).save(path)
+    with pytest.raises(SystemExit) as exit_info:
+        run(data, tmp_path, f"data.root={data}")
+    message = str(exit_info.value.code)
+    assert "label ids [250] are not in the cityscapes label table" in message
+    assert any(str(path) in message for path in labels)
     assert not ray.is_initialized()
