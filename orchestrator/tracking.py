@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sqlite3
 import time
 import urllib.error
 import urllib.request
@@ -28,6 +29,7 @@ from orchestrator.typed_config import flatten
 log = logging.getLogger(__name__)
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 PROBE_TIMEOUT_S = 5.0
+_QUICK_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
 RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0)  # waits between attempts of a logging call
 T = TypeVar("T")
 
@@ -37,13 +39,35 @@ class TrackingError(RuntimeError):
 
 
 def check_tracking_reachable(tracking_uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
-    """Raise :class:`TrackingError` when an ``http(s)`` tracking server does not answer within
-    ``timeout_s``, or a ``sqlite`` store's file cannot be created or written. Other schemes pass."""
+    """Raise :class:`TrackingError` unless the store really opens: an ``http(s)`` server must answer
+    within ``timeout_s`` (and then answer MLflow's API), a ``sqlite`` store's file must be creatable
+    and writable (and then open as an MLflow database), and any other URI must open as a store."""
     scheme = urlparse(tracking_uri).scheme
     if scheme in ("http", "https"):
         _probe_server(tracking_uri, timeout_s)
     elif scheme == "sqlite":
         _check_sqlite_file(tracking_uri)
+    _open_store(tracking_uri, timeout_s)
+
+
+def _open_store(tracking_uri: str, timeout_s: float) -> None:
+    """One cheap query of the store, with MLflow's HTTP retries off: what a run does first."""
+    saved = {name: os.environ.get(name) for name in _QUICK_HTTP}
+    os.environ.update(_QUICK_HTTP, MLFLOW_HTTP_REQUEST_TIMEOUT=str(max(1, round(timeout_s))))
+    try:
+        mlflow.MlflowClient(tracking_uri).search_experiments(max_results=1)
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise TrackingError(
+            f"MLflow tracking URI {tracking_uri}: the store does not open ({reason}); set "
+            "tracking.tracking_uri to sqlite:///FILE.db or to a running server's http://HOST:PORT"
+        ) from error
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _probe_server(tracking_uri: str, timeout_s: float) -> None:
@@ -69,13 +93,21 @@ def _check_sqlite_file(tracking_uri: str) -> None:
             raise TrackingError(
                 f"MLflow tracking URI {tracking_uri}: {path} is not a writable file"
             )
-        return
-    folder = next(p for p in path.parents if p.exists())  # MLflow creates the missing folders
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+    else:
+        folder = next(p for p in path.parents if p.exists())  # MLflow creates the missing folders
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            raise TrackingError(
+                f"MLflow tracking URI {tracking_uri}: cannot create {path} ({folder} is not a "
+                "writable folder)"
+            )
+        path.parent.mkdir(parents=True, exist_ok=True)
+    try:  # at once, where MLflow's own engine would retry for minutes
+        with contextlib.closing(sqlite3.connect(path)) as connection:
+            connection.execute("pragma schema_version").fetchone()
+    except sqlite3.Error as error:
         raise TrackingError(
-            f"MLflow tracking URI {tracking_uri}: cannot create {path} ({folder} is not a "
-            "writable folder)"
-        )
+            f"MLflow tracking URI {tracking_uri}: {path} does not open as an SQLite database ({error})"
+        ) from error
 
 
 def is_transient(error: BaseException) -> bool:

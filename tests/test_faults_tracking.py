@@ -2,6 +2,7 @@
 transient failure while logging is retried and the run goes on (faked, and with a real `mlflow server`
 stopped and restarted mid-run)."""
 
+import http.server
 import logging
 import os
 import re
@@ -9,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -70,8 +72,48 @@ def test_sqlite_store_that_cannot_be_created_names_the_uri(tmp_path):
     )  # MLflow creates them
 
 
+@pytest.mark.parametrize(
+    "uri, message",
+    [
+        ("sqlite:////proc/mlflow.db", "/proc/mlflow.db does not open as an SQLite database"),
+        ("file:///tmp/mlruns", "the store does not open (The filesystem tracking backend"),
+        (
+            "bogus://somewhere",
+            "the store does not open (Model registry functionality is unavailable",
+        ),
+    ],
+)
+def test_a_store_that_does_not_open_is_refused_at_once(uri, message):
+    start = time.monotonic()
+    with pytest.raises(TrackingError, match=re.escape(f"MLflow tracking URI {uri}: {message}")):
+        check_tracking_reachable(uri)
+    assert time.monotonic() - start < 10
+
+
+def test_a_server_that_is_not_mlflow_is_refused():
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_error(404)
+
+        do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        uri = f"http://127.0.0.1:{server.server_address[1]}"
+        start = time.monotonic()
+        with pytest.raises(
+            TrackingError, match=re.escape(f"MLflow tracking URI {uri}: the store does not open")
+        ):
+            check_tracking_reachable(uri)
+        assert time.monotonic() - start < 10
+        server.shutdown()
+
+
 @pytest.mark.parametrize("job", [al, train, pebal, sweep], ids=lambda job: job.__name__)
-def test_jobs_stop_before_ray_and_before_work(job, synthetic_root, tmp_path, monkeypatch):
+def test_jobs_stop_before_ray_and_before_work(own_ray, job, synthetic_root, tmp_path, monkeypatch):
     monkeypatch.setenv(
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0"
     )  # should the check be missed: fail, don't hang
