@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import secrets
@@ -98,6 +99,11 @@ def free_loopback_port() -> int:
     )
 
 
+# Ray 2.60 waits a fixed 30 s for its node to register (ray/_private/node.py, no setting lengthens it),
+# then raises a bare Exception with this text.
+NODE_START_TIMEOUT = "timed out during startup"
+
+
 def init_ray(num_cpus: int | None = None) -> None:
     """Join the cluster in ``RAY_ADDRESS`` (as under ``ray job submit``); otherwise start a local Ray of
     our own (``address="local"``: never a ``ray start`` cluster that happens to run here), bound to
@@ -125,7 +131,8 @@ def init_ray(num_cpus: int | None = None) -> None:
     ray._private.ray_constants.ENABLE_RAY_CLUSTER = (
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] != "0"
     )
-    ray.init(
+    start = functools.partial(
+        ray.init,
         address="local",
         num_cpus=num_cpus,
         include_dashboard=True,
@@ -133,6 +140,23 @@ def init_ray(num_cpus: int | None = None) -> None:
         dashboard_port=port,
         configure_logging=False,
     )
+    for attempt in (1, 2):
+        try:
+            start()
+            break
+        except Exception as error:  # Ray raises a bare Exception for it
+            if NODE_START_TIMEOUT not in str(error):
+                raise
+            ray.shutdown()
+            if attempt == 2:
+                raise SystemExit(
+                    "error: the local Ray's node did not come up within Ray's 30 s, twice: the "
+                    "machine is too loaded to start Ray now (see `uptime`); try again when it is "
+                    "quieter, or join a running cluster with RAY_ADDRESS=..."
+                ) from error
+            logging.getLogger(__name__).warning(
+                "the local Ray's node did not come up within 30 s (a loaded machine): trying once more"
+            )
     private_ray_token()
 
 

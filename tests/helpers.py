@@ -43,6 +43,9 @@ SCORER_ARGS = {
     "device": "cpu",
 }
 
+# How long a test waits for a service it started (an MLflow server, a Ray head and its job agent) to
+# be ready before it fails saying what it waited for: generous, as a loaded 2-core machine is slow.
+SERVICE_WAIT_S = float(os.environ.get("SEGXAL_TEST_SERVICE_WAIT_S", "300"))
 SIZE = (16, 32)  # the loop tests' scoring resolution
 THETA = 0.3  # the tiny job's Dice gate
 

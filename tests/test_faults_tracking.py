@@ -18,6 +18,7 @@ import mlflow
 import pytest
 import ray
 from conftest import TINY_SYNTHETIC
+from helpers import SERVICE_WAIT_S
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 from procfs import listening_addresses
@@ -278,7 +279,7 @@ class MlflowServer:
         with open(self.root / "server.log", "ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
 
-    def wait_healthy(self, timeout_s: float = 90) -> None:
+    def wait_healthy(self, timeout_s: float = SERVICE_WAIT_S) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             assert self.process.poll() is None, (self.root / "server.log").read_text()[-2000:]
@@ -287,7 +288,10 @@ class MlflowServer:
                 return
             except OSError:
                 time.sleep(0.3)
-        raise TimeoutError(f"mlflow server at {self.uri} not healthy after {timeout_s} s")
+        raise TimeoutError(
+            f"mlflow server at {self.uri} not healthy after {timeout_s} s "
+            "(SEGXAL_TEST_SERVICE_WAIT_S sets the wait)"
+        )
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from helpers import REPO, tiny, write_config
+from helpers import REPO, SERVICE_WAIT_S, tiny, write_config
 from procfs import processes_mentioning
 
 from jobs.common import free_loopback_port
@@ -30,7 +30,9 @@ RAY = str(Path(sys.executable).with_name("ray"))
 JOB_TIMEOUT_S = 600
 
 
-def wait_for_dashboard(url: str, head: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
+def wait_for_dashboard(
+    url: str, head: subprocess.Popen, log: Path, timeout_s: float = SERVICE_WAIT_S
+) -> None:
     """Up when the job API answers; with token auth on, an unauthenticated request gets 401."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -44,7 +46,8 @@ def wait_for_dashboard(url: str, head: subprocess.Popen, log: Path, timeout_s: f
         except OSError:
             time.sleep(1)
     raise TimeoutError(
-        f"the Ray dashboard at {url} did not come up in {timeout_s} s:\n{log.read_text()}"
+        f"the Ray dashboard at {url} did not come up in {timeout_s} s (SEGXAL_TEST_SERVICE_WAIT_S "
+        f"sets the wait):\n{log.read_text()}"
     )
 
 
@@ -117,14 +120,37 @@ def plain(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
+NO_AGENT = "No available agent to submit job"  # the head's job agent is not up yet
+
+
 def submit(address: str, env: dict, entrypoint: list[str]) -> str:
-    """``ray job submit`` from the repository root; returns the job's final status."""
-    done = ray_cli(
-        ["job", "submit", "--address", address, "--working-dir", ".", "--", "python", *entrypoint],
-        env,
-        timeout=JOB_TIMEOUT_S,
-    )
-    output = done.stdout + done.stderr
+    """``ray job submit`` from the repository root, once the head's job agent takes it; returns the
+    job's output."""
+    deadline = time.monotonic() + SERVICE_WAIT_S
+    while True:
+        done = ray_cli(
+            [
+                "job",
+                "submit",
+                "--address",
+                address,
+                "--working-dir",
+                ".",
+                "--",
+                "python",
+                *entrypoint,
+            ],
+            env,
+            timeout=JOB_TIMEOUT_S,
+        )
+        output = done.stdout + done.stderr
+        if NO_AGENT not in output:
+            break
+        assert time.monotonic() < deadline, (
+            f"the Ray head's job agent took no job for {SERVICE_WAIT_S} s "
+            f"(SEGXAL_TEST_SERVICE_WAIT_S sets the wait):\n{output}"
+        )
+        time.sleep(2)
     match = re.search(r"Job '(raysubmit_\w+)'", output)
     assert match, output
     status = ray_cli(["job", "status", "--address", address, match.group(1)], env)

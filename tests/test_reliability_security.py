@@ -110,3 +110,24 @@ def test_mlflow_servers_bind_loopback(capsys):
         "mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1"
         in capsys.readouterr().out
     )
+
+
+def test_a_ray_node_start_timeout_is_retried_once_then_a_clean_error(own_ray, monkeypatch, caplog):
+    calls = []
+
+    def slow_node(**kwargs):
+        calls.append(kwargs)
+        if len(calls) == 1 or fail_always:
+            raise Exception("The current node timed out during startup. This could happen ...")
+
+    monkeypatch.setattr(ray, "init", slow_node)
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    fail_always = False
+    common.init_ray(num_cpus=1)
+    assert len(calls) == 2 and calls[0] == calls[1] and calls[0]["address"] == "local"
+    assert "trying once more" in caplog.text
+    fail_always, calls[:] = True, []
+    with pytest.raises(SystemExit, match="did not come up within Ray's 30 s, twice"):
+        common.init_ray(num_cpus=1)
+    assert len(calls) == 2
