@@ -102,7 +102,9 @@ def _weighted_map(gradient: torch.Tensor | None, activation: torch.Tensor) -> to
 
 
 def _to_image(cam: torch.Tensor, size: tuple[int, int], multiple: int) -> torch.Tensor:
-    """(B, h, w) map over the padded input -> (B, H, W) at image size, each image divided by its max."""
+    """(B, h, w) map over the padded input -> (B, H, W) over the image, each divided by its maximum
+    there: the padding is cropped before the maximum is taken, so a class whose map peaks in the
+    padding is not scaled down."""
     height, width = size
     padded = (-(-height // multiple) * multiple, -(-width // multiple) * multiple)
     if tuple(cam.shape[-2:]) != padded:
@@ -171,7 +173,7 @@ def grad_cam(
                 )
                 rank = present.long().cumsum(dim=1) - 1
                 slots = int(present.sum(dim=1).max()) if batch else 0
-                cam = torch.zeros(batch, *activation.shape[2:], device=images.device)
+                cam = torch.zeros(batch, *size, device=images.device)
                 for slot in range(slots):  # slot s explains the s-th present class of every image
                     chosen = present & (rank == slot)  # (B, C): at most one class per image
                     label = torch.where(chosen.any(dim=1), chosen.long().argmax(dim=1), -1)
@@ -182,9 +184,9 @@ def grad_cam(
                         retain_graph=slot < slots - 1,
                         allow_unused=True,
                     )
-                    cam = torch.maximum(
-                        cam, unit_max_per_image(_weighted_map(gradient, activation.detach()))
-                    )
+                    class_map = _weighted_map(gradient, activation.detach())
+                    cam = torch.maximum(cam, _to_image(class_map, size, input_multiple(model)))
+                return unit_max_per_image(cam).to(images.dtype)
     finally:
         torch.set_grad_enabled(grad_enabled)
     return _to_image(cam, size, input_multiple(model)).to(images.dtype)
