@@ -116,8 +116,21 @@ def roc_points(scores: np.ndarray, positives: np.ndarray) -> tuple[np.ndarray, n
     return tps.astype(np.float64), fps.astype(np.float64)
 
 
+def fpr_at_recall(tps: np.ndarray, fps: np.ndarray, n_neg: int, level: float = 0.95) -> float:
+    """The FPR at the operating point whose recall is closest to ``level``; among points equally close
+    (a recall that several thresholds share), the one with the largest FPR. This is the convention of
+    Hendrycks et al.'s ``fpr_and_fdr_at_recall``, which PEBAL and most anomaly papers report as FPR95,
+    in the same float64 arithmetic (so that ties between two distances break as theirs do). On tied
+    scores it can differ from the first threshold whose TPR reaches ``level``."""
+    recall = tps / tps[-1]
+    full = int(np.searchsorted(tps, tps[-1]))  # the first threshold that finds every positive
+    recall, fps = recall[full::-1], fps[full::-1]
+    return float(fps[np.argmin(np.abs(recall - level))] / n_neg)
+
+
 def anomaly_metrics(scores, labels, ignore_index: int = IGNORE_INDEX) -> dict[str, float]:
-    """AUROC, AP and FPR at 95 % TPR for pixel scores (higher = more anomalous).
+    """AUROC, AP and FPR95 (:func:`fpr_at_recall`, the anomaly papers' convention) for pixel scores
+    (higher = more anomalous).
 
     ``scores`` and ``labels`` are arrays or tensors of the same size: labels 1 anomaly, 0 inlier,
     ``ignore_index`` void. Both classes must be present.
@@ -134,5 +147,8 @@ def anomaly_metrics(scores, labels, ignore_index: int = IGNORE_INDEX) -> dict[st
     precision = tps / (tps + fps)
     recall = tps / n_pos
     ap = float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
-    fpr95 = float(fpr[np.searchsorted(tpr, 0.95, side="left")])
-    return {"auroc": float(np.trapezoid(tpr, fpr)), "ap": ap, "fpr95": fpr95}
+    return {
+        "auroc": float(np.trapezoid(tpr, fpr)),
+        "ap": ap,
+        "fpr95": fpr_at_recall(tps, fps, n_neg),
+    }

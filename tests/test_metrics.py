@@ -74,10 +74,41 @@ def test_anomaly_metrics_equal_sklearn(seed):
     valid = labels != 255
     y, s = labels[valid], scores[valid]
     result = anomaly_metrics(torch.from_numpy(scores), torch.from_numpy(labels))
-    fpr, tpr, _ = skm.roc_curve(y, s)
     assert result["auroc"] == pytest.approx(skm.roc_auc_score(y, s), abs=1e-12)
     assert result["ap"] == pytest.approx(skm.average_precision_score(y, s), abs=1e-12)
-    assert result["fpr95"] == pytest.approx(fpr[np.searchsorted(tpr, 0.95)], abs=1e-12)
+    assert result["fpr95"] == pytest.approx(hendrycks_fpr95(y, s), abs=1e-12)
+
+
+def hendrycks_fpr95(y, s):
+    """FPR95 written out from Hendrycks et al.'s fpr_and_fdr_at_recall (the anomaly papers' code)."""
+    order = np.argsort(s, kind="mergesort")[::-1]
+    s, y = s[order], y[order].astype(bool)
+    ends = np.r_[np.where(np.diff(s))[0], y.size - 1]
+    tps = np.cumsum(y, dtype=np.float64)[ends]
+    fps = 1 + ends - tps
+    recall = tps / tps[-1]
+    last = tps.searchsorted(tps[-1])
+    recall, fps = np.r_[recall[last::-1], 1], np.r_[fps[last::-1], 0]
+    return fps[np.argmin(np.abs(recall - 0.95))] / np.sum(~y)
+
+
+@pytest.mark.parametrize(
+    "y, s, expected",
+    [
+        # 9 anomalies and 5 inliers tie at 2, 1 anomaly and 5 inliers at 1: recall 0.9 (FPR 0.5) lies
+        # nearer 0.95 in float64 than recall 1.0 (FPR 1.0); the first threshold reaching 95 % gives 1.0
+        ([1] * 9 + [0] * 5 + [1] + [0] * 5, [2] * 14 + [1] * 6, 0.5),
+        # 19 of 20 anomalies above every inlier, the last tied with half the 10 inliers: recall 0.95
+        # exactly at FPR 0 (the first threshold reaching 95 % gives the same)
+        ([1] * 19 + [1] + [0] * 5 + [0] * 5, [3] * 19 + [2] * 6 + [1] * 5, 0.0),
+        # recall 0.5 at FPR 0, then everything tied: recall 1.0 at FPR 1
+        ([1, 1, 0, 0, 1, 1], [2, 2, 1, 1, 1, 1], 1.0),
+    ],
+)
+def test_fpr95_on_tied_scores_follows_the_papers_convention(y, s, expected):
+    y, s = np.array(y), np.array(s, dtype=np.float64)
+    assert anomaly_metrics(s, y)["fpr95"] == pytest.approx(expected, abs=1e-12)
+    assert hendrycks_fpr95(y, s) == pytest.approx(expected, abs=1e-12)
 
 
 def test_anomaly_metrics_perfect_and_hand_computed():
