@@ -34,7 +34,15 @@ class ConfusionMatrix:
             raise ValueError(
                 f"target ids must be in [0, {self.num_classes}) or {self.ignore_index}"
             )
-        index = target * self.num_classes + prediction[valid].long()
+        predicted = prediction[valid].long()
+        if predicted.numel() and (predicted.min() < 0 or predicted.max() >= self.num_classes):
+            bad = sorted(
+                {int(v) for v in predicted[(predicted < 0) | (predicted >= self.num_classes)]}
+            )
+            raise ValueError(
+                f"predicted ids must be in [0, {self.num_classes}) at labelled pixels, got {bad[:10]}"
+            )
+        index = target * self.num_classes + predicted
         counts = torch.bincount(index, minlength=self.num_classes**2)
         self.matrix += counts.reshape(self.num_classes, self.num_classes).cpu()
 

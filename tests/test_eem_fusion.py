@@ -74,6 +74,10 @@ def test_image_score_reductions():
     assert image_scores(eem, "mean").item() == pytest.approx(4.5)
     assert image_scores(eem, "topk", 20).item() == pytest.approx(8.5)  # top 2 of 10
     assert image_scores(eem, "topk", 1).item() == pytest.approx(9.0)  # at least one pixel
+    pixels = torch.arange(375, dtype=torch.float32).reshape(1, 15, 25)  # 17.6 % of 375 is 66 pixels
+    assert image_scores(pixels, "topk", 17.6).item() == pytest.approx(
+        float(np.mean(np.arange(309, 375)))
+    )
 
 
 def test_regions_records_known_layout_and_json():

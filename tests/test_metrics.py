@@ -21,6 +21,19 @@ def test_confusion_matrix_known_answer():
     assert cm.pixel_accuracy() == pytest.approx(5 / 7)
 
 
+def test_a_predicted_id_outside_the_classes_is_named():
+    cm = ConfusionMatrix(3)
+    prediction, target = torch.tensor([[0, 255], [4, 1]]), torch.tensor([[0, 1], [2, 255]])
+    with pytest.raises(
+        ValueError, match=r"predicted ids must be in \[0, 3\) at labelled pixels, got \[4, 255\]"
+    ):
+        cm.update(prediction, target)
+    cm.update(
+        torch.tensor([0, 7]), torch.tensor([1, 255])
+    )  # at a void pixel any prediction is fine
+    assert cm.matrix[1, 0] == 1 and cm.matrix.sum() == 1
+
+
 def test_confusion_matrix_matches_sklearn_and_skips_absent_classes():
     rng = np.random.default_rng(0)
     target = rng.integers(0, 4, 500)  # class 4 never appears

@@ -73,6 +73,7 @@ def image_scores(
     if reduction == "topk":
         if not 0 < topk_percent <= 100:
             raise ValueError(f"topk_percent must be in (0, 100], got {topk_percent}")
-        k = max(1, math.ceil(flat.shape[1] * topk_percent / 100))
+        # rounded first: 375 * 17.6 / 100 is 66.00000000000001 in floating point, and 66 pixels are 17.6 %
+        k = max(1, math.ceil(round(flat.shape[1] * topk_percent / 100, 9)))
         return flat.topk(k, dim=1).values.mean(dim=1)
     raise ValueError(f"reduction must be mean or topk, got {reduction!r}")
