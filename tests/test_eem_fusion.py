@@ -1,4 +1,5 @@
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -7,6 +8,7 @@ from torch import nn
 
 from segxal.data.labels import CITYSCAPES
 from segxal.data.transforms import IMAGENET_MEAN, denormalize
+from segxal.eem import pipeline
 from segxal.eem.config import EEMConfig
 from segxal.eem.entropy import normalized_entropy
 from segxal.eem.fusion import fuse_eem, image_scores
@@ -231,6 +233,19 @@ def test_region_map_matches_region_records():
     assert mapping[0, 7] == 0
 
 
+def test_bf16_on_a_cpu_without_native_bfloat16_warns_once(monkeypatch):
+    monkeypatch.setattr(pipeline, "_warned_slow_bf16", False)
+    monkeypatch.setattr(pipeline, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="without native bfloat16 .* 26x slower"):
+        pipeline.segmenter_precision("bf16", torch.device("cpu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipeline.segmenter_precision("bf16", torch.device("cpu"))  # once only
+        monkeypatch.setattr(pipeline, "_warned_slow_bf16", False)
+        monkeypatch.setattr(pipeline, "cpu_has_native_bf16", lambda: True)
+        pipeline.segmenter_precision("bf16", torch.device("cpu"))  # native: no warning
+
+
 def test_bf16_precision_runs_the_segmenter_in_bfloat16_and_scores_close_to_fp32():
     torch.manual_seed(0)
     model = UNet(UNetConfig(num_classes=5, width=8, depth=2)).eval()
@@ -260,7 +275,7 @@ def test_bf16_precision_runs_the_segmenter_in_bfloat16_and_scores_close_to_fp32(
     ]  # two forwards each
     assert fast.score.dtype == torch.float32 and fast.maps.eem.dtype == torch.float32
     assert torch.equal(fast.maps.near, exact.maps.near)
-    assert (fast.score - exact.score).abs().max() < 1e-2
+    assert (fast.score - exact.score).abs().max() < 3e-3  # the documented bound
     assert (fast.maps.entropy - exact.maps.entropy).abs().max() < 5e-2
     with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
         score_batch(model, images, EEMConfig(precision="fp16"), DatasetDepth(), depth=disparity)

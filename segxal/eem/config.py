@@ -101,7 +101,9 @@ class EEMConfig:
     ``max_regions`` per image (largest peak first).
     ``precision``: the segmenter's arithmetic while scoring: ``fp32`` (exact, the default), or autocast to
     ``bf16`` (CPUs with native bfloat16, e.g. AVX512-BF16 or AMX, and GPUs) or ``fp16`` (GPUs only):
-    faster, with scores within about 1e-3 of fp32 (bench/RESULTS.md); maps and scores stay float32.
+    faster where bfloat16 is native, with scores within 3e-3 of fp32 (the ranking kept; bench/RESULTS.md);
+    maps and scores stay float32. On a CPU without native bfloat16, bf16 is about 26x slower: a warning
+    says so.
     """
 
     alpha: float = 0.5
