@@ -283,3 +283,32 @@ def test_bf16_precision_runs_the_segmenter_in_bfloat16_and_scores_close_to_fp32(
         ValueError, match="EEMConfig.precision must be one of fp32, bf16, fp16; got 'fp8'"
     ):
         EEMConfig(precision="fp8")
+
+
+def exact_otsu(values: np.ndarray, bins: int) -> float:
+    """Otsu by brute force: every split t = k/bins of the values binned as floor(v * bins), the
+    between-class variance w0 w1 (mu0 - mu1)^2 of the bin centres, the first best split."""
+    index = np.minimum((np.clip(values, 0, 1) * bins).astype(int), bins - 1)
+    centres = (index + 0.5) / bins
+    best, best_k = -1.0, None
+    for k in range(1, bins):
+        far, near = centres[index < k], centres[index >= k]
+        if far.size == 0 or near.size == 0:
+            continue
+        w0, w1 = far.size / values.size, near.size / values.size
+        between = w0 * w1 * (far.mean() - near.mean()) ** 2
+        if between > best + 1e-12:
+            best, best_k = between, k
+    return np.inf if best_k is None else best_k / bins
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_otsu_equals_a_brute_force_otsu(seed):
+    rng = np.random.default_rng(seed)
+    maps = np.stack([
+        np.clip(np.where(rng.random((20, 30)) < rng.uniform(0.2, 0.8), rng.normal(0.25, 0.08, (20, 30)),
+                         rng.normal(0.7, 0.1, (20, 30))), 0, 1)
+        for _ in range(3)
+    ]).astype(np.float32)  # fmt: skip
+    thresholds = otsu_threshold(torch.from_numpy(maps), bins=64).numpy()
+    assert thresholds.tolist() == pytest.approx([exact_otsu(m.ravel(), 64) for m in maps])
