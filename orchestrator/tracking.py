@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 PROBE_TIMEOUT_S = 5.0
 _QUICK_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0)  # waits between attempts of a logging call
+RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0)
+# The experiment tag the MLflow 3.17 UI reads to pick its view (its JavaScript bundle's ExperimentKind).
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"  # waits between attempts of a logging call
 T = TypeVar("T")
 
 
@@ -153,7 +155,14 @@ def experiment_run(
     """Start (and always end) an MLflow run with the flattened ``config`` logged as params; with
     ``run_id``, continue that run (a resumed experiment) instead."""
     mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment(experiment)
+    found = mlflow.set_experiment(experiment)
+    if found.tags.get(EXPERIMENT_KIND_TAG) is None:  # the UI opens on training runs, not GenAI traces
+        retrying(
+            lambda: mlflow.MlflowClient().set_experiment_tag(
+                found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING
+            ),
+            "set_experiment_tag",
+        )
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name) as run:
         if run_id is None:
             log_params(flatten(config))

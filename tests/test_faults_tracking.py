@@ -341,3 +341,10 @@ def test_a_server_restarted_mid_run_loses_nothing(server, tmp_path, monkeypatch,
         (1, 0.5),
     ]
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["note.txt"]
+
+
+def test_the_experiment_says_it_is_for_model_training(tracking_uri):
+    with tracking.experiment_run(tracking_uri, "kind", "r", ExperimentConfig()):
+        pass
+    experiment = mlflow.MlflowClient(tracking_uri).get_experiment_by_name("kind")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
