@@ -294,6 +294,9 @@ def write_failure(error: OSError, run_dir: Path) -> str:
     )
 
 
+WAITING_TAG = "waiting_for"
+
+
 def run_cycles_logged(
     run: ActiveLearningRun,
     backend,
@@ -340,6 +343,9 @@ def run_cycles_logged(
             backend, config.al.cycles, on_cycle, **({"progress_bar": bar} if bar else {})
         )
         waiting = handoff is not None and handoff.handed_over is not None
+        # the run ends FINISHED either way: a tag says when it waits for people, and what for
+        set_tags({WAITING_TAG: f"people: Label Studio annotations of cycle {handoff.handed_over}"
+                  if waiting else "nothing"})  # fmt: skip
         if not waiting:
             log_artifact(progress.checkpoint, "model")
     return history, waiting

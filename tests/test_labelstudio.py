@@ -631,6 +631,9 @@ def test_jobs_al_stops_for_people_and_continues_with_their_export(
             + ["--set", "al.oracle=labelstudio"]
         )
         assert len(history) == 1  # cycle 0; cycle 1 exported
+        mlflow.set_tracking_uri(uri)
+        (waiting,) = mlflow.search_runs(experiment_names=["al-test"], output_format="list")
+        assert waiting.data.tags["waiting_for"] == "people: Label Studio annotations of cycle 1"
         command = f"python -m jobs.al --resume {run_dir} --stage import"
         assert command in capsys.readouterr().out
         assert (
@@ -665,7 +668,7 @@ def test_jobs_al_stops_for_people_and_continues_with_their_export(
     mlflow.set_tracking_uri(uri)
     (run,) = mlflow.search_runs(experiment_names=["al-test"], output_format="list")
     client = mlflow.MlflowClient(uri)
-    assert run.data.tags["oracle"] == "labelstudio"
+    assert run.data.tags["oracle"] == "labelstudio" and run.data.tags["waiting_for"] == "nothing"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/miou")] == [0, 1]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "time/explain_s")] == [1]
     assert "cycle_01/export.json" in {
