@@ -97,7 +97,11 @@ class PoolScorer:
     def _batches(self, rows: pa.Table, unreadable: dict[str, str]) -> Iterator[dict]:
         """Batches of the readable rows, in order; each unreadable one goes into ``unreadable`` instead."""
         dataset = SegmentationDataset(
-            rows, self.label_set, self.transform, load_depth=self.eem.depth.backend == "dataset"
+            rows,
+            self.label_set,
+            self.transform,
+            load_depth=self.eem.depth.backend == "dataset",
+            load_label=False,  # scoring and explaining never use it
         )
         samples = []
         for index in range(len(dataset)):

@@ -68,6 +68,20 @@ def test_entropy_scores_are_the_mean_normalised_entropy_of_each_image(scorer, mo
     assert scores[UNREADABLE].null_count == len(rows)
 
 
+def test_scoring_and_explaining_read_no_label(scorer, rows, tmp_path):
+    missing = rows.set_column(
+        rows.schema.get_field_index("label_path"),
+        "label_path",
+        pa.array([str(tmp_path / f"gone_{i}.png") for i in range(len(rows))]),
+    )  # label files that do not exist: reading one would make the image unreadable
+    assert scorer.score(missing, ScoreKind.EEM).equals(scorer.score(rows, ScoreKind.EEM))
+    explained = scorer.explain(missing, ScoreKind.EEM)
+    assert not explained.unreadable and len(explained.requests) == len(rows)
+    assert "label" not in SegmentationDataset(missing, CITYSCAPES, load_label=False)[0]
+    with pytest.raises(ValueError, match="augmentation moves the label"):
+        SegmentationDataset(rows, CITYSCAPES, SampleTransform(augment=True), load_label=False)
+
+
 def test_an_unreadable_image_is_set_aside_with_its_reason_and_the_rest_scored_as_before(
     scorer, rows, tmp_path
 ):

@@ -27,7 +27,8 @@ class SampleTransform:
 class SegmentationDataset(Dataset):
     """Items are dicts: ``image`` (3, H, W) float normalised, ``label`` (H, W) int64 train ids with
     255 = ignore (all-ignore when the manifest has no label), ``depth`` (H, W) float disparity (0 where
-    unknown) when ``load_depth``, ``index`` and ``sample_id``."""
+    unknown) when ``load_depth``, ``index`` and ``sample_id``. With ``load_label`` off (scoring, which
+    needs no label) the label file is never read and items carry no ``label``."""
 
     def __init__(
         self,
@@ -35,24 +36,30 @@ class SegmentationDataset(Dataset):
         label_set: LabelSet,
         transform: SampleTransform = SampleTransform(),
         load_depth: bool = False,
+        load_label: bool = True,
     ) -> None:
+        if transform.augment and not load_label:
+            raise ValueError("augmentation moves the label with the image: it needs load_label")
         self.rows = manifest.select(["sample_id", "image_path", "label_path", "depth_path"]).to_pylist()
         self.label_set = label_set
         self.transform = transform
         self.load_depth = load_depth
+        self.load_label = load_label
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def load_raw(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """Decoded (image uint8 HxWx3, train-id label uint8 HxW, disparity float HxW or None), validated."""
+    def load_raw(self, index: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Decoded (image uint8 HxWx3, train-id label uint8 HxW or None without ``load_label``,
+        disparity float HxW or None), validated."""
         row = self.rows[index]
         image = read_rgb(row["image_path"])
-        if row["label_path"] is not None:
+        label: np.ndarray | None = None
+        if self.load_label and row["label_path"] is not None:
             raw = read_label(row["label_path"])
             check_same_size(row["image_path"], image.shape[:2], row["label_path"], raw.shape)
             label = self.label_set.to_train_ids(raw, row["label_path"])
-        else:
+        elif self.load_label:
             label = np.full(image.shape[:2], IGNORE_INDEX, dtype=np.uint8)
         depth = None
         if self.load_depth:
@@ -66,20 +73,18 @@ class SegmentationDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         image_np, label_np, depth_np = self.load_raw(index)
         image = to_tensor(image_np)
-        label = torch.from_numpy(label_np.astype(np.int64))
+        label = None if label_np is None else torch.from_numpy(label_np.astype(np.int64))
         depth = None if depth_np is None else torch.from_numpy(depth_np)
         if self.transform.size is not None:
             image = resize_image(image, self.transform.size)
-            label = resize_nearest(label, self.transform.size)
+            label = None if label is None else resize_nearest(label, self.transform.size)
             depth = None if depth is None else resize_nearest(depth, self.transform.size)
         if self.transform.augment:
+            assert label is not None  # checked in __init__
             image, label, depth = random_crop_flip(image, label, self.transform.crop_size, extra=depth)
-        item = {
-            "image": normalize(image),
-            "label": label,
-            "index": index,
-            "sample_id": self.rows[index]["sample_id"],
-        }
+        item: dict = {"image": normalize(image), "index": index, "sample_id": self.rows[index]["sample_id"]}
+        if label is not None:
+            item["label"] = label
         if depth is not None:
             item["depth"] = depth
         return item
