@@ -301,10 +301,22 @@ class ScorerPool:
     def explain(
         self, rows: pa.Table, kind: ScoreKind, panel_dir: str | None, panels: int
     ) -> Explained:
-        return ray.get(
-            self.actors[0].explain_with.remote(
-                self.version, self.model_box, rows, kind, panel_dir, panels
+        """The selected ``rows`` explained on every actor, shards handed out on demand as scoring does;
+        requests come back in the order of ``rows``, and the first ``panels`` rows get a panel."""
+        parts = shards(rows, len(self.actors) * 2)
+        starts = np.cumsum([0, *(len(part) for part in parts)])[:-1]
+
+        def submit(actor, numbered: tuple[int, pa.Table]):
+            start, part = numbered
+            shard_panels = int(np.clip(panels - start, 0, len(part)))
+            return actor.explain_with.remote(
+                self.version, self.model_box, part, kind, panel_dir, shard_panels
             )
+
+        results = map_on_idle_actors(self.actors, list(zip(starts, parts, strict=True)), submit)
+        return Explained(
+            [request for result in results for request in result.requests],
+            {sample_id: why for result in results for sample_id, why in result.unreadable.items()},
         )
 
     def shutdown(self) -> None:

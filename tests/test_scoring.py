@@ -5,8 +5,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import torch
+from helpers import SCORER_ARGS, model_version, pool_rows, tiny_checkpoint
 
-from actors.scoring import UNREADABLE, PoolScorer
+from actors.scoring import UNREADABLE, PoolScorer, ScorerPool
 from orchestrator.strategies import ScoreKind
 from segxal.data.cityscapes import cityscapes_manifest
 from segxal.data.dataset import SampleTransform, SegmentationDataset
@@ -124,3 +125,29 @@ def test_explain_returns_requests_for_readable_images_only(scorer, rows, tmp_pat
     )  # paths still match their ids
     assert all(r.prediction.shape == SIZE for r in explained.requests)
     assert len(list(tmp_path.glob("*.png"))) == 2  # the truncated file and one panel
+
+
+@pytest.mark.slow
+def test_explaining_is_spread_over_the_actors_and_equals_one_scorer(
+    local_ray, synthetic_root, tmp_path
+):
+    rows = pool_rows(synthetic_root, copies=1)
+    checkpoint = tiny_checkpoint()
+    pool = ScorerPool(2, SCORER_ARGS)
+    try:
+        pool.load_model(checkpoint)
+        explained = pool.explain(rows, ScoreKind.EEM, str(tmp_path / "pool"), panels=5)
+        loaded = [
+            model_version(actor) for actor in pool.actors
+        ]  # set when an actor explains a shard
+    finally:
+        pool.shutdown()
+    local = PoolScorer(**SCORER_ARGS)
+    local.load_model(checkpoint)
+    expected = local.explain(rows, ScoreKind.EEM, str(tmp_path / "local"), panels=5)
+    assert loaded == [pool.version, pool.version]  # both actors explained
+    assert [r.sample_id for r in explained.requests] == rows["sample_id"].to_pylist()
+    for got, want in zip(explained.requests, expected.requests, strict=True):
+        assert np.array_equal(got.prediction, want.prediction) and got.regions == want.regions
+    panels = lambda folder: sorted(p.name for p in (tmp_path / folder).glob("*.png"))  # noqa: E731
+    assert panels("pool") == panels("local") and len(panels("pool")) == 5
