@@ -32,7 +32,10 @@ PROBE_TIMEOUT_S = 5.0
 _QUICK_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
 RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0)
 # The experiment tag the MLflow 3.17 UI reads to pick its view (its JavaScript bundle's ExperimentKind).
-EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"  # waits between attempts of a logging call
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = (
+    "mlflow.experimentKind",
+    "custom_model_development",
+)  # waits between attempts of a logging call
 T = TypeVar("T")
 
 
@@ -45,10 +48,11 @@ def check_tracking_reachable(tracking_uri: str, timeout_s: float = PROBE_TIMEOUT
     within ``timeout_s`` (and then answer MLflow's API), a ``sqlite`` store's file must be creatable
     and writable (and then open as an MLflow database), and any other URI must open as a store."""
     scheme = urlparse(tracking_uri).scheme
+    if scheme == "sqlite":
+        _check_sqlite_file(tracking_uri)  # opens it as SQLite; a new store is not created yet
+        return
     if scheme in ("http", "https"):
         _probe_server(tracking_uri, timeout_s)
-    elif scheme == "sqlite":
-        _check_sqlite_file(tracking_uri)
     _open_store(tracking_uri, timeout_s)
 
 
@@ -95,6 +99,7 @@ def _check_sqlite_file(tracking_uri: str) -> None:
             raise TrackingError(
                 f"MLflow tracking URI {tracking_uri}: {path} is not a writable file"
             )
+        probe = path
     else:
         folder = next(p for p in path.parents if p.exists())  # MLflow creates the missing folders
         if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
@@ -102,14 +107,18 @@ def _check_sqlite_file(tracking_uri: str) -> None:
                 f"MLflow tracking URI {tracking_uri}: cannot create {path} ({folder} is not a "
                 "writable folder)"
             )
-        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".segxal-probe-{os.getpid()}.db"  # a database there, removed at once
     try:  # at once, where MLflow's own engine would retry for minutes
-        with contextlib.closing(sqlite3.connect(path)) as connection:
+        with contextlib.closing(sqlite3.connect(probe)) as connection:
             connection.execute("pragma schema_version").fetchone()
     except sqlite3.Error as error:
+        where = path if probe == path else f"{path} (a database cannot be made in {probe.parent})"
         raise TrackingError(
-            f"MLflow tracking URI {tracking_uri}: {path} does not open as an SQLite database ({error})"
+            f"MLflow tracking URI {tracking_uri}: {where} does not open as an SQLite database ({error})"
         ) from error
+    finally:
+        if probe != path:
+            probe.unlink(missing_ok=True)
 
 
 def is_transient(error: BaseException) -> bool:
@@ -156,7 +165,9 @@ def experiment_run(
     ``run_id``, continue that run (a resumed experiment) instead."""
     mlflow.set_tracking_uri(tracking_uri)
     found = mlflow.set_experiment(experiment)
-    if found.tags.get(EXPERIMENT_KIND_TAG) is None:  # the UI opens on training runs, not GenAI traces
+    if (
+        found.tags.get(EXPERIMENT_KIND_TAG) is None
+    ):  # the UI opens on training runs, not GenAI traces
         retrying(
             lambda: mlflow.MlflowClient().set_experiment_tag(
                 found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING

@@ -76,7 +76,7 @@ def test_sqlite_store_that_cannot_be_created_names_the_uri(tmp_path):
 @pytest.mark.parametrize(
     "uri, message",
     [
-        ("sqlite:////proc/mlflow.db", "/proc/mlflow.db does not open as an SQLite database"),
+        ("sqlite:////proc/mlflow.db", "/proc/mlflow.db (a database cannot be made in /proc)"),
         ("file:///tmp/mlruns", "the store does not open (The filesystem tracking backend"),
         (
             "bogus://somewhere",
@@ -89,6 +89,14 @@ def test_a_store_that_does_not_open_is_refused_at_once(uri, message):
     with pytest.raises(TrackingError, match=re.escape(f"MLflow tracking URI {uri}: {message}")):
         check_tracking_reachable(uri)
     assert time.monotonic() - start < 10
+
+
+def test_a_sqlite_store_is_checked_without_being_created(tmp_path):
+    check_tracking_reachable(f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}")
+    assert list(tmp_path.iterdir()) == []  # the probe database is gone, nothing else was made
+    (tmp_path / "not_sqlite.db").write_text("plain text, long enough to have a header" * 10)
+    with pytest.raises(TrackingError, match="not_sqlite.db does not open as an SQLite database"):
+        check_tracking_reachable(f"sqlite:///{tmp_path / 'not_sqlite.db'}")
 
 
 def test_a_server_that_is_not_mlflow_is_refused():
