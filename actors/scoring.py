@@ -129,11 +129,10 @@ class PoolScorer:
         for batch in self._batches(rows, unreadable):
             ids.extend(batch["sample_id"])
             values.extend(compute(self, batch["image"].to(self.device), batch, kind))
-        column = kind.schema.names[1]
         table = pa.table(
             {
                 "sample_id": ids + list(unreadable),
-                column: values + [None] * len(unreadable),
+                kind.column: values + [None] * len(unreadable),
                 UNREADABLE: [None] * len(ids) + list(unreadable.values()),
             },
             schema=kind.schema,

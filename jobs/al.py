@@ -201,6 +201,11 @@ def record_resume_overrides(
     entry = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "set": overrides}
     with open(layout.overrides_file, "a") as log_file:
         log_file.write(json.dumps(entry) + "\n")
+    save_config(layout, config)
+
+
+def save_config(layout: RunLayout, config: ExperimentConfig) -> None:
+    """The run's configuration, written atomically to its config.yaml (what a resume reads)."""
     text = yaml.safe_dump(to_dict(config), sort_keys=False).encode()
     write_atomically(layout.config_file, lambda handle: handle.write(text))
 
@@ -247,7 +252,7 @@ def run_job(args: argparse.Namespace, config: ExperimentConfig, layout: RunLayou
             raise SystemExit(
                 f"{run_dir} holds a run already: continue it with --resume {run_dir}, or set another name"
             )
-        layout.config_file.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        save_config(layout, config)
     check_tracking_or_exit(config.tracking.tracking_uri)
     show = show_progress(config, args)
     try:

@@ -69,14 +69,16 @@ def tee_parquet(
     try:
         with naming(path):
             handle = open(tmp, "wb")
-        with handle, pq.ParquetWriter(handle, schema) as writer:
-            for table in tables:  # an error of the source is its own, not this file's
-                with naming(path):
-                    writer.write_table(table.cast(schema), row_group_size=ROWS_PER_BATCH)
-                yield table
+        with handle:
+            with pq.ParquetWriter(handle, schema) as writer:
+                for table in tables:  # an error of the source is its own, not this file's
+                    with naming(path):
+                        writer.write_table(table.cast(schema), row_group_size=ROWS_PER_BATCH)
+                    yield table
+            with naming(path):
+                handle.flush()
+                os.fsync(handle.fileno())
         with naming(path):
-            with open(tmp, "rb+") as synced:
-                os.fsync(synced.fileno())
             os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

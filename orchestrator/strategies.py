@@ -40,6 +40,11 @@ class ScoreKind(str, Enum):
         """The scores table of this kind: ``sample_id``, ``score`` or ``embedding``, ``unreadable``."""
         return EMBEDDING_SCHEMA if self is ScoreKind.EMBEDDING else SCORE_SCHEMA
 
+    @property
+    def column(self) -> str:
+        """The scores table's value column: ``score``, or ``embedding``."""
+        return self.schema.names[1]  # the schemas are (sample_id, value, unreadable)
+
     def eem_config(self, config: EEMConfig) -> EEMConfig:
         """The EEM settings this kind scores and explains with: the ablations zero one term; every other
         kind explains its selection with the full EEM."""

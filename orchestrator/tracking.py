@@ -29,13 +29,10 @@ from orchestrator.typed_config import flatten
 log = logging.getLogger(__name__)
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 PROBE_TIMEOUT_S = 5.0
-_QUICK_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0)
+RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0)  # waits between attempts of a logging call
 # The experiment tag the MLflow 3.17 UI reads to pick its view (its JavaScript bundle's ExperimentKind).
-EXPERIMENT_KIND_TAG, MODEL_TRAINING = (
-    "mlflow.experimentKind",
-    "custom_model_development",
-)  # waits between attempts of a logging call
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
 T = TypeVar("T")
 
 
@@ -58,8 +55,12 @@ def check_tracking_reachable(tracking_uri: str, timeout_s: float = PROBE_TIMEOUT
 
 def _open_store(tracking_uri: str, timeout_s: float) -> None:
     """One cheap query of the store, with MLflow's HTTP retries off: what a run does first."""
-    saved = {name: os.environ.get(name) for name in _QUICK_HTTP}
-    os.environ.update(_QUICK_HTTP, MLFLOW_HTTP_REQUEST_TIMEOUT=str(max(1, round(timeout_s))))
+    quick = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, round(timeout_s))),
+    }
+    saved = {name: os.environ.get(name) for name in quick}
+    os.environ.update(quick)
     try:
         mlflow.MlflowClient(tracking_uri).search_experiments(max_results=1)
     except Exception as error:

@@ -135,7 +135,7 @@ class FakeBackend:
             ids = table["sample_id"].to_pylist()
             values = [self.value(i, kind) for i in ids]
             yield pa.table(
-                {"sample_id": ids, kind.schema.names[1]: values, UNREADABLE: [None] * len(ids)},
+                {"sample_id": ids, kind.column: values, UNREADABLE: [None] * len(ids)},
                 schema=kind.schema,
             )
 

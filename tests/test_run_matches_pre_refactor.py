@@ -55,7 +55,7 @@ class RecordedBackend:
             else:
                 values = [(crc(i) % 5) / 5 for i in ids]
             yield pa.table(
-                {"sample_id": ids, kind.schema.names[1]: values, UNREADABLE: [None] * len(ids)},
+                {"sample_id": ids, kind.column: values, UNREADABLE: [None] * len(ids)},
                 schema=kind.schema,
             )
 
