@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,7 +14,7 @@ from orchestrator.config import ExperimentConfig
 from orchestrator.records import Metric
 from orchestrator.run import Explained, TrainOutcome
 from orchestrator.run_layout import RunLayout, cycle_name
-from orchestrator.strategies import ScoreKind
+from orchestrator.strategies import RegionSpec, ScoreKind
 from segxal.checkpoint import load_checkpoint
 from segxal.data.dataset import SampleTransform
 from segxal.data.labels import LabelSet
@@ -115,7 +115,7 @@ class RayCycleBackend:
             self.loaded = checkpoint
 
     def score(
-        self, cycle: int, checkpoint: Path, rows: Iterable[pa.Table], kind: ScoreKind
+        self, cycle: int, checkpoint: Path, rows: Iterable[pa.Table], kind: ScoreKind | RegionSpec
     ) -> Iterator[pa.Table]:
         self._load(checkpoint)
         return self.scorers.score_batches(rows, kind)
@@ -128,9 +128,10 @@ class RayCycleBackend:
         kind: ScoreKind,
         panel_dir: Path,
         panels: int,
+        queried: Mapping[str, list[dict]] | None = None,
     ) -> Explained:
         self._load(checkpoint)
-        return self.scorers.explain(selected, kind, str(panel_dir), panels)
+        return self.scorers.explain(selected, kind, str(panel_dir), panels, queried)
 
     def shutdown(self) -> None:
         self.scorers.shutdown()

@@ -144,7 +144,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     for epoch in epochs_with_progress(first_epoch, job.train.epochs, "train epochs", show):
         if world > 1:
             loader.sampler.set_epoch(epoch)
-        stats = train_one_epoch(trained_model, loader, optimizer, device)
+        stats = train_one_epoch(trained_model, loader, optimizer, device, job.train.class_weights)
         metrics = {"epoch": epoch, **{f"train/{k}": v for k, v in stats.items()}}
         if rank != 0:
             ray.train.report(metrics)

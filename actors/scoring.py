@@ -10,8 +10,9 @@ in ``Explained.unreadable`` (explaining), for the run to quarantine.
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -23,17 +24,18 @@ from torch.utils.data import default_collate
 
 from actors.dispatch import map_on_idle_actors
 from orchestrator.oracles import AnnotationRequest
-from orchestrator.records import UNREADABLE
+from orchestrator.records import REGION_SCORE_SCHEMA, UNREADABLE
 from orchestrator.run import Explained
 from orchestrator.run_layout import file_name
-from orchestrator.strategies import ScoreKind
+from orchestrator.strategies import RegionSpec, ScoreKind
 from segxal.data.dataset import DataError, SampleTransform, SegmentationDataset
 from segxal.data.labels import LABEL_SETS
+from segxal.data.region_labels import labelled_mask, read_region_labels
 from segxal.eem.config import EEMConfig
 from segxal.eem.entropy import normalized_entropy
 from segxal.eem.panels import save_panel
 from segxal.eem.pipeline import score_batch
-from segxal.eem.regions import region_map
+from segxal.eem.regions import cell_regions, extract_regions, queried_region_map, region_map
 from segxal.models.depth import build_depth_backend
 from segxal.models.unet import UNet
 from segxal.training import resolve_device
@@ -71,6 +73,30 @@ SCORE_FUNCTIONS = {
     ScoreKind.EBU: _eem_score,
 }
 """What the scorers compute for each kind: one value (a score or an embedding) per image of a batch."""
+
+
+def _region_values(
+    scorer: PoolScorer, images: torch.Tensor, batch: dict, spec: RegionSpec
+) -> tuple[np.ndarray, np.ndarray]:
+    """(B, H, W) maps a region's score is the mean of, and the predictions, for region mode."""
+    if spec.kind is None:  # random regions: no score, the run draws one
+        shape = (images.shape[0], *images.shape[2:])
+        return np.zeros(shape), np.zeros(shape, dtype=np.int64)
+    if spec.kind is ScoreKind.ENTROPY:
+        with torch.no_grad():
+            logits = scorer.model(images)
+        return normalized_entropy(logits).cpu().numpy(), logits.argmax(1).cpu().numpy()
+    depth = batch.get("depth")
+    maps = score_batch(
+        scorer.model,
+        images,
+        spec.kind.eem_config(scorer.eem),
+        scorer.depth_backend,
+        None if depth is None else depth.to(scorer.device),
+        return_maps=True,
+    ).maps
+    assert maps is not None
+    return maps.eem.cpu().numpy(), maps.prediction.cpu().numpy()
 
 
 class PoolScorer:
@@ -139,11 +165,72 @@ class PoolScorer:
         )
         return table.sort_by("sample_id")
 
+    def _labelled(self, rows: pa.Table, row: int, shape: tuple[int, ...]) -> np.ndarray:
+        """The pixels of row ``row`` labelled so far (region mode), at the scoring resolution."""
+        mask_path = rows["mask_path"][row].as_py() if "mask_path" in rows.column_names else None
+        return labelled_mask(read_region_labels(mask_path, (shape[0], shape[1])))
+
+    def score_regions(self, rows: pa.Table, spec: RegionSpec) -> pa.Table:
+        """One row per queryable region of each readable input row (``REGION_SCORE_SCHEMA``), in id
+        order: EEM regions or cells over its unlabelled pixels, scored by their mean of ``spec.kind``'s
+        map (null for random); unreadable images get one row with the reason."""
+        if self.model is None:
+            raise RuntimeError("load_model must be called before score_regions")
+        eem = spec.kind.eem_config(self.eem) if spec.kind is not None else self.eem
+        names = self.label_set.class_names
+        found: list[dict] = []
+        unreadable: dict[str, str] = {}
+        for batch in self._batches(rows, unreadable):
+            values, predictions = _region_values(self, batch["image"].to(self.device), batch, spec)
+            for i, sample_id in enumerate(batch["sample_id"]):
+                labelled = self._labelled(rows, int(batch["index"][i]), values[i].shape)
+                if spec.source == "cells":
+                    records = cell_regions(values[i], predictions[i], labelled, spec.cell, names)
+                else:
+                    records = extract_regions(
+                        np.where(labelled, -np.inf, values[i]),
+                        predictions[i],
+                        eem.region_threshold,
+                        eem.min_region_area,
+                        eem.max_regions,
+                        names,
+                    )
+                found.extend(
+                    {
+                        "sample_id": sample_id,
+                        "region": r["id"],
+                        "score": None if spec.kind is None else r["mean_eem"],
+                        "pixels": r["area"],
+                        "record": json.dumps(r),
+                        UNREADABLE: None,
+                    }
+                    for r in records
+                )
+        found.extend(
+            {
+                "sample_id": i,
+                "region": None,
+                "score": None,
+                "pixels": None,
+                "record": None,
+                UNREADABLE: why,
+            }
+            for i, why in unreadable.items()
+        )
+        table = pa.Table.from_pylist(found, schema=REGION_SCORE_SCHEMA)
+        return table.sort_by([("sample_id", "ascending"), ("region", "ascending")])
+
     def explain(
-        self, rows: pa.Table, kind: ScoreKind, panel_dir: str | None = None, panels: int = 0
+        self,
+        rows: pa.Table,
+        kind: ScoreKind,
+        panel_dir: str | None = None,
+        panels: int = 0,
+        queried: Mapping[str, list[dict]] | None = None,
     ) -> Explained:
         """Full EEM maps, prompts and flip-TTA predictions of the selected images; the first ``panels``
-        also get a PNG panel in ``panel_dir``."""
+        also get a PNG panel in ``panel_dir``. Region mode: ``queried`` holds each image's queried
+        region records, and its request asks for those regions only."""
         if self.model is None:
             raise RuntimeError("load_model must be called before explain")
         config = kind.eem_config(self.eem)
@@ -170,6 +257,12 @@ class PoolScorer:
             for i, sample_id in enumerate(batch["sample_id"]):
                 eem = maps.eem[i].cpu()
                 row = int(batch["index"][i])
+                if queried is None:
+                    shown, area = regions[i], region_map(eem, regions[i], config.region_threshold)
+                else:
+                    shown = queried[sample_id]
+                    labelled = self._labelled(rows, row, tuple(eem.shape))
+                    area = queried_region_map(eem, labelled, shown, config.region_threshold)
                 requests.append(
                     AnnotationRequest(
                         sample_id=sample_id,
@@ -178,8 +271,9 @@ class PoolScorer:
                         prediction=maps.prediction[i].cpu().numpy().astype(np.uint8),
                         tta_prediction=tta_prediction[i].cpu().numpy().astype(np.uint8),
                         tta_confidence=confidence[i].cpu().numpy().astype(np.float32),
-                        region_map=region_map(eem, regions[i], config.region_threshold),
-                        regions=regions[i],
+                        region_map=area,
+                        regions=shown,
+                        queried_regions_only=queried is not None,
                     )
                 )
                 if panel_dir is not None and len(requests) <= panels:
@@ -191,7 +285,7 @@ class PoolScorer:
                         maps.proximity[i].cpu(),
                         maps.proxgradcam[i].cpu(),
                         eem,
-                        regions[i],
+                        requests[-1].regions,
                         self.label_set,
                         title=sample_id,
                     )
@@ -233,6 +327,12 @@ class ScoringActor(PoolScorer):
         self._ensure(version, model_box)
         return self.score(rows, kind)
 
+    def score_regions_with(
+        self, version: int, model_box: list, rows: pa.Table, spec: RegionSpec
+    ) -> pa.Table:
+        self._ensure(version, model_box)
+        return self.score_regions(rows, spec)
+
     def explain_with(
         self,
         version: int,
@@ -241,9 +341,10 @@ class ScoringActor(PoolScorer):
         kind: ScoreKind,
         panel_dir: str | None,
         panels: int,
+        queried: Mapping[str, list[dict]] | None,
     ) -> Explained:
         self._ensure(version, model_box)
-        return self.explain(rows, kind, panel_dir, panels)
+        return self.explain(rows, kind, panel_dir, panels, queried)
 
 
 class ScorerPool:
@@ -274,11 +375,14 @@ class ScorerPool:
         self.version += 1
         self.model_box = [ray.put(checkpoint)]
 
-    def score(self, rows: pa.Table, kind: ScoreKind, bar=None) -> pa.Table:
-        """``rows`` scored by the actors, in their order (``kind.schema``)."""
+    def score(self, rows: pa.Table, kind: ScoreKind | RegionSpec, bar=None) -> pa.Table:
+        """``rows`` scored by the actors, in their order (``kind.schema``): a score kind per image, or
+        a region spec per region."""
         parts = shards(rows, len(self.actors) * self.shards_per_actor)
 
         def submit(actor, part: pa.Table):
+            if isinstance(kind, RegionSpec):
+                return actor.score_regions_with.remote(self.version, self.model_box, part, kind)
             return actor.score_with.remote(self.version, self.model_box, part, kind)
 
         def done(index: int) -> None:
@@ -289,16 +393,22 @@ class ScorerPool:
         return pa.concat_tables(results) if results else kind.schema.empty_table()
 
     def score_batches(
-        self, batches: Iterable[pa.Table], kind: ScoreKind, total: int | None = None
+        self, batches: Iterable[pa.Table], kind: ScoreKind | RegionSpec, total: int | None = None
     ) -> Iterator[pa.Table]:
         """Each batch of ``batches`` scored in turn (a pass holds one batch and its scores at a time),
         with one bar of images scored over them all; ``total``: the images expected, for the bar."""
-        with images_done_bar(self.progress, total, f"scoring ({kind.value})") as bar:
+        what = kind.value if isinstance(kind, ScoreKind) else f"{kind.source} regions"
+        with images_done_bar(self.progress, total, f"scoring ({what})") as bar:
             for rows in batches:
                 yield self.score(rows, kind, bar)
 
     def explain(
-        self, rows: pa.Table, kind: ScoreKind, panel_dir: str | None, panels: int
+        self,
+        rows: pa.Table,
+        kind: ScoreKind,
+        panel_dir: str | None,
+        panels: int,
+        queried: Mapping[str, list[dict]] | None = None,
     ) -> Explained:
         """The selected ``rows`` explained on every actor, shards handed out on demand as scoring does;
         requests come back in the order of ``rows``, and the first ``panels`` rows get a panel."""
@@ -308,8 +418,11 @@ class ScorerPool:
         def submit(actor, numbered: tuple[int, pa.Table]):
             start, part = numbered
             shard_panels = int(np.clip(panels - start, 0, len(part)))
+            shard_queried = (
+                None if queried is None else {i: queried[i] for i in part["sample_id"].to_pylist()}
+            )
             return actor.explain_with.remote(
-                self.version, self.model_box, part, kind, panel_dir, shard_panels
+                self.version, self.model_box, part, kind, panel_dir, shard_panels, shard_queried
             )
 
         results = map_on_idle_actors(self.actors, list(zip(starts, parts, strict=True)), submit)

@@ -56,6 +56,7 @@ from orchestrator.run_lock import RunFolderInUse, exclusive_run
 from orchestrator.tracking import experiment_run, log_artifact, log_metrics, set_tags
 from orchestrator.typed_config import ConfigError, to_dict
 from segxal.files import write_atomically
+from segxal.training import check_class_weights
 
 log = logging.getLogger("jobs.al")
 
@@ -143,6 +144,7 @@ def prepare(
     pool, budget, oracle, and a Label Studio export."""
     run_dir = layout.root
     label_set = label_set_for(config.data)
+    check_class_weights(config.train, label_set.class_names)
     if progress.completed_cycle >= 0:
         state = PoolState.load(layout.snapshot(progress.completed_cycle))
     else:
@@ -157,13 +159,21 @@ def prepare(
     else:
         oracle = SimulatedOracle(DatasetGroundTruth(label_set, config.data.image_size))
     return ActiveLearningRun(
-        layout, state, config.al, label_set, config.seed, oracle, handoff, progress
+        layout,
+        state,
+        config.al,
+        label_set,
+        config.seed,
+        oracle,
+        handoff,
+        progress,
+        config.data.image_size,
     )
 
 
 # What a resume may change: how long the run goes on, where it logs, and resources that do not change
 # what it computes. Everything else (seed, strategy, data, model, training) would make another experiment.
-RESUME_OVERRIDES = (
+RESUME_OVERRIDES = (  # al.unit, al.budget_unit and al.region_cell are not: they change the experiment
     "al.cycles",
     "al.panels",
     "progress",

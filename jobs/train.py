@@ -18,7 +18,7 @@ from jobs.common import check_tracking_or_exit, parse_job_args, print_results_hi
 from orchestrator.datasets import datasets_for, label_set_for
 from orchestrator.tracking import experiment_run, log_artifact, log_metrics, set_tags
 from segxal.models.unet import UNet, UNetConfig
-from segxal.training import fit
+from segxal.training import check_class_weights, fit
 
 log = logging.getLogger("jobs.train")
 
@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     progress = show_progress(config, args)
     torch.manual_seed(config.seed)
     label_set = label_set_for(config.data)
+    check_class_weights(config.train, label_set.class_names)
     train_set, val_set = datasets_for(config.data, progress=progress)
     loader_args = {"batch_size": config.train.batch_size, "num_workers": config.data.loader_workers}
     train_loader = DataLoader(

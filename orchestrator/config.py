@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from orchestrator.cost import BudgetUnit
 from orchestrator.gate import check_theta
 from orchestrator.strategies import get_strategy
 from orchestrator.sweep_config import SweepConfig
@@ -80,7 +81,11 @@ class LabelStudioConfig:
 class ActiveLearningConfig:
     """The SegXAL cycle. Budgets are a fraction (float) of the training pool or a count (int):
     ``initial_labelled`` (D^L at the start), ``budget`` (n, images sent to the oracle per cycle) and
-    ``subset`` (D^S, the random share of the unlabelled pool that is scored each cycle)."""
+    ``subset`` (D^S, the random share of the unlabelled pool that is scored each cycle).
+
+    ``unit: region`` queries regions instead of images (``orchestrator.cost``): then ``budget`` is a
+    count in ``budget_unit`` per cycle, D^S is drawn from every image with unlabelled pixels, and
+    strategies without EEM regions rank ``region_cell`` x ``region_cell`` cells."""
 
     strategy: str = "eem"
     oracle: Literal["simulated", "pseudo", "labelstudio"] = "simulated"
@@ -88,6 +93,9 @@ class ActiveLearningConfig:
     initial_labelled: int | float = 0.4
     budget: int | float = 0.05
     subset: int | float = 1.0
+    unit: Literal["image", "region"] = "image"
+    budget_unit: BudgetUnit = "clicks"
+    region_cell: int = 32
     theta: float = 0.5  # Dice gate; 0 turns it off
     warm_start: bool = True
     pseudo_confidence: float = 0.9
@@ -113,6 +121,16 @@ class ActiveLearningConfig:
             raise ValueError("num_scorers and scorer_batch_size must be >= 1")
         if self.scorer_gpus < 0 or self.scorer_cpus <= 0:
             raise ValueError("scorer_cpus must be > 0 and scorer_gpus >= 0")
+        if self.region_cell < 2:
+            raise ValueError(f"region_cell must be >= 2 pixels, got {self.region_cell}")
+        if self.unit == "region":
+            if not isinstance(self.budget, int):
+                raise ValueError(
+                    f"budget: with unit region it is a count of {self.budget_unit} per cycle (an "
+                    f"int), got {self.budget!r}"
+                )
+            if not get_strategy(self.strategy).has_region_mode:
+                raise ValueError(f"strategy: {self.strategy} has no region mode (unit: region)")
 
 
 @dataclass(frozen=True)
@@ -130,6 +148,26 @@ class ExperimentConfig:
     eem: EEMConfig = field(default_factory=EEMConfig)
     pebal: PebalConfig = field(default_factory=PebalConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+
+    def __post_init__(self) -> None:
+        if self.al.unit != "region":
+            return
+        if self.data.image_size is None:
+            raise ValueError(
+                "data.image_size: al.unit region counts pixels at one scoring resolution; set it"
+            )
+        if self.al.budget_unit == "pixels":
+            uses_eem = get_strategy(self.al.strategy).region_source == "eem"
+            smallest, what = (
+                (self.eem.min_region_area, "eem.min_region_area")
+                if uses_eem
+                else (self.al.region_cell**2, "al.region_cell squared")
+            )
+            if self.al.budget < smallest:
+                raise ValueError(
+                    f"al.budget: {self.al.budget} pixels is smaller than one region ({what}: "
+                    f"{smallest} pixels)"
+                )
 
 
 def load_experiment(path: str | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:

@@ -8,11 +8,15 @@
 - ``labelstudio`` (people): the annotations people made in Label Studio, guided by the EEM prompts
   (``orchestrator/labelstudio/``); Manual-M / Manual-D with real annotators.
 
-Every oracle returns :class:`Annotation` s in train ids at the scoring resolution.
+Every oracle returns :class:`Annotation` s in train ids at the scoring resolution. In region mode
+(``AnnotationRequest.queried_regions_only``) each labels the queried regions only: the simulated oracle
+gives their ground-truth pixels, the pseudo oracle its confident pseudolabels there, Label Studio the
+person's masks there; every other pixel stays unlabelled (255).
 """
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,6 +31,7 @@ from segxal.data.labels import IGNORE_INDEX, LabelSet
 from segxal.data.transforms import resize_nearest
 
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,7 @@ class AnnotationRequest:
     label_path: str | None = (
         None  # the dataset's ground truth, if any: for the simulated oracle only
     )
+    queried_regions_only: bool = False  # region mode: label the pixels of region_map > 0 only
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,13 @@ class Annotation:
     label: np.ndarray  # uint8 train ids, 255 = not annotated
     cost: float  # human effort in objects corrected (0 for a machine)
     pixels: int  # pixels labelled or corrected
+
+
+def queried_pixels(request: AnnotationRequest) -> np.ndarray:
+    """The pixels an oracle labels: the queried regions in region mode, else the whole image."""
+    if request.queried_regions_only:
+        return request.region_map > 0
+    return np.ones(request.region_map.shape, dtype=bool)
 
 
 class Oracle(ABC):
@@ -73,8 +86,9 @@ class PseudoLabelOracle(Oracle):
     def annotate(self, requests: Sequence[AnnotationRequest]) -> list[Annotation]:
         annotations = []
         for request in requests:
+            confident = request.tta_confidence >= self.min_confidence
             label = np.where(
-                request.tta_confidence >= self.min_confidence, request.tta_prediction, IGNORE_INDEX
+                confident & queried_pixels(request), request.tta_prediction, IGNORE_INDEX
             )
             label = label.astype(np.uint8)
             annotations.append(
@@ -114,7 +128,11 @@ class SimulatedOracle(Oracle):
                     f"{request.sample_id}: ground truth {truth.shape} != prediction {request.prediction.shape}"
                 )
             touched, count = objects_touching(truth, request.region_map > 0)
-            label = np.where(touched, truth, request.prediction).astype(np.uint8)
+            if request.queried_regions_only:
+                touched = request.region_map > 0
+                label = np.where(touched, truth, IGNORE_INDEX).astype(np.uint8)
+            else:
+                label = np.where(touched, truth, request.prediction).astype(np.uint8)
             corrected = int((label != request.prediction).sum())
             annotations.append(Annotation(request.sample_id, label, float(count), corrected))
         return annotations
@@ -177,9 +195,32 @@ class LabelStudioOracle(Oracle):
             label = resize_nearest(
                 torch.tensor(self.labels[request.sample_id]), request.prediction.shape
             ).numpy()
+            if request.queried_regions_only:
+                label = self._inside_regions(request, label)
             changed = (label != IGNORE_INDEX) & (label != request.prediction)
             _, objects = objects_touching(label, changed)
             annotations.append(
                 Annotation(request.sample_id, label, float(objects), int(changed.sum()))
             )
         return annotations
+
+    @staticmethod
+    def _inside_regions(request: AnnotationRequest, label: np.ndarray) -> np.ndarray:
+        """The person's labels inside the queried regions; a region left blank is an error, and
+        labels spilling outside the regions are dropped with a warning."""
+        inside = request.region_map > 0
+        for region in request.regions:
+            if not (label[request.region_map == region["id"]] != IGNORE_INDEX).any():
+                raise ValueError(
+                    f"{request.sample_id}: the Label Studio annotation leaves queried region "
+                    f"{region['id']} (prompt at x={region['prompt']['x']}, y={region['prompt']['y']}) "
+                    "unlabelled; label it, or delete the task's annotation to annotate it again"
+                )
+        spilled = int(((label != IGNORE_INDEX) & ~inside).sum())
+        if spilled:
+            log.warning(
+                "%s: %d annotated pixels lie outside the queried regions and are not used",
+                request.sample_id,
+                spilled,
+            )
+        return np.where(inside, label, IGNORE_INDEX).astype(np.uint8)

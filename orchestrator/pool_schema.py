@@ -26,7 +26,8 @@ from orchestrator.records import (
     VALIDATION,
 )
 
-FORMAT_VERSION = "2"  # 2: the ids fingerprint is computed batch by batch (IdsDigest)
+# 2: the ids fingerprint is computed batch by batch (IdsDigest); 3: mask_path and labelled_pixels
+FORMAT_VERSION = "3"
 META_FORMAT = b"segxal.pool_state.format"
 META_COUNT = b"segxal.pool_state.count"
 META_IDS = b"segxal.pool_state.ids_sha256"
@@ -162,6 +163,11 @@ def _broken_rows(table: pa.Table) -> list[tuple[str, pa.Array]]:
             pc.xor(is_[QUARANTINED], pc.is_valid(column(table, "quarantine_reason"))),
         ),
         ("times_returned must be >= 0", pc.less(column(table, "times_returned"), 0)),
+        (
+            "only labelled samples have a mask_path",
+            pc.and_(pc.invert(is_[LABELLED]), pc.is_valid(column(table, "mask_path"))),
+        ),
+        ("labelled_pixels must be >= 0", pc.less(column(table, "labelled_pixels"), 0)),
         (
             "annotation_cost must be finite and >= 0",
             pc.invert(pc.and_(pc.is_finite(cost), pc.greater_equal(cost, 0))),

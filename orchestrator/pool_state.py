@@ -138,6 +138,18 @@ def _check_dice(dice, count: int) -> np.ndarray:
     return values
 
 
+def _paths_of_accepted(paths, keep: np.ndarray, name: str) -> pa.Array:
+    """``paths`` as strings: a non-empty one for each accepted id, None for each returned one."""
+    array = pa.array(list(paths), type=pa.string())
+    given = pc.and_(pc.is_valid(array), pc.not_equal(pc.fill_null(array, ""), ""))
+    if len(array) != len(keep) or given.to_numpy(zero_copy_only=False).tolist() != keep.tolist():
+        raise PoolStateError(
+            f"{name}: expected a non-empty path for each accepted id and None for each returned"
+            f" one ({len(keep)} ids), got {array.to_pylist()[:5]}"
+        )
+    return array
+
+
 def _manifest_part(manifest: pa.Table, name: str) -> pa.Table:
     missing = [c for c in MANIFEST_COLUMNS if c not in manifest.column_names]
     if missing:
@@ -227,6 +239,8 @@ class PoolState:
             "times_returned": pa.array(np.zeros(n, dtype=np.int32)),
             "quarantine_reason": pa.nulls(n, pa.string()),
             "label_source": pc.if_else(is_labelled, labels, pa.scalar(None, pa.string())),
+            "mask_path": pa.nulls(n, pa.string()),
+            "labelled_pixels": pa.array(np.zeros(n, dtype=np.int64)),
         }
         table = pa.Table.from_arrays([columns[f.name] for f in POOL_SCHEMA], schema=POOL_SCHEMA)
         if not pc.all(
@@ -417,14 +431,28 @@ class PoolState:
         self._summary = PoolState._write(self.path, self._schema, updated())._summary
 
     def record_decisions(
-        self, ids: IdsLike, cycle: int, oracle: str, dice, cost, accepted, label_paths
+        self,
+        ids: IdsLike,
+        cycle: int,
+        oracle: str,
+        dice,
+        cost,
+        accepted,
+        label_paths,
+        *,
+        masks: Sequence[tuple[str, int] | None] | None = None,
+        returned=None,
     ) -> None:
-        """The Dice gate's decisions on a batch of unlabelled ``ids``, in one rewrite of the file. Each
-        gets its cycle, oracle, Dice and cost (added up over its annotations); an ``accepted`` one joins
-        the labelled pool with the re-annotation at its ``label_paths`` entry as its label, a returned one
-        stays unlabelled and its ``times_returned`` goes up by one. ``dice`` and ``cost``: one value per
-        id or one for all; ``accepted``: one bool per id; ``label_paths``: one per id, None where
-        returned."""
+        """The Dice gate's decisions on a batch of ``ids``, in one rewrite of the file. Each gets its
+        cycle, oracle, Dice and cost (added up over its annotations); an ``accepted`` one is in the
+        labelled pool with the annotation at its ``label_paths`` entry as its label (``cycle_labelled``:
+        the cycle it first got one), a returned one keeps its role and label. ``dice`` and ``cost``: one
+        value per id or one for all; ``accepted``: one bool per id; ``label_paths``: one per id, None
+        where returned; ``returned``: the times each id was sent back (default: 1 where not accepted).
+
+        Image level (no ``masks``): the ids are unlabelled. Region level: ``masks`` gives each accepted
+        id its region-label file and labelled-pixel count (None where returned), and the ids may
+        already hold labelled regions."""
         ids = self._ids(ids, "record_decisions")
         if len(ids) == 0:
             return
@@ -435,19 +463,28 @@ class PoolState:
             raise PoolStateError(
                 f"accepted: expected {len(ids)} flags (one per id), got {keep.shape}"
             )
-        paths = pa.array(list(label_paths), type=pa.string())
-        given = pc.and_(pc.is_valid(paths), pc.not_equal(pc.fill_null(paths, ""), ""))
-        if len(paths) != len(ids) or given.to_numpy(zero_copy_only=False).tolist() != keep.tolist():
-            raise PoolStateError(
-                f"label_paths: expected a non-empty path for each accepted id and None for each returned"
-                f" one ({len(ids)} ids), got {paths.to_pylist()[:5]}"
+        paths = _paths_of_accepted(label_paths, keep, "label_paths")
+        sent_back = (
+            (~keep).astype(np.int32)
+            if returned is None
+            else _per_row(returned, len(ids), "returned").astype(np.int32)
+        )
+        if masks is None:
+            allowed: tuple[str, ...] = (UNLABELLED,)
+            mask_paths, pixels = None, None
+        else:
+            allowed = (UNLABELLED, LABELLED)
+            mask_paths = _paths_of_accepted(
+                [None if m is None else m[0] for m in masks], keep, "masks"
             )
+            pixels = np.array([0 if m is None else m[1] for m in masks], dtype=np.int64)
 
         def change(t: pa.Table, rows: np.ndarray, at: np.ndarray) -> dict[str, pa.Array]:
             joins = rows[keep[at]]
-            return {
+            first = joins[column(t, "cycle_labelled").to_numpy()[joins] == NEVER]
+            updates = {
                 "role": pc.if_else(_mask(t.num_rows, joins), LABELLED, column(t, "role")),
-                "cycle_labelled": _set_numbers(column(t, "cycle_labelled"), joins, cycle),
+                "cycle_labelled": _set_numbers(column(t, "cycle_labelled"), first, cycle),
                 "last_cycle": _set_numbers(column(t, "last_cycle"), rows, cycle),
                 "oracle": pc.if_else(_mask(t.num_rows, rows), oracle, column(t, "oracle")),
                 "dice": _set_numbers(column(t, "dice"), rows, dice[at]),
@@ -455,14 +492,22 @@ class PoolState:
                     column(t, "annotation_cost"), rows, costs[at], add=True
                 ),
                 "times_returned": _set_numbers(
-                    column(t, "times_returned"), rows, (~keep[at]).astype(np.int32), add=True
+                    column(t, "times_returned"), rows, sent_back[at], add=True
                 ),
                 "label_source": _scatter_strings(
                     column(t, "label_source"), joins, paths.take(pa.array(at[keep[at]]))
                 ),
             }
+            if mask_paths is not None and pixels is not None:
+                updates["mask_path"] = _scatter_strings(
+                    column(t, "mask_path"), joins, mask_paths.take(pa.array(at[keep[at]]))
+                )
+                updates["labelled_pixels"] = _set_numbers(
+                    column(t, "labelled_pixels"), joins, pixels[at[keep[at]]]
+                )
+            return updates
 
-        self._transition("record_decisions", ids, (UNLABELLED,), change)
+        self._transition("record_decisions", ids, allowed, change)
 
     def quarantine(self, ids: IdsLike | str, reasons: str | Sequence[str]) -> None:
         """Take ``ids`` (one id or several) out of every pool, e.g. unreadable images, with one reason for

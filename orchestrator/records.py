@@ -2,7 +2,8 @@
 place: the Arrow schemas of work manifests, scores, gate decisions and the pool state, the roles a sample
 takes, and the MLflow metric keys a run logs.
 
-A work manifest row is what a worker needs to load one sample: its id, image, label and depth files.
+A work manifest row is what a worker needs to load one sample: its id, image, label and depth files,
+and in region mode the mask of its pixels labelled so far.
 Dataset manifests (``segxal.data.manifest.MANIFEST_SCHEMA``) carry more columns; the pool state keeps
 these four and its bookkeeping.
 """
@@ -13,7 +14,8 @@ import pyarrow as pa
 
 # -- work manifests: D^S, the selection, the training and validation sets ------------------------------
 MANIFEST_COLUMNS = ("sample_id", "image_path", "label_path", "depth_path")
-WORK_MANIFEST_SCHEMA = pa.schema([(name, pa.string()) for name in MANIFEST_COLUMNS])
+# ``mask_path``: the pixels labelled so far (al.unit region, segxal.data.region_labels), null for none
+WORK_MANIFEST_SCHEMA = pa.schema([(name, pa.string()) for name in (*MANIFEST_COLUMNS, "mask_path")])
 
 # -- scores: one row per candidate, in id order --------------------------------------------------------
 UNREADABLE = "unreadable"  # why an image could not be read (null for the scored ones)
@@ -24,10 +26,26 @@ EMBEDDING_SCHEMA = pa.schema(
     [("sample_id", pa.string()), ("embedding", pa.list_(pa.float32())), (UNREADABLE, pa.string())]
 )
 
-# -- gate decisions: one row per image the oracle annotated, in the order of the requests --------------
+# -- region scores (``al.unit: region``): one row per queryable region of a candidate, in id order ------
+# ``record``: the region's JSON record (segxal.eem.regions), what the explain step finds it again by
+REGION_SCORE_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("region", pa.int32()),
+        ("score", pa.float64()),
+        ("pixels", pa.int64()),
+        ("record", pa.string()),
+        (UNREADABLE, pa.string()),
+    ]
+)
+
+# -- gate decisions: one row per image (region 0) or per queried region the oracle annotated, in the
+# order of the requests ----------------------------------------------------------------------------------
+WHOLE_IMAGE = 0  # the ``region`` of an image-level decision
 DECISION_SCHEMA = pa.schema(
     [
         ("sample_id", pa.string()),
+        ("region", pa.int32()),
         ("dice", pa.float64()),
         ("accepted", pa.bool_()),
         ("cost", pa.float64()),
@@ -64,6 +82,10 @@ POOL_SCHEMA = pa.schema(
         pa.field("quarantine_reason", pa.string()),
         # the label training uses: ground truth or the accepted re-annotation
         pa.field("label_source", pa.string()),
+        # al.unit region: the mask of the pixels labelled so far (null: every pixel or none is), and
+        # their count at the scoring resolution
+        pa.field("mask_path", pa.string()),
+        pa.field("labelled_pixels", pa.int64(), nullable=False),
     ]
 )
 
@@ -84,8 +106,11 @@ class Metric:
     ACCEPTED_DICE = "gate/accepted_dice_mean"
     RETURNED_DICE = "gate/returned_dice_mean"
     CYCLE_COST = "oracle/cost"
+    CYCLE_CLICKS = "oracle/clicks"
     CYCLE_PIXELS = "oracle/pixels"
     TOTAL_COST = "oracle/total_cost"
+    RETURNED_COST = "gate/returned_cost"
+    LABELLED_PIXEL_FRACTION = "pool/labelled_pixel_fraction"
 
     @staticmethod
     def stage_seconds(stage: str) -> str:

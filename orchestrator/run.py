@@ -23,7 +23,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +35,9 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from orchestrator.config import ActiveLearningConfig
+from orchestrator.cost import region_cost
 from orchestrator.gate import dice_gate, dice_per_image, gate_summary
-from orchestrator.oracles import AnnotationRequest, Oracle
+from orchestrator.oracles import Annotation, AnnotationRequest, Oracle
 from orchestrator.parquet_io import take_positions, tee_parquet, write_parquet
 from orchestrator.pool_schema import IdsDigest
 from orchestrator.pool_state import PoolState
@@ -47,14 +48,22 @@ from orchestrator.records import (
     UNLABELLED,
     UNREADABLE,
     VALIDATION,
+    WHOLE_IMAGE,
     WORK_MANIFEST_SCHEMA,
     Metric,
 )
 from orchestrator.run_layout import RunLayout
-from orchestrator.selection import budget_count, cycle_rng, subset_positions
-from orchestrator.strategies import Candidates, ScoreKind, get_strategy
+from orchestrator.selection import budget_count, cycle_rng, spend_on_regions, subset_positions
+from orchestrator.strategies import Candidates, RegionSpec, ScoreKind, get_strategy
 from segxal.data.io import image_size
 from segxal.data.labels import LabelSet
+from segxal.data.region_labels import (
+    labelled_mask,
+    merge_region,
+    read_region_labels,
+    training_label,
+    write_region_labels,
+)
 from segxal.files import naming, write_atomically
 
 log = logging.getLogger(__name__)
@@ -89,8 +98,11 @@ class CycleBackend(Protocol):
     ) -> TrainOutcome: ...
 
     def score(
-        self, cycle: int, checkpoint: Path, rows: Iterable[pa.Table], kind: ScoreKind
-    ) -> Iterator[pa.Table]: ...
+        self, cycle: int, checkpoint: Path, rows: Iterable[pa.Table], kind: ScoreKind | RegionSpec
+    ) -> Iterator[pa.Table]:
+        """With a :class:`RegionSpec`: one row per queryable region of each image (at least one row per
+        image: a null ``region`` where it has none), ``REGION_SCORE_SCHEMA``."""
+        ...
 
     def explain(
         self,
@@ -100,7 +112,10 @@ class CycleBackend(Protocol):
         kind: ScoreKind,
         panel_dir: Path,
         panels: int,
-    ) -> Explained: ...
+        queried: Mapping[str, list[dict]] | None = None,
+    ) -> Explained:
+        """Region mode: ``queried`` holds each selected image's queried region records."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -176,6 +191,7 @@ class ActiveLearningRun:
         oracle: Oracle,
         handoff: Handoff | None = None,
         progress: Progress | None = None,
+        image_size: tuple[int, int] | None = None,
     ) -> None:
         self.layout = layout
         self.al = al
@@ -184,12 +200,19 @@ class ActiveLearningRun:
         self.oracle = oracle
         self.handoff = handoff
         self.strategy = get_strategy(al.strategy)
-        self.budget = budget_count(al.budget, state.training_pool_size, name="al.budget")
-        unlabelled = state.count(UNLABELLED)
-        if self.budget > unlabelled:
-            raise ValueError(
-                f"al.budget: {self.budget} images per cycle but the unlabelled pool has {unlabelled}"
-            )
+        self.regions = al.unit == "region"
+        if self.regions:
+            if image_size is None:
+                raise ValueError("data.image_size: region mode counts pixels at the scoring size")
+            self.image_size = (int(image_size[0]), int(image_size[1]))
+            self.budget = int(al.budget)
+        else:
+            self.budget = budget_count(al.budget, state.training_pool_size, name="al.budget")
+            unlabelled = state.count(UNLABELLED)
+            if self.budget > unlabelled:
+                raise ValueError(
+                    f"al.budget: {self.budget} images per cycle but the unlabelled pool has {unlabelled}"
+                )
         self.state = state.copy_to(layout.state_file)
         self.progress = Progress.load(layout) if progress is None else progress
 
@@ -270,19 +293,28 @@ class ActiveLearningRun:
     def query(self, backend: CycleBackend, cycle: int, checkpoint: Path) -> Query:
         timer = StageTimer()
         self.layout.cycle_dir(cycle).mkdir(parents=True, exist_ok=True)
+        queried = None
         with timer("score"):
-            selected = self._score_and_select(backend, cycle, checkpoint)
+            if self.regions:
+                queried = self._score_and_select_regions(backend, cycle, checkpoint)
+                selected = list(queried)
+            else:
+                selected = self._score_and_select(backend, cycle, checkpoint)
         panel_dir = self.layout.panel_dir(cycle)
         panel_dir.mkdir(parents=True, exist_ok=True)
         with timer("explain"):
-            explained = backend.explain(
+            arguments = (
                 cycle,
                 checkpoint,
-                self._unlabelled_rows(selected),
+                self._queryable_rows(selected),
                 self.strategy.explain_kind,
                 panel_dir,
                 self.al.panels,
             )
+            if queried is None:
+                explained = backend.explain(*arguments)
+            else:
+                explained = backend.explain(*arguments, queried=queried)
         self.quarantine(cycle, explained.unreadable)
         requests = explained.requests
         regions_file = self.layout.regions_file(cycle)
@@ -292,17 +324,9 @@ class ActiveLearningRun:
     def _score_and_select(self, backend: CycleBackend, cycle: int, checkpoint: Path) -> list[str]:
         """D^S streamed from the pool state to the scorers and the scores to the strategy, each written to
         the cycle's folder on the way; the candidates the scorers could not read are quarantined."""
-        positions = subset_positions(
-            self.state.count(UNLABELLED), self.al.subset, cycle_rng(self.seed, cycle, "subset")
-        )
         candidate_ids, scored_ids = IdsDigest(), IdsDigest()
         unreadable: dict[str, str] = {}
-
-        def candidates() -> Iterator[pa.Table]:
-            drawn = take_positions(self._manifest_batches(UNLABELLED), positions)
-            for table in tee_parquet(self.layout.candidates(cycle), WORK_MANIFEST_SCHEMA, drawn):
-                candidate_ids.update(table["sample_id"].combine_chunks())
-                yield table
+        positions, candidates = self._draw_candidates(cycle, candidate_ids)
 
         def readable(scores: Iterable[pa.Table]) -> Iterator[pa.Table]:
             for table in scores:
@@ -337,6 +361,75 @@ class ActiveLearningRun:
         self.quarantine(cycle, unreadable)
         return selected
 
+    def _draw_candidates(
+        self, cycle: int, digest: IdsDigest
+    ) -> tuple[np.ndarray, Callable[[], Iterator[pa.Table]]]:
+        """D^S: its positions among the queryable samples, and its rows streamed (each batch's ids fed
+        to ``digest``) with a copy to the cycle's folder."""
+        queryable = (
+            sum(t.num_rows for t in self._queryable_batches())
+            if self.regions
+            else self.state.count(UNLABELLED)
+        )
+        if queryable == 0:
+            raise ValueError(f"cycle {cycle}: no image is left with unlabelled pixels to query")
+        positions = subset_positions(
+            queryable, self.al.subset, cycle_rng(self.seed, cycle, "subset")
+        )
+
+        def candidates() -> Iterator[pa.Table]:
+            drawn = take_positions(self._queryable_batches(), positions)
+            for table in tee_parquet(self.layout.candidates(cycle), WORK_MANIFEST_SCHEMA, drawn):
+                digest.update(table["sample_id"].combine_chunks())
+                yield table
+
+        return positions, candidates
+
+    def _score_and_select_regions(
+        self, backend: CycleBackend, cycle: int, checkpoint: Path
+    ) -> dict[str, list[dict]]:
+        """Region mode: the regions of D^S scored (streamed, written to the cycle's folder), ranked by
+        the strategy and taken best first until the budget is spent. Returns each selected image's
+        queried region records, the images in the order of their best region."""
+        candidate_ids, scored_ids = IdsDigest(), IdsDigest()
+        unreadable: dict[str, str] = {}
+        _, candidates = self._draw_candidates(cycle, candidate_ids)
+        spec = self.strategy.region_spec(self.al.region_cell)
+        rng = cycle_rng(self.seed, cycle, "random")
+
+        def ranked(scores: Iterable[pa.Table]) -> Iterator[pa.Table]:
+            for table in scores:
+                scored_ids.update(pc.unique(table["sample_id"]).combine_chunks())
+                broken = table.filter(pc.is_valid(table[UNREADABLE]))
+                unreadable.update(
+                    zip(
+                        broken["sample_id"].to_pylist(), broken[UNREADABLE].to_pylist(), strict=True
+                    )
+                )
+                regions = table.filter(pc.is_valid(table["region"]))
+                yield self.strategy.rank_regions(regions, rng)
+
+        scores = backend.score(cycle, checkpoint, candidates(), spec)
+        unit = self.al.budget_unit
+        chosen = spend_on_regions(
+            ranked(tee_parquet(self.layout.scores(cycle), spec.schema, scores)),
+            self.budget,
+            lambda t: [region_cost(p, unit) for p in t["pixels"].to_pylist()],
+        )
+        if scored_ids.hexdigest() != candidate_ids.hexdigest():
+            raise ValueError(
+                f"cycle {cycle}: the scorers did not score the candidates exactly once, in id order"
+            )
+        self.quarantine(cycle, unreadable)
+        if chosen is None:
+            raise ValueError(f"cycle {cycle}: D^S holds no queryable region")
+        queried: dict[str, list[dict]] = {}
+        for sample_id, record in zip(
+            chosen["sample_id"].to_pylist(), chosen["record"].to_pylist(), strict=True
+        ):
+            queried.setdefault(sample_id, []).append(json.loads(record))
+        return queried
+
     def _labelled_embeddings(
         self, backend: CycleBackend, cycle: int, checkpoint: Path
     ) -> np.ndarray:
@@ -349,10 +442,9 @@ class ActiveLearningRun:
         return np.asarray(embeddings, dtype=np.float32)
 
     # -- the annotation: oracle and gate ----------------------------------------------------------
-    def annotate(self, cycle: int, requests: list[AnnotationRequest]) -> dict[str, float]:
-        """The oracle re-annotates the selected images; the Dice of each re-annotation against the
-        model's segmentation goes through the gate, whose decisions are one transition of the pool
-        state. Returns the cycle's gate and oracle metrics; the decisions go to the cycle's folder."""
+    def _annotations(
+        self, cycle: int, requests: list[AnnotationRequest]
+    ) -> tuple[list[str], dict[str, Annotation]]:
         annotations = self.oracle.annotate(requests)
         by_id = {a.sample_id: a for a in annotations}
         ids = [r.sample_id for r in requests]
@@ -360,6 +452,15 @@ class ActiveLearningRun:
             raise ValueError(
                 f"cycle {cycle}: the oracle annotated {sorted(by_id)}, expected {sorted(ids)}"
             )
+        return ids, by_id
+
+    def annotate(self, cycle: int, requests: list[AnnotationRequest]) -> dict[str, float]:
+        """The oracle re-annotates the selected images; the Dice of each re-annotation against the
+        model's segmentation goes through the gate, whose decisions are one transition of the pool
+        state. Returns the cycle's gate and oracle metrics; the decisions go to the cycle's folder."""
+        if self.regions:
+            return self.annotate_regions(cycle, requests)
+        ids, by_id = self._annotations(cycle, requests)
         dice = dice_per_image(
             ids,
             [r.prediction for r in requests],
@@ -381,6 +482,7 @@ class ActiveLearningRun:
         decisions = pa.table(
             {
                 "sample_id": ids,
+                "region": [WHOLE_IMAGE] * len(ids),
                 "dice": dice,
                 "accepted": flags,
                 "cost": costs,
@@ -393,6 +495,96 @@ class ActiveLearningRun:
             **gate_summary(decision),
             Metric.CYCLE_COST: float(sum(costs)),
             Metric.CYCLE_PIXELS: float(sum(by_id[i].pixels for i in ids)),
+        }
+
+    def annotate_regions(self, cycle: int, requests: list[AnnotationRequest]) -> dict[str, float]:
+        """Region mode: the oracle labels the queried regions; the gate decides region by region on the
+        Dice inside it; the accepted regions join their image's region labels (and its training label),
+        the returned ones stay queryable. Every region costs its clicks (``orchestrator.cost``)."""
+        ids, by_id = self._annotations(cycle, requests)
+        rows = self._queryable_rows(ids)
+        mask_of = dict(
+            zip(rows["sample_id"].to_pylist(), rows["mask_path"].to_pylist(), strict=True)
+        )
+        keys, region_dice, region_ids, region_pixels, owners = [], [], [], [], []
+        for request in requests:
+            label = by_id[request.sample_id].label
+            for region in request.regions:
+                inside = request.region_map == region["id"]
+                keys.append(f"{request.sample_id}#{region['id']}")
+                owners.append(request.sample_id)
+                region_ids.append(int(region["id"]))
+                region_pixels.append(int(inside.sum()))
+                region_dice.append(
+                    float(
+                        dice_per_image(
+                            [keys[-1]],
+                            [request.prediction[inside]],
+                            [label[inside]],
+                            self.label_set.num_classes,
+                        )[0]
+                    )
+                )
+        decision = dice_gate(keys, region_dice, self.al.theta)
+        accepted = set(decision.accepted)
+        unit = self.al.budget_unit
+        clicks = [region_cost(p, "clicks") for p in region_pixels]
+        spent = [region_cost(p, unit) for p in region_pixels]
+        flags = [key in accepted for key in keys]
+        masks: list[tuple[str, int] | None] = []
+        paths: list[str | None] = []
+        image_dice, image_cost, returned = [], [], []
+        for request in requests:
+            mine = [k for k, owner in enumerate(owners) if owner == request.sample_id]
+            labels = read_region_labels(mask_of[request.sample_id], self.image_size)
+            gained = [k for k in mine if flags[k]]
+            for k in gained:
+                inside = request.region_map == region_ids[k]
+                labels = merge_region(labels, inside, by_id[request.sample_id].label)
+            if gained:
+                mask_path = self.layout.region_labels(cycle, request.sample_id)
+                write_region_labels(mask_path, labels)
+                path = self._write_annotation(
+                    cycle, request.sample_id, request.image_path, training_label(labels)
+                )
+                masks.append((str(mask_path), int(labelled_mask(labels).sum())))
+                paths.append(str(path))
+            else:
+                masks.append(None)
+                paths.append(None)
+            finite = [region_dice[k] for k in mine if not np.isnan(region_dice[k])]
+            image_dice.append(float(np.mean(finite)) if finite else float("nan"))
+            image_cost.append(float(sum(clicks[k] for k in mine)))
+            returned.append(sum(not flags[k] for k in mine))
+        self.state.record_decisions(
+            ids,
+            cycle,
+            self.oracle.name,
+            image_dice,
+            image_cost,
+            [m is not None for m in masks],
+            paths,
+            masks=masks,
+            returned=returned,
+        )
+        decisions = pa.table(
+            {
+                "sample_id": owners,
+                "region": region_ids,
+                "dice": region_dice,
+                "accepted": flags,
+                "cost": [float(c) for c in clicks],
+                "pixels": region_pixels,
+            },
+            schema=DECISION_SCHEMA,
+        )
+        write_parquet(self.layout.decisions(cycle), DECISION_SCHEMA, [decisions])
+        return {
+            **gate_summary(decision),
+            Metric.CYCLE_COST: float(sum(clicks)),
+            Metric.CYCLE_CLICKS: float(sum(clicks)),
+            Metric.CYCLE_PIXELS: float(sum(region_pixels)),
+            Metric.RETURNED_COST: float(sum(s for s, f in zip(spent, flags, strict=True) if not f)),
         }
 
     def _write_annotation(
@@ -411,30 +603,55 @@ class ActiveLearningRun:
         return path
 
     # -- the pool state --------------------------------------------------------------------------
+    MANIFEST_COLUMNS = ["sample_id", "image_path", "label_path", "depth_path", "mask_path"]
+
     def _manifest_batches(self, role: str) -> Iterator[pa.Table]:
         """The samples with ``role`` as work-manifest rows, a batch at a time; labelled samples carry
         their current label (ground truth or accepted re-annotation)."""
-        columns = ["sample_id", "image_path", "label_path", "depth_path", "role", "label_source"]
-        for table in self.state.batches(columns):
+        for table in self.state.batches([*self.MANIFEST_COLUMNS, "role", "label_source"]):
             rows = table.filter(pc.equal(table["role"], role))
-            label = rows["label_source"] if role == LABELLED else rows["label_path"]
-            yield pa.table(
-                [rows["sample_id"], rows["image_path"], label, rows["depth_path"]],
-                schema=WORK_MANIFEST_SCHEMA,
-            )
+            if role == LABELLED:
+                rows = rows.set_column(2, "label_path", rows["label_source"])
+            yield rows.select(self.MANIFEST_COLUMNS).cast(WORK_MANIFEST_SCHEMA)
 
-    def _unlabelled_rows(self, ids: list[str]) -> pa.Table:
-        """The unlabelled samples ``ids`` (a selection: sized by the budget), in the order asked for."""
+    def _queryable_batches(self) -> Iterator[pa.Table]:
+        """The samples a cycle may query, with their ground truth (if any) as the label: the unlabelled
+        ones and, in region mode, the labelled ones that still have unlabelled pixels."""
+        for table in self.state.batches([*self.MANIFEST_COLUMNS, "role"]):
+            queryable = pc.equal(table["role"], UNLABELLED)
+            if self.regions:
+                partly = pc.and_(pc.equal(table["role"], LABELLED), pc.is_valid(table["mask_path"]))
+                queryable = pc.or_(queryable, partly)
+            yield table.filter(queryable).select(self.MANIFEST_COLUMNS).cast(WORK_MANIFEST_SCHEMA)
+
+    def _queryable_rows(self, ids: list[str]) -> pa.Table:
+        """The queryable samples ``ids`` (a selection: sized by the budget), in the order asked for."""
         wanted = pa.array(ids, pa.string())
         rows = pa.concat_tables(
-            t.filter(pc.is_in(t["sample_id"], value_set=wanted))
-            for t in self._manifest_batches(UNLABELLED)
+            t.filter(pc.is_in(t["sample_id"], value_set=wanted)) for t in self._queryable_batches()
         )
         return rows.take(pc.index_in(wanted, value_set=rows["sample_id"]))
+
+    def labelled_pixel_fraction(self) -> float:
+        """Labelled pixels over the training pool's pixels: a fully labelled image counts whole, a
+        region-labelled one its labelled pixels (image mode: the labelled fraction)."""
+        if not self.regions:
+            return self.state.labelled_fraction
+        per_image = self.image_size[0] * self.image_size[1]
+        pixels = 0
+        for table in self.state.batches(["role", "mask_path", "labelled_pixels"]):
+            labelled = table.filter(pc.equal(table["role"], LABELLED))
+            partial = pc.is_valid(labelled["mask_path"])
+            partial_count = pc.sum(partial.cast(pa.int64())).as_py() or 0
+            pixels += per_image * (labelled.num_rows - partial_count)
+            pixels += pc.sum(labelled.filter(partial)["labelled_pixels"]).as_py() or 0
+        size = self.state.training_pool_size
+        return pixels / (size * per_image) if size else 0.0
 
     def pool_metrics(self) -> dict[str, float]:
         return {
             Metric.LABELLED_FRACTION: self.state.labelled_fraction,
+            Metric.LABELLED_PIXEL_FRACTION: self.labelled_pixel_fraction(),
             Metric.LABELLED: self.state.count(LABELLED),
             Metric.UNLABELLED: self.state.count(UNLABELLED),
             Metric.QUARANTINED: self.state.count(QUARANTINED),

@@ -94,6 +94,10 @@ class RunLayout:
     def annotation(self, cycle: int, sample_id: str) -> Path:
         return self.root / "annotations" / cycle_name(cycle) / (file_name(sample_id) + ".png")
 
+    def region_labels(self, cycle: int, sample_id: str) -> Path:
+        """The image's region labels after ``cycle`` (al.unit region; segxal.data.region_labels)."""
+        return self.root / "region_labels" / cycle_name(cycle) / (file_name(sample_id) + ".png")
+
     def labelstudio_dir(self, cycle: int) -> Path:
         return self.root / "labelstudio" / cycle_name(cycle)
 

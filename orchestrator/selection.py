@@ -170,6 +170,35 @@ def top_n_of_batches(batches: Iterable[tuple[IdsLike, Any]], n: int) -> pa.Strin
     return best_ids
 
 
+def spend_on_regions(batches: Iterable[pa.Table], budget: int, costs) -> pa.Table:
+    """The best regions of ``batches`` (tables with ``sample_id``, ``region`` and ``score``) until
+    ``budget`` is spent, best first (equal scores by id, then region); ``costs(table)``: what each row
+    of a table spends. The last region may overspend by less than its own cost. Streamed: only the
+    regions that could still be taken are held."""
+    if budget < 1:
+        raise ValueError(f"budget: expected >= 1, got {budget}")
+    kept: pa.Table | None = None
+    for table in batches:
+        if table.num_rows == 0:
+            continue
+        if table["score"].null_count or pc.any(pc.is_nan(table["score"])).as_py():
+            raise ValueError("scores: a region without a score (null or NaN)")
+        merged = table if kept is None else pa.concat_tables([kept, table.cast(kept.schema)])
+        merged = merged.take(
+            pc.sort_indices(
+                merged,
+                sort_keys=[
+                    ("score", "descending"),
+                    ("sample_id", "ascending"),
+                    ("region", "ascending"),
+                ],
+            )
+        )
+        spent = np.cumsum(np.asarray(costs(merged), dtype=np.int64))
+        kept = merged.slice(0, int(np.searchsorted(spent, budget)) + 1)
+    return kept
+
+
 def _as_features(features, name: str) -> np.ndarray:
     array = np.asarray(features)
     if array.ndim != 2:

@@ -14,14 +14,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 from types import MappingProxyType
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from orchestrator.parquet_io import take_positions
-from orchestrator.records import EMBEDDING_SCHEMA, SCORE_SCHEMA
+from orchestrator.records import EMBEDDING_SCHEMA, REGION_SCORE_SCHEMA, SCORE_SCHEMA
 from orchestrator.selection import k_center_greedy, random_positions, top_n_of_batches
 from segxal.eem.config import EEMConfig
 
@@ -52,6 +52,22 @@ class ScoreKind(str, Enum):
         if weights is None:
             return config
         return dataclasses.replace(config, alpha=weights[0], beta=weights[1])
+
+
+RegionSource = Literal["eem", "cells"]
+
+
+@dataclass(frozen=True)
+class RegionSpec:
+    """What the scorers find and score in each candidate in region mode: connected EEM regions
+    (``source`` eem) or ``cell`` x ``cell`` cells, over its unlabelled pixels only; ``kind``: the map a
+    region's score is the mean of (None: no score, the run draws a random one)."""
+
+    source: RegionSource
+    kind: ScoreKind | None
+    cell: int
+
+    schema: ClassVar[pa.Schema] = REGION_SCORE_SCHEMA
 
 
 @dataclass(frozen=True)
@@ -87,6 +103,24 @@ class Strategy(ABC):
     def select(self, candidates: Candidates, n: int) -> list[str]:
         """n ids of ``candidates`` (all of them when fewer), best first where there is an order."""
 
+    # -- region mode (al.unit: region) -----------------------------------------------------------
+    has_region_mode: ClassVar[bool] = True
+
+    @property
+    def region_source(self) -> RegionSource:
+        """EEM strategies query their EEM regions; the others, cells."""
+        return (
+            "eem" if self.score_kind in (ScoreKind.EEM, ScoreKind.PAE, ScoreKind.EBU) else "cells"
+        )
+
+    def region_spec(self, cell: int) -> RegionSpec:
+        return RegionSpec(self.region_source, self.score_kind, cell)
+
+    def rank_regions(self, regions: pa.Table, rng: np.random.Generator) -> pa.Table:
+        """``regions`` (a batch of ``REGION_SCORE_SCHEMA`` rows, in id order) with the ``score`` they are
+        ranked by, highest first."""
+        return regions
+
 
 @dataclass(frozen=True)
 class TopScore(Strategy):
@@ -114,6 +148,12 @@ class UniformRandom(Strategy):
         picked = take_positions((t.select(["sample_id"]) for t in candidates.batches), positions)
         return [sample_id for t in picked for sample_id in t["sample_id"].to_pylist()]
 
+    def rank_regions(self, regions: pa.Table, rng: np.random.Generator) -> pa.Table:
+        """A uniform random key per region, drawn in id order from one stream: the same keys however
+        the rows are batched."""
+        keys = pa.array(rng.random(regions.num_rows), pa.float64())
+        return regions.set_column(regions.schema.get_field_index("score"), "score", keys)
+
 
 @dataclass(frozen=True)
 class CoreSet(Strategy):
@@ -124,6 +164,7 @@ class CoreSet(Strategy):
     description: str
     score_kind: ScoreKind = ScoreKind.EMBEDDING
     needs_labelled_embeddings: ClassVar[bool] = True
+    has_region_mode: ClassVar[bool] = False  # an embedding per image, none per region
 
     def select(self, candidates: Candidates, n: int) -> list[str]:
         tables = list(candidates.batches)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -30,14 +31,28 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    class_weights: tuple[float, ...] | None = None  # one per class: a class-balanced loss
 
     def __post_init__(self) -> None:
+        if self.class_weights is not None and not all(
+            math.isfinite(w) and w >= 0 for w in self.class_weights
+        ):
+            raise ValueError(f"class_weights must be finite and >= 0, got {self.class_weights}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+def check_class_weights(config: TrainConfig, class_names: Sequence[str]) -> None:
+    """``train.class_weights``, when set, has one weight per class."""
+    if config.class_weights is not None and len(config.class_weights) != len(class_names):
+        raise ValueError(
+            f"train.class_weights: {len(config.class_weights)} weights for the "
+            f"{len(class_names)} classes {list(class_names)}"
+        )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -59,16 +74,42 @@ def make_optimizer(
     )
 
 
+def segmentation_loss(
+    logits: torch.Tensor, label: torch.Tensor, class_weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Cross-entropy over the labelled pixels of the batch (255 = unlabelled), each pixel weighted
+    alike (or by its class's weight): an image counts by its labelled pixels, so one holding a few
+    region labels is neither dropped nor up-weighted. A batch without a labelled pixel gives 0."""
+    total = F.cross_entropy(
+        logits, label, weight=class_weights, ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    valid = label != IGNORE_INDEX
+    if class_weights is None:
+        count = valid.sum()
+    else:
+        count = class_weights[label[valid]].sum()
+    return total / count.clamp_min(1e-12) if bool(valid.any()) else total * 0.0
+
+
 def train_one_epoch(
-    model: nn.Module, loader: Iterable[dict], optimizer: torch.optim.Optimizer, device: torch.device
+    model: nn.Module,
+    loader: Iterable[dict],
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    class_weights: Sequence[float] | None = None,
 ) -> dict[str, float]:
-    """One pass of cross-entropy (ignore 255); returns mean loss and images/s."""
+    """One pass of :func:`segmentation_loss`; returns mean loss and images/s."""
     model.train()
+    weights = (
+        None
+        if class_weights is None
+        else torch.tensor(class_weights, dtype=torch.float32).to(device)
+    )
     total_loss, images, start = 0.0, 0, time.perf_counter()
     for batch in loader:
         image = batch["image"].to(device, non_blocking=True)
         label = batch["label"].to(device, non_blocking=True)
-        loss = F.cross_entropy(model(image), label, ignore_index=IGNORE_INDEX)
+        loss = segmentation_loss(model(image), label, weights)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"training loss is {loss.item()} at batch of {batch['sample_id'][:4]}"
@@ -149,7 +190,7 @@ def fit(
 
         epochs = tqdm(epochs, total=config.epochs, initial=first_epoch, desc="epochs", unit="epoch")
     for epoch in epochs:
-        train_stats = train_one_epoch(model, train_loader, optimizer, device)
+        train_stats = train_one_epoch(model, train_loader, optimizer, device, config.class_weights)
         metrics = {f"train/{k}": v for k, v in train_stats.items()}
         metrics.update(validation_metrics(model, val_loader, class_names, device))
         log.info(

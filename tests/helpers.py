@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -27,11 +28,13 @@ from orchestrator.oracles import AnnotationRequest
 from orchestrator.pool_state import PoolState
 from orchestrator.records import UNREADABLE
 from orchestrator.run import Explained, TrainOutcome
-from orchestrator.strategies import ScoreKind
+from orchestrator.strategies import RegionSpec, ScoreKind
 from segxal.data.cityscapes import cityscapes_manifest
 from segxal.data.dataset import SampleTransform, SegmentationDataset
 from segxal.data.labels import CITYSCAPES
+from segxal.data.region_labels import labelled_mask, read_region_labels
 from segxal.eem.config import EEMConfig
+from segxal.eem.regions import cell_regions, extract_regions, queried_region_map
 from segxal.models.unet import UNet, UNetConfig
 from segxal.training import TrainConfig
 
@@ -47,6 +50,7 @@ SCORER_ARGS = {
 # be ready before it fails saying what it waited for: generous, as a loaded 2-core machine is slow.
 SERVICE_WAIT_S = float(os.environ.get("SEGXAL_TEST_SERVICE_WAIT_S", "300"))
 SIZE = (16, 32)  # the loop tests' scoring resolution
+FAKE_THRESHOLD = 0.5  # the fake backend's EEM region threshold
 THETA = 0.3  # the tiny job's Dice gate
 
 
@@ -131,6 +135,9 @@ class FakeBackend:
         return TrainOutcome(path, {"val/miou": len(ids) / 100})
 
     def score(self, cycle, checkpoint, rows, kind):
+        if isinstance(kind, RegionSpec):
+            yield from (self.region_scores(table, kind) for table in rows)
+            return
         for table in rows:
             ids = table["sample_id"].to_pylist()
             values = [self.value(i, kind) for i in ids]
@@ -151,25 +158,67 @@ class FakeBackend:
         wrong[:rows] = (wrong[:rows] + 1) % 19
         return wrong
 
-    def explain(self, cycle, checkpoint, selected, kind, panel_dir, panels):
-        return Explained(
-            [
+    def values(self, sample_id):
+        """A fixed per-pixel map in [0, 1] (the fake EEM / entropy), different for each id."""
+        rows, columns = np.mgrid[: SIZE[0], : SIZE[1]]
+        return ((rows * 7 + columns * 3 + zlib.crc32(sample_id.encode())) % 11) / 10
+
+    def region_records(self, sample_id, mask_path, spec):
+        labelled = labelled_mask(read_region_labels(mask_path, SIZE))
+        if spec.source == "cells":
+            return cell_regions(
+                self.values(sample_id), self.prediction(sample_id), labelled, spec.cell
+            )
+        masked = np.where(labelled, -np.inf, self.values(sample_id))
+        return extract_regions(masked, self.prediction(sample_id), FAKE_THRESHOLD, 2, 10)
+
+    def region_scores(self, table, spec):
+        rows = []
+        for sample_id, mask_path in zip(
+            table["sample_id"].to_pylist(), table["mask_path"].to_pylist(), strict=True
+        ):
+            records = self.region_records(sample_id, mask_path, spec)
+            rows += [
+                {
+                    "sample_id": sample_id,
+                    "region": r["id"],
+                    "score": None if spec.kind is None else r["mean_eem"],
+                    "pixels": r["area"],
+                    "record": json.dumps(r),
+                }
+                for r in records
+            ] or [{"sample_id": sample_id}]
+        return pa.Table.from_pylist(rows, schema=spec.schema)
+
+    def explain(self, cycle, checkpoint, selected, kind, panel_dir, panels, queried=None):
+        requests = []
+        for i, p, label, mask_path in zip(
+            *(
+                selected[c].to_pylist()
+                for c in ("sample_id", "image_path", "label_path", "mask_path")
+            ),
+            strict=True,
+        ):
+            if queried is None:
+                regions, area = [{"id": 1}], np.ones(SIZE, np.int32)
+            else:
+                labelled = labelled_mask(read_region_labels(mask_path, SIZE))
+                regions = queried[i]
+                area = queried_region_map(self.values(i), labelled, regions, FAKE_THRESHOLD)
+            requests.append(
                 AnnotationRequest(
                     i,
                     p,
                     self.prediction(i),
                     self.prediction(i),
                     np.ones(SIZE, np.float32),
-                    np.ones(SIZE, np.int32),
-                    [{"id": 1}],
+                    area,
+                    regions,
                     label_path=label,
+                    queried_regions_only=queried is not None,
                 )
-                for i, p, label in zip(
-                    *(selected[c].to_pylist() for c in ("sample_id", "image_path", "label_path")),
-                    strict=False,
-                )
-            ]
-        )
+            )
+        return Explained(requests)
 
 
 def ground_truth(manifest: pa.Table, size: tuple[int, int]) -> Callable[[str], np.ndarray]:

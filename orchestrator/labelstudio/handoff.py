@@ -23,7 +23,7 @@ import numpy as np
 
 from orchestrator.labelstudio.imports import ExportedTask, LabelStudioImportError, read_export
 from orchestrator.labelstudio.tasks import ImageReferences, labelling_config, task
-from orchestrator.oracles import AnnotationRequest
+from orchestrator.oracles import AnnotationRequest, LabelStudioOracle
 from orchestrator.run import Query
 from orchestrator.run_layout import RunLayout, cycle_name
 from segxal.data.io import image_size
@@ -67,7 +67,8 @@ def write_export(
         exported.append(ExportedTask(request.sample_id, request.image_path, reference, *size))
     max_prompts = max([max_prompts, *(len(r.regions) for r in query.requests)])
     (folder / TASKS).write_text(json.dumps(tasks))
-    (folder / CONFIG).write_text(labelling_config(label_set, max_prompts))
+    regions = any(r.queried_regions_only for r in query.requests)
+    (folder / CONFIG).write_text(labelling_config(label_set, max_prompts, regions))
     np.savez_compressed(
         folder / REQUESTS,
         **{
@@ -79,7 +80,8 @@ def write_export(
     manifest = {
         "cycle": cycle,
         "tasks": [
-            dataclasses.asdict(t) | {"regions": r.regions}
+            dataclasses.asdict(t)
+            | {"regions": r.regions, "queried_regions_only": r.queried_regions_only}
             for t, r in zip(exported, query.requests, strict=True)
         ],
         "metrics": query.metrics,
@@ -122,6 +124,7 @@ class PendingCycle:
                     tta_confidence=maps[f"tta_confidence_{i}"],
                     region_map=maps[f"region_map_{i}"],
                     regions=record["regions"],
+                    queried_regions_only=record.get("queried_regions_only", False),
                 )
                 for i, record in enumerate(manifest["tasks"])
             ]
@@ -157,6 +160,10 @@ def import_cycle(
     unless all of it is valid; then the export is kept in the cycle's folder."""
     pending = PendingCycle.load(run_dir, cycle)
     labels = read_export(export_file, pending.tasks, images, label_set)
+    try:  # region mode: every queried region labelled (checked here, before any work)
+        LabelStudioOracle(labels).annotate(pending.query.requests)
+    except ValueError as error:
+        raise LabelStudioImportError(f"{export_file}: {error}") from None
     kept = pending.folder / IMPORTED
     if Path(export_file).resolve() != kept.resolve():
         shutil.copyfile(export_file, kept)

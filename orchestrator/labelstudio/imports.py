@@ -5,7 +5,7 @@ task's ``sample_id`` is one the cycle exported, once; its image reference resolv
 to the image exported for that sample; it has a submitted annotation; every region is a brush or polygon
 of the labelling config with one class of the label set, at the image's native size (``original_width``
 / ``original_height`` and the RLE's length, against the size recorded at export); every exported sample
-has a task. Keypoints (the EEM prompts) are skipped.
+has a task. Keypoints (the EEM prompts) and the queried regions' layer (region mode) are skipped.
 
 Regions are painted in the order of the annotation's result list, a later region over an earlier one;
 pixels no region covers are 255 (not annotated).
@@ -23,7 +23,7 @@ import numpy as np
 from matplotlib.path import Path as Outline
 
 from orchestrator.labelstudio.rle import rle_to_mask
-from orchestrator.labelstudio.tasks import BRUSH, IMAGE, POLYGON, PROMPT, ImageReferences
+from orchestrator.labelstudio.tasks import BRUSH, IMAGE, POLYGON, PROMPT, QUERY, ImageReferences
 from segxal.data.io import DataError
 from segxal.data.labels import IGNORE_INDEX, LabelSet
 
@@ -181,6 +181,8 @@ def _paint(label: np.ndarray, result: dict, label_set: LabelSet) -> None:
     if not isinstance(result, dict):
         raise ValueError(f"a result must be an object, got {type(result).__name__}")
     kind, region = result.get("type"), result.get("id", "?")
+    if (kind, result.get("from_name"), result.get("to_name")) == ("brushlabels", QUERY, IMAGE):
+        return  # the queried region as shown, not a label
     if kind not in REGION_TAGS:
         raise ValueError(f"region {region}: type {kind!r} is none of {', '.join(REGION_TAGS)}")
     if (result.get("from_name"), result.get("to_name")) != (REGION_TAGS[kind], IMAGE):

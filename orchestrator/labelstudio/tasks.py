@@ -1,6 +1,10 @@
 """What Label Studio is given for a cycle: the labelling config for the dataset's label set, and one task per
 selected image with its image reference and pre-annotations (the model's segmentation as one brush region
-per class, the EEM prompt points as keypoints ranked by EEM)."""
+per class, the EEM prompt points as keypoints ranked by EEM).
+
+In region mode a task asks for its queried regions only: the segmentation is pre-annotated inside them,
+each region is shown as a ``Region k`` brush of its own (a layer the import skips), and the task's note
+says which regions to label."""
 
 from __future__ import annotations
 
@@ -19,29 +23,38 @@ from segxal.data.labels import LabelSet
 from segxal.data.transforms import resize_nearest
 
 # tag names in the labelling config; every result's from_name / to_name is one of them
-IMAGE, BRUSH, POLYGON, PROMPT = "image", "label", "polygon", "prompt"
+IMAGE, BRUSH, POLYGON, PROMPT, QUERY, NOTE = "image", "label", "polygon", "prompt", "query", "note"
 LOCAL_FILES = "/data/local-files/?d="
 PROMPT_COLOUR = "#ff00ff"
+QUERY_COLOUR = "#00ffff"
 
 
 def prompt_label(rank: int) -> str:
     return f"EEM {rank}"
 
 
+def query_label(rank: int) -> str:
+    return f"Region {rank}"
+
+
 def hex_colour(rgb: tuple[int, int, int]) -> str:
     return "#{:02x}{:02x}{:02x}".format(*rgb)
 
 
-def labelling_config(label_set: LabelSet, max_prompts: int) -> str:
+def labelling_config(label_set: LabelSet, max_prompts: int, regions: bool = False) -> str:
     """Label Studio's labelling interface: brush and polygon labels for every class of ``label_set``
-    (in its colours) and keypoint labels ``EEM 1`` .. ``EEM <max_prompts>`` for the prompts."""
+    (in its colours) and keypoint labels ``EEM 1`` .. ``EEM <max_prompts>`` for the prompts; with
+    ``regions``, the queried regions' layer ``Region 1`` .. and the task's note."""
     view = ET.Element("View")
-    ET.SubElement(
-        view,
-        "Header",
-        value="Correct the model's segmentation. Start at the EEM prompts: "
-        "EEM 1 marks the largest explainable error.",
+    header = (
+        "Label the queried regions only (Region 1, Region 2, ...): pixels outside them are not used."
+        if regions
+        else "Correct the model's segmentation. Start at the EEM prompts: "
+        "EEM 1 marks the largest explainable error."
     )
+    ET.SubElement(view, "Header", value=header)
+    if regions:
+        ET.SubElement(view, "Text", name=NOTE, value="$note")
     ET.SubElement(view, "Image", name=IMAGE, value="$image", zoom="true", zoomControl="true")
     for tag, name in (("BrushLabels", BRUSH), ("PolygonLabels", POLYGON)):
         labels = ET.SubElement(view, tag, name=name, toName=IMAGE)
@@ -50,6 +63,10 @@ def labelling_config(label_set: LabelSet, max_prompts: int) -> str:
     prompts = ET.SubElement(view, "KeyPointLabels", name=PROMPT, toName=IMAGE)
     for rank in range(1, max_prompts + 1):
         ET.SubElement(prompts, "Label", value=prompt_label(rank), background=PROMPT_COLOUR)
+    if regions:
+        queried = ET.SubElement(view, "BrushLabels", name=QUERY, toName=IMAGE, opacity="0.3")
+        for rank in range(1, max_prompts + 1):
+            ET.SubElement(queried, "Label", value=query_label(rank), background=QUERY_COLOUR)
     ET.indent(view)
     return ET.tostring(view, encoding="unicode") + "\n"
 
@@ -110,11 +127,11 @@ class ImageReferences:
         return path
 
 
-def brush_result(region_id: str, class_name: str, mask: np.ndarray) -> dict:
+def brush_result(region_id: str, class_name: str, mask: np.ndarray, control: str = BRUSH) -> dict:
     height, width = mask.shape
     return {
         "id": region_id,
-        "from_name": BRUSH,
+        "from_name": control,
         "to_name": IMAGE,
         "type": "brushlabels",
         "original_width": width,
@@ -164,16 +181,33 @@ def task(
     the image's native size with the nearest neighbour the dataset loader uses, so resizing the imported
     masks back gives the prediction pixel for pixel."""
     prediction = resize_nearest(torch.tensor(request.prediction), image_size).numpy()
+    data = {"image": reference, "sample_id": request.sample_id}
+    queried = []
+    if request.queried_regions_only:
+        region_map = resize_nearest(torch.tensor(request.region_map), image_size).numpy()
+        prediction = np.where(region_map > 0, prediction, label_set.num_classes)
+        queried = [
+            brush_result(f"region-{rank}", query_label(rank), region_map == region["id"], QUERY)
+            for rank, region in enumerate(request.regions, start=1)
+        ]
+        data["note"] = (
+            f"Label these {len(request.regions)} regions only: "
+            + ", ".join(
+                f"Region {rank} (at EEM {rank})" for rank in range(1, len(request.regions) + 1)
+            )
+            + ". Pixels outside them are not used."
+        )
     present = [int(c) for c in np.unique(prediction) if c < label_set.num_classes]
     results = [
         brush_result(f"class-{c}", label_set.class_names[c], prediction == c) for c in present
     ]
+    results += queried
     results += [
         prompt_result(rank, region, request.prediction.shape, image_size)
         for rank, region in enumerate(request.regions, start=1)
     ]
     return {
         "id": number,
-        "data": {"image": reference, "sample_id": request.sample_id},
+        "data": data,
         "predictions": [{"model_version": model_version, "result": results}],
     }

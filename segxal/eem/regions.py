@@ -39,36 +39,11 @@ def extract_regions(
     if eem_np.shape != pred_np.shape:
         raise ValueError(f"eem shape {eem_np.shape} != prediction shape {pred_np.shape}")
     labels, count = ndimage.label(eem_np >= threshold, structure=np.ones((3, 3), dtype=bool))
-    candidates: list[dict[str, Any]] = []
+    candidates = []
     for index, window in enumerate(ndimage.find_objects(labels), start=1):
         inside = labels[window] == index
-        area = int(inside.sum())
-        if area < min_area:
-            continue
-        values = np.where(inside, eem_np[window], -np.inf)
-        peak_y, peak_x = np.unravel_index(int(np.argmax(values)), values.shape)
-        classes = pred_np[window][inside]
-        class_id = int(np.bincount(classes - classes.min()).argmax() + classes.min())
-        candidates.append(
-            {
-                "prompt": {"x": int(window[1].start + peak_x), "y": int(window[0].start + peak_y)},
-                "area": area,
-                "mean_eem": float(eem_np[window][inside].mean()),
-                "peak_eem": float(values[peak_y, peak_x]),
-                "class_id": class_id,
-                "class_name": (
-                    class_names[class_id]
-                    if class_names is not None and 0 <= class_id < len(class_names)
-                    else None
-                ),
-                "bbox": {
-                    "x0": int(window[1].start),
-                    "y0": int(window[0].start),
-                    "x1": int(window[1].stop - 1),
-                    "y1": int(window[0].stop - 1),
-                },
-            }
-        )
+        if int(inside.sum()) >= min_area:
+            candidates.append(_record(inside, eem_np, pred_np, window, class_names))
     candidates.sort(key=lambda r: (-r["peak_eem"], -r["area"], r["prompt"]["y"], r["prompt"]["x"]))
     return [
         {"id": number, **record} for number, record in enumerate(candidates[:max_regions], start=1)
@@ -86,4 +61,95 @@ def region_map(
     for region in regions:
         component = labels[region["prompt"]["y"], region["prompt"]["x"]]
         out[labels == component] = region["id"]
+    return out
+
+
+def _record(
+    inside: np.ndarray,
+    values: np.ndarray,
+    prediction: np.ndarray,
+    window: tuple[slice, slice],
+    class_names: Sequence[str] | None,
+) -> dict[str, Any]:
+    """The record fields of one area (``inside``, a mask over ``window``) of a map of ``values``."""
+    peaks = np.where(inside, values[window], -np.inf)
+    peak_y, peak_x = np.unravel_index(int(np.argmax(peaks)), peaks.shape)
+    classes = prediction[window][inside]
+    class_id = int(np.bincount(classes - classes.min()).argmax() + classes.min())
+    return {
+        "prompt": {"x": int(window[1].start + peak_x), "y": int(window[0].start + peak_y)},
+        "area": int(inside.sum()),
+        "mean_eem": float(values[window][inside].mean()),
+        "peak_eem": float(peaks[peak_y, peak_x]),
+        "class_id": class_id,
+        "class_name": (
+            class_names[class_id]
+            if class_names is not None and 0 <= class_id < len(class_names)
+            else None
+        ),
+        "bbox": {
+            "x0": int(window[1].start),
+            "y0": int(window[0].start),
+            "x1": int(window[1].stop - 1),
+            "y1": int(window[0].stop - 1),
+        },
+    }
+
+
+def cell_regions(
+    values: torch.Tensor | np.ndarray,
+    prediction: torch.Tensor | np.ndarray,
+    labelled: np.ndarray,
+    cell: int,
+    class_names: Sequence[str] | None = None,
+) -> list[dict]:
+    """Records (as :func:`extract_regions`, plus ``cell``) of the ``cell`` x ``cell`` cells of the image
+    that hold an unlabelled pixel, row-major, ids 1, 2, ... over every cell of the grid; a cell's
+    ``area``, ``mean_eem`` and prompt are over its unlabelled pixels of ``values``."""
+    values_np = _as_numpy("values", values).astype(np.float64)
+    pred_np = _as_numpy("prediction", prediction).astype(np.int64)
+    height, width = values_np.shape
+    if labelled.shape != values_np.shape:
+        raise ValueError(f"labelled shape {labelled.shape} != map shape {values_np.shape}")
+    columns = -(-width // cell)
+    records = []
+    for top in range(0, height, cell):
+        for left in range(0, width, cell):
+            window = (slice(top, min(top + cell, height)), slice(left, min(left + cell, width)))
+            inside = ~labelled[window]
+            if not inside.any():
+                continue
+            number = (top // cell) * columns + left // cell + 1
+            record = _record(inside, values_np, pred_np, window, class_names)
+            records.append({"id": number, **record, "cell": cell})
+    return records
+
+
+def queried_region_map(
+    eem: torch.Tensor | np.ndarray,
+    labelled: np.ndarray,
+    regions: Sequence[dict],
+    threshold: float,
+) -> np.ndarray:
+    """(H, W) int32 map of the unlabelled pixels of ``regions``, each its record's ``id``, 0 elsewhere.
+    A cell is its box; an EEM region is the area above ``threshold`` of this ``eem`` (unlabelled
+    pixels only) that holds its prompt, or, where recomputing moved the prompt below the threshold,
+    the area above it in its box (the whole box when none is)."""
+    eem_np = np.where(labelled, -np.inf, _as_numpy("eem", eem).astype(np.float64))
+    components, _ = ndimage.label(eem_np >= threshold, structure=np.ones((3, 3), dtype=bool))
+    out = np.zeros(eem_np.shape, dtype=np.int32)
+    for region in regions:
+        box = region["bbox"]
+        window = (slice(box["y0"], box["y1"] + 1), slice(box["x0"], box["x1"] + 1))
+        in_box = np.zeros(eem_np.shape, dtype=bool)
+        in_box[window] = True
+        component = components[region["prompt"]["y"], region["prompt"]["x"]]
+        if "cell" in region:
+            area = in_box
+        elif component > 0:
+            area = components == component
+        else:
+            above = in_box & (eem_np >= threshold)
+            area = above if above.any() else in_box
+        out[area & ~labelled] = region["id"]
     return out
