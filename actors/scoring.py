@@ -202,21 +202,12 @@ class PoolScorer:
                         "score": None if spec.kind is None else r["mean_eem"],
                         "pixels": r["area"],
                         "record": json.dumps(r),
-                        UNREADABLE: None,
                     }
                     for r in records
                 )
-        found.extend(
-            {
-                "sample_id": i,
-                "region": None,
-                "score": None,
-                "pixels": None,
-                "record": None,
-                UNREADABLE: why,
-            }
-            for i, why in unreadable.items()
-        )
+                if not records:  # scored, with nothing left to query
+                    found.append({"sample_id": sample_id})
+        found.extend({"sample_id": i, UNREADABLE: why} for i, why in unreadable.items())
         table = pa.Table.from_pylist(found, schema=REGION_SCORE_SCHEMA)
         return table.sort_by([("sample_id", "ascending"), ("region", "ascending")])
 

@@ -399,7 +399,7 @@ class ActiveLearningRun:
 
         def ranked(scores: Iterable[pa.Table]) -> Iterator[pa.Table]:
             for table in scores:
-                scored_ids.update(pc.unique(table["sample_id"]).combine_chunks())
+                scored_ids.update(pc.unique(table["sample_id"].combine_chunks()))
                 broken = table.filter(pc.is_valid(table[UNREADABLE]))
                 unreadable.update(
                     zip(
@@ -421,9 +421,10 @@ class ActiveLearningRun:
                 f"cycle {cycle}: the scorers did not score the candidates exactly once, in id order"
             )
         self.quarantine(cycle, unreadable)
-        if chosen is None:
-            raise ValueError(f"cycle {cycle}: D^S holds no queryable region")
         queried: dict[str, list[dict]] = {}
+        if chosen is None:
+            log.warning("cycle %d: D^S holds no queryable region; the cycle queries nothing", cycle)
+            return queried
         for sample_id, record in zip(
             chosen["sample_id"].to_pylist(), chosen["record"].to_pylist(), strict=True
         ):

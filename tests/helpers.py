@@ -159,9 +159,10 @@ class FakeBackend:
         return wrong
 
     def values(self, sample_id):
-        """A fixed per-pixel map in [0, 1] (the fake EEM / entropy), different for each id."""
+        """A fixed smooth map in [0, 1] (the fake EEM / entropy), blobs placed by the id."""
         rows, columns = np.mgrid[: SIZE[0], : SIZE[1]]
-        return ((rows * 7 + columns * 3 + zlib.crc32(sample_id.encode())) % 11) / 10
+        phase = zlib.crc32(sample_id.encode()) % 628 / 100
+        return (np.sin(rows / 2.5 + phase) * np.cos(columns / 4 + phase) + 1) / 2
 
     def region_records(self, sample_id, mask_path, spec):
         labelled = labelled_mask(read_region_labels(mask_path, SIZE))

@@ -1,5 +1,8 @@
 """PoolScorer as a plain class: scores with known answers, and unreadable images kept aside with a reason."""
 
+import json
+from dataclasses import replace
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -8,12 +11,14 @@ import torch
 from helpers import SCORER_ARGS, model_version, pool_rows, tiny_checkpoint
 
 from actors.scoring import UNREADABLE, PoolScorer, ScorerPool
-from orchestrator.strategies import ScoreKind
+from orchestrator.strategies import RegionSpec, ScoreKind
 from segxal.data.cityscapes import cityscapes_manifest
 from segxal.data.dataset import SampleTransform, SegmentationDataset
 from segxal.data.labels import CITYSCAPES
+from segxal.data.region_labels import write_region_labels
 from segxal.eem.config import DepthConfig, EEMConfig
 from segxal.eem.entropy import normalized_entropy
+from segxal.eem.pipeline import score_batch
 from segxal.models.unet import UNet, UNetConfig
 
 SIZE = (32, 64)
@@ -151,3 +156,66 @@ def test_explaining_is_spread_over_the_actors_and_equals_one_scorer(
         assert np.array_equal(got.prediction, want.prediction) and got.regions == want.regions
     panels = lambda folder: sorted(p.name for p in (tmp_path / folder).glob("*.png"))  # noqa: E731
     assert panels("pool") == panels("local") and len(panels("pool")) == 5
+
+
+# -- region mode ---------------------------------------------------------------------------------
+def with_region_labels(rows: pa.Table, tmp_path, labelled_rows: slice) -> pa.Table:
+    """``rows`` with a mask_path column: the first image has ``labelled_rows`` labelled."""
+    labels = np.full(SIZE, 255, np.uint8)
+    labels[labelled_rows] = 3
+    path = tmp_path / "region_labels.png"
+    write_region_labels(path, labels)
+    return rows.append_column(
+        "mask_path", pa.array([str(path)] + [None] * (len(rows) - 1), pa.string())
+    )
+
+
+def test_entropy_cells_score_the_mean_entropy_of_their_unlabelled_pixels(
+    scorer, model, rows, tmp_path
+):
+    rows = with_region_labels(rows.slice(0, 2), tmp_path, slice(0, 20))
+    table = scorer.score_regions(rows, RegionSpec("cells", ScoreKind.ENTROPY, 16))
+    dataset = SegmentationDataset(rows, CITYSCAPES, SampleTransform(size=SIZE))
+    first = rows["sample_id"][0].as_py()
+    with torch.no_grad():
+        entropy = normalized_entropy(model(dataset[0]["image"][None]))[0].numpy()
+    cells = {r["region"]: r for r in table.to_pylist() if r["sample_id"] == first}
+    # rows 0-19 labelled: the 2 x 4 grid loses its first row, and its second keeps rows 20-31
+    assert sorted(cells) == [5, 6, 7, 8]
+    for region, cell in cells.items():
+        top, left = (region - 1) // 4 * 16, (region - 1) % 4 * 16
+        window = entropy[max(top, 20) : top + 16, left : left + 16]
+        assert cell["pixels"] == window.size
+        assert cell["score"] == pytest.approx(window.mean(), rel=1e-5)
+    assert table.filter(pc.equal(table["sample_id"], rows["sample_id"][1].as_py())).num_rows == 8
+
+
+def test_eem_regions_avoid_labelled_pixels_and_explaining_finds_them_again(
+    scorer, model, rows, tmp_path
+):
+    rows = with_region_labels(rows.slice(0, 3), tmp_path, slice(0, 16))
+    dataset = SegmentationDataset(rows, CITYSCAPES, SampleTransform(size=SIZE))
+    images = torch.stack([dataset[i]["image"] for i in range(len(rows))])
+    maps = score_batch(model, images, scorer.eem, scorer.depth_backend, return_maps=True).maps
+    # an untrained model's EEM is nearly flat: a threshold at its upper quartile gives regions
+    threshold = float(np.quantile(maps.eem[0, 16:].numpy(), 0.75))
+    scorer.eem = replace(scorer.eem, region_threshold=threshold)
+    spec = RegionSpec("eem", ScoreKind.EEM, 16)
+    table = scorer.score_regions(rows, spec)
+    first = rows["sample_id"][0].as_py()
+    records = [json.loads(r["record"]) for r in table.to_pylist() if r["sample_id"] == first and r["region"]]  # fmt: skip
+    assert records and all(r["bbox"]["y0"] >= 16 for r in records)  # below the labelled rows
+    queried = {i: [json.loads(r["record"]) for r in table.to_pylist() if r["sample_id"] == i and r["region"]][:2] for i in rows["sample_id"].to_pylist()}  # fmt: skip
+    queried = {i: q for i, q in queried.items() if q}
+    explained = scorer.explain(
+        rows.filter(pc.is_in(rows["sample_id"], pa.array(list(queried)))),
+        ScoreKind.EEM,
+        queried=queried,
+    )
+    for request in explained.requests:
+        assert request.queried_regions_only
+        assert request.regions == queried[request.sample_id]
+        for region in request.regions:
+            assert (request.region_map == region["id"]).sum() == region["area"]
+        if request.sample_id == first:
+            assert not request.region_map[:16].any()

@@ -1,6 +1,7 @@
 import json
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 from conftest import TINY_SYNTHETIC
@@ -12,7 +13,13 @@ from orchestrator.datasets import datasets_for
 from segxal.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from segxal.data.labels import CITYSCAPES
 from segxal.models.unet import UNet, UNetConfig
-from segxal.training import TrainConfig, evaluate, fit
+from segxal.training import (
+    TrainConfig,
+    check_class_weights,
+    evaluate,
+    fit,
+    segmentation_loss,
+)
 
 
 @pytest.fixture
@@ -148,3 +155,55 @@ def test_train_job_logs_to_mlflow(synthetic_root, tmp_path, tracking_uri, capsys
         json.loads((tmp_path / "runs" / "demo" / "metrics.json").read_text())["val/miou"]
         == metrics["val/miou"]
     )
+
+
+# -- partial labels (al.unit: region) --------------------------------------------------------------
+def log_softmax_by_hand(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def test_the_loss_weighs_every_labelled_pixel_alike_whatever_image_holds_it():
+    """One image with a single labelled pixel, one with 100: the loss is the mean over the 101
+    pixels, so the sparse image is neither dropped nor up-weighted."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 3, 10, 10))
+    label = np.full((2, 10, 10), 255, np.int64)
+    label[0, 4, 7] = 2  # one pixel
+    label[1] = rng.integers(0, 3, size=(10, 10))  # all 100
+    log_p = log_softmax_by_hand(logits)
+    picked = [-log_p[0, 2, 4, 7]] + [
+        -log_p[1, label[1, y, x], y, x] for y in range(10) for x in range(10)
+    ]
+    loss = segmentation_loss(torch.tensor(logits), torch.tensor(label))
+    assert loss.item() == pytest.approx(np.mean(picked), rel=1e-12)
+    per_image_mean = (picked[0] + np.mean(picked[1:])) / 2  # what up-weighting would give
+    assert abs(loss.item() - per_image_mean) > 1e-3
+
+
+def test_class_weights_weigh_each_pixel_by_its_class():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(1, 3, 4, 4))
+    label = rng.integers(0, 3, size=(1, 4, 4))
+    label[0, 0] = 255
+    weights = np.array([0.5, 2.0, 1.0])
+    log_p = log_softmax_by_hand(logits)
+    valid = np.argwhere(label[0] != 255)
+    terms = [(weights[label[0, y, x]], -log_p[0, label[0, y, x], y, x]) for y, x in valid]
+    expected = sum(w * t for w, t in terms) / sum(w for w, _ in terms)
+    loss = segmentation_loss(torch.tensor(logits), torch.tensor(label), torch.tensor(weights))
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_batch_without_labelled_pixels_gives_zero_and_no_gradient():
+    logits = torch.randn(2, 3, 4, 4, requires_grad=True)
+    loss = segmentation_loss(logits, torch.full((2, 4, 4), 255))
+    loss.backward()
+    assert loss.item() == 0.0 and logits.grad is not None and not logits.grad.any()
+
+
+def test_class_weights_must_match_the_classes():
+    with pytest.raises(ValueError, match=r"train.class_weights: 2 weights for the 3 classes"):
+        check_class_weights(TrainConfig(class_weights=(1.0, 2.0)), ("road", "car", "sky"))
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        TrainConfig(class_weights=(1.0, -1.0))
