@@ -349,6 +349,7 @@ def run_cycles_logged(
                 {
                     "job": "al",
                     "strategy": config.al.strategy,
+                    "unit": config.al.unit,
                     "oracle": config.al.oracle,
                     "depth_backend": config.eem.depth.backend,
                     "dataset": config.data.dataset,

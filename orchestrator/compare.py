@@ -26,13 +26,21 @@ log = logging.getLogger(__name__)
 
 MIOU = "val/miou"
 LABELLED = "pool/labelled_fraction"
+LABELLED_PIXELS = "pool/labelled_pixel_fraction"
+TOTAL_COST = "oracle/total_cost"  # cumulative clicks (orchestrator.cost)
 ANOMALY_PREFIX = "anomaly/"
 ANOMALY_METRICS = ("ap", "fpr95", "auroc")
-GROUP = ["strategy", "oracle", "depth_backend"]  # one summary row and one plotted line per group
+GROUP = ["strategy", "unit", "oracle", "depth_backend"]  # a summary row and a plotted line each
 JOB_TAG = "job"
 COMPARE_JOB = "compare"  # the JOB_TAG of the runs this module logs; never part of a comparison
 SUPERVISED_JOB = "train"  # the JOB_TAG of jobs.train: full supervision, the reference of the curves
 PAGE_SIZE = 1000
+
+
+COST_AXES = ("labelled_fraction", "labelled_pixel_fraction", "clicks")
+
+
+PLOT_NAMES = ("miou_vs_labelled.png", "miou_vs_labelled_pixels.png", "miou_vs_clicks.png")
 
 
 class CompareError(ValueError):
@@ -93,11 +101,15 @@ def _seed(run: Run) -> int | None:
 
 
 def al_curves(client: MlflowClient, runs: list[Run]) -> pd.DataFrame:
-    """One row per (SegXAL run, cycle): run identity, ``miou`` and ``labelled_fraction`` (NaN if not logged)."""
+    """One row per (SegXAL run, cycle): run identity, ``miou`` and the cost so far: ``labelled_fraction``
+    (of images), ``labelled_pixel_fraction`` and ``clicks`` (NaN where not logged). A run from before
+    region mode is at the image ``unit``."""
     rows = []
     for run in runs:
-        tags, run_id = run.data.tags, run.info.run_id
+        tags, run_id = {"unit": "image", **run.data.tags}, run.info.run_id
         labelled = metric_by_step(client, run_id, LABELLED)
+        pixels = metric_by_step(client, run_id, LABELLED_PIXELS)
+        clicks = metric_by_step(client, run_id, TOTAL_COST)
         for cycle, miou in metric_by_step(client, run_id, MIOU).items():
             rows.append(
                 {
@@ -109,9 +121,21 @@ def al_curves(client: MlflowClient, runs: list[Run]) -> pd.DataFrame:
                     "cycle": cycle,
                     "miou": miou,
                     "labelled_fraction": labelled.get(cycle, math.nan),
+                    # runs from before pixels were logged labelled whole images
+                    "labelled_pixel_fraction": pixels.get(cycle, labelled.get(cycle, math.nan)),
+                    "clicks": clicks.get(cycle, math.nan),
                 }
             )
-    columns = ["run", "run_id", "status", *GROUP, "seed", "cycle", "miou", "labelled_fraction"]
+    columns = [
+        "run",
+        "run_id",
+        "status",
+        *GROUP,
+        "seed",
+        "cycle",
+        "miou",
+        *COST_AXES,
+    ]
     return pd.DataFrame(rows, columns=columns).astype({"seed": "Int64"})
 
 
@@ -346,9 +370,10 @@ def write_report(comparison: Comparison, out_dir: Path) -> tuple[str, list[Path]
     (out_dir / "comparison.md").write_text(markdown)
     files.append(out_dir / "comparison.md")
     if not comparison.curves.empty:
-        files.append(
-            plot_miou(comparison.curves, out_dir / "miou_vs_labelled.png", comparison.supervised)
-        )
+        for axis, name in zip(COST_AXES, PLOT_NAMES, strict=True):
+            if comparison.curves[axis].notna().any():
+                path = out_dir / name
+                files.append(plot_miou(comparison.curves, path, comparison.supervised, axis))
     if not comparison.anomaly.empty:
         files.append(plot_anomaly_ap(comparison.anomaly, out_dir / "anomaly_ap.png"))
     return markdown, files

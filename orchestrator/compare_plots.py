@@ -27,28 +27,41 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_miou(curves: pd.DataFrame, path: Path, supervised: pd.DataFrame | None = None) -> Path:
-    """mIoU against the labelled fraction: per (strategy, oracle, depth backend) the mean over its runs
+AXES = {  # cost column -> (axis label, scale)
+    "labelled_fraction": ("labelled images, fraction of the training pool (%)", 100),
+    "labelled_pixel_fraction": ("labelled pixels, fraction of the training pool (%)", 100),
+    "clicks": ("annotation clicks so far (orchestrator.cost)", 1),
+}
+
+
+def plot_miou(
+    curves: pd.DataFrame,
+    path: Path,
+    supervised: pd.DataFrame | None = None,
+    cost: str = "labelled_fraction",
+) -> Path:
+    """mIoU against a cost (``AXES``): per (strategy, unit, oracle, depth backend) the mean over its runs
     (seeds) at every cycle, with the min-max band over those runs; the mean of the fully-supervised runs
     as a dashed line."""
     plt = _pyplot()
+    label, scale = AXES[cost]
     fig, axis = plt.subplots(figsize=(7, 4.5))
-    for key, group in curves.dropna(subset=["labelled_fraction"]).groupby(GROUP, sort=True):
+    for key, group in curves.dropna(subset=[cost]).groupby(GROUP, sort=True):
         by_cycle = group.groupby("cycle").agg(
-            x=("labelled_fraction", "mean"),
+            x=(cost, "mean"),
             mean=("miou", "mean"),
             low=("miou", "min"),
             high=("miou", "max"),
             runs=("run_id", "nunique"),
         )
         (line,) = axis.plot(
-            100 * by_cycle["x"],
+            scale * by_cycle["x"],
             100 * by_cycle["mean"],
             marker="o",
             label=f"{' / '.join(str(part) for part in key)} ({by_cycle['runs'].max()} runs)",
         )
         axis.fill_between(
-            100 * by_cycle["x"],
+            scale * by_cycle["x"],
             100 * by_cycle["low"],
             100 * by_cycle["high"],
             color=line.get_color(),
@@ -64,9 +77,9 @@ def plot_miou(curves: pd.DataFrame, path: Path, supervised: pd.DataFrame | None 
             label=f"full supervision ({len(supervised)} runs)",
         )
     axis.set(
-        xlabel="labelled fraction of the training pool (%)",
+        xlabel=label,
         ylabel="validation mIoU (%)",
-        title="mIoU against labelled data (mean, min-max band over seeds)",
+        title="mIoU against annotation cost (mean, min-max band over seeds)",
     )
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)

@@ -145,11 +145,11 @@ def test_tables_values(store, tracking_uri, tmp_path, capsys):
     markdown = (tmp_path / "out" / "comparison.md").read_text()
     assert markdown in capsys.readouterr().out
     assert (
-        "| eem | simulated | dataset | 2 | 41.00 ± 1.41 | 52.00 ± 2.83 | 61.00 ± 1.41 | 61.00 ± 1.41 |"
+        "| eem | image | simulated | dataset | 2 | 41.00 ± 1.41 | 52.00 ± 2.83 | 61.00 ± 1.41 | 61.00 ± 1.41 |"
         in markdown
     )
     assert (
-        "| al-random-s1 | random | simulated | dataset | 1 | FINISHED | 38.00 | 43.00 | 50.00 | 50.00 |"
+        "| al-random-s1 | random | image | simulated | dataset | 1 | FINISHED | 38.00 | 43.00 | 50.00 | 50.00 |"
         in markdown
     )
     assert "| pebal-paper | paper | fs_lf | pebal | 60.00 | 5.00 | 97.00 |" in markdown
@@ -200,6 +200,7 @@ def test_logs_a_compare_run_and_leaves_it_out(store, tracking_uri, tmp_path):
             "supervised.csv",
             "comparison.md",
             "miou_vs_labelled.png",
+            "miou_vs_labelled_pixels.png",  # whole images: the labelled fraction
             "anomaly_ap.png",
         )
     }
@@ -238,3 +239,39 @@ def test_fully_supervised_runs_are_the_reference(store, tracking_uri, tmp_path, 
     assert (
         "| mean of 2 | - | 78.00 ± 2.83 |" in capsys.readouterr().out
     )  # std of 0.80, 0.76: 0.04 / sqrt(2)
+
+
+def test_region_runs_are_compared_by_labelled_pixels_and_clicks(store, tracking_uri, tmp_path):
+    experiment_id = store.get_experiment_by_name(EXPERIMENT).experiment_id
+    pixels, clicks = (0.40, 0.41, 0.43), (0.0, 20.0, 40.0)
+    log_run(
+        store,
+        experiment_id,
+        "al-entropy-region-s0",
+        {
+            "strategy": "entropy",
+            "unit": "region",
+            "oracle": "simulated",
+            "depth_backend": "dataset",
+        },
+        {"seed": 0},
+        [
+            Metric(key, value, 2000 + cycle, cycle)
+            for cycle in range(3)
+            for key, value in (
+                ("val/miou", 0.3 + cycle / 10),
+                ("pool/labelled_fraction", 0.4 + cycle / 10),
+                ("pool/labelled_pixel_fraction", pixels[cycle]),
+                ("oracle/total_cost", clicks[cycle]),
+            )
+        ],
+    )
+    comparison = run_compare(tracking_uri, tmp_path, "--no-log")
+    region = comparison.curves[comparison.curves["unit"] == "region"].sort_values("cycle")
+    assert region["labelled_pixel_fraction"].tolist() == pytest.approx(list(pixels))
+    assert region["clicks"].tolist() == pytest.approx(list(clicks))
+    image = comparison.curves[comparison.curves["unit"] == "image"]
+    assert image["labelled_pixel_fraction"].tolist() == image["labelled_fraction"].tolist()
+    for name in ("miou_vs_labelled_pixels.png", "miou_vs_clicks.png"):
+        with Image.open(tmp_path / name) as png:
+            png.verify()
