@@ -1,8 +1,12 @@
 """Active-learning curves on CamVid: eem, entropy, random and core-set from 10 % to 40 % labelled in 5
 cycles, over seeds, against full supervision; the real jobs (jobs.al on Ray, jobs.train), one MLflow
-experiment, and jobs.compare's table and plot.
+experiment, and jobs.compare's tables and plots (mIoU against labelled images, pixels and clicks).
 
     python bench/al_curves_camvid.py --root ../shared/data/camvid [--seeds 0 1] [--epochs 8] [--size 72 96]
+        [--region-strategies eem entropy random]
+
+``--region-strategies`` adds region-level runs (al.unit region, runs ``<strategy>-region-s<seed>``) that
+spend, per cycle, as many pixels as an image-level cycle labels (al.budget images x H x W).
 
 Resumable: a finished run is skipped, an interrupted one continues with ``jobs.al --resume``. Writes
 ``--out`` (default bench/out/al_curves): runs/, mlflow.db, compare/ (CSV, Markdown, miou_vs_labelled.png)
@@ -57,8 +61,25 @@ def settings(args: argparse.Namespace, name: str, seed: int) -> list[str]:
     return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
 
 
-def run_active_learning(args: argparse.Namespace, strategy: str, seed: int) -> None:
-    name = f"{strategy}-s{seed}"
+IMAGES_PER_CYCLE = 0.06  # camvid.yaml's al.budget
+TRAIN_IMAGES = 367
+
+
+def region_settings(args: argparse.Namespace) -> list[str]:
+    pixels = round(IMAGES_PER_CYCLE * TRAIN_IMAGES) * args.size[0] * args.size[1]
+    values = {
+        "al.unit": "region",
+        "al.budget_unit": "pixels",
+        "al.budget": pixels,
+        "al.region_cell": args.region_cell,
+    }
+    return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
+
+
+def run_active_learning(
+    args: argparse.Namespace, strategy: str, seed: int, unit: str = "image"
+) -> None:
+    name = f"{strategy}-s{seed}" if unit == "image" else f"{strategy}-{unit}-s{seed}"
     run_dir = (args.out / "runs" / name).absolute()
     if Progress.load(RunLayout(run_dir)).completed_cycle == args.cycles:
         print(f"{name}: done already")
@@ -74,6 +95,7 @@ def run_active_learning(args: argparse.Namespace, strategy: str, seed: int) -> N
         f"al.theta={args.theta}",
         "--set",
         "al.panels=2",
+        *(region_settings(args) if unit == "region" else []),
     ]
     if (run_dir / "progress.json").is_file():
         al_job.main(["--resume", str(run_dir), *common])
@@ -107,6 +129,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/out/al_curves"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    parser.add_argument(
+        "--region-strategies", nargs="*", default=[], choices=("eem", "entropy", "random")
+    )
+    parser.add_argument("--region-cell", type=int, default=12, help="cell side for entropy, random")
     parser.add_argument("--cycles", type=int, default=5)
     parser.add_argument(
         "--epochs", type=int, default=8, help="epochs per cycle (warm start from the last model)"
@@ -135,6 +161,15 @@ def main() -> None:
                 timing_path,
                 f"{strategy}-s{seed}",
                 lambda strategy=strategy, seed=seed: run_active_learning(args, strategy, seed),
+            )
+        for strategy in args.region_strategies:
+            timed(
+                timing,
+                timing_path,
+                f"{strategy}-region-s{seed}",
+                lambda strategy=strategy, seed=seed: run_active_learning(
+                    args, strategy, seed, "region"
+                ),
             )
     timing["total_wall_s"] = round(time.perf_counter() - start, 1)
     timing_path.write_text(json.dumps(timing, indent=2))

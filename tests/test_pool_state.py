@@ -577,3 +577,47 @@ def test_a_gate_decision_on_a_batch_is_one_rewrite(pool, tmp_path):
     assert pool.total_annotation_cost == 6.0
     with pytest.raises(PoolStateError, match="label_paths: expected a non-empty path"):
         pool.record_decisions(first_unlabelled(pool, 1), 3, "pseudo", 0.5, 0.0, [False], ["/x.png"])
+
+
+# ---- region mode -------------------------------------------------------------------------------------
+
+
+def test_region_decisions_label_images_in_parts_and_keep_their_history(pool):
+    first, second = first_unlabelled(pool, 2)
+    pool.record_decisions(
+        [first, second], 1, "simulated", [0.8, 0.2], [3.0, 2.0], [True, False],
+        ["/a/1.png", None], masks=[("/m/1.png", 120), None], returned=[1, 2],
+    )  # fmt: skip
+    one, two = pool.record(first), pool.record(second)
+    assert (one["role"], one["cycle_labelled"], one["mask_path"], one["labelled_pixels"]) == (
+        LABELLED, 1, "/m/1.png", 120
+    )  # fmt: skip
+    assert (one["times_returned"], one["annotation_cost"]) == (1, 3.0)
+    assert (two["role"], two["mask_path"], two["times_returned"]) == (UNLABELLED, None, 2)
+    # cycle 2: more regions of the labelled image, a label and a mask that replace the old ones
+    pool.record_decisions(
+        [first], 2, "simulated", 0.9, 1.0, [True], ["/a/2.png"], masks=[("/m/2.png", 300)]
+    )
+    one = pool.record(first)
+    assert (one["cycle_labelled"], one["last_cycle"], one["label_source"]) == (1, 2, "/a/2.png")
+    assert (one["mask_path"], one["labelled_pixels"], one["annotation_cost"]) == (
+        "/m/2.png", 300, 4.0
+    )  # fmt: skip
+    assert pool.total_annotation_cost == 6.0
+    labelled = ids_with_role(pool, LABELLED).to_pylist()
+    fully = next(i for i in labelled if i != first)
+    with pytest.raises(PoolStateError, match="expected one of"):  # image level: unlabelled only
+        pool.record_decisions([fully], 3, "simulated", 0.9, 1.0, [True], ["/a/3.png"])
+    with pytest.raises(PoolStateError, match="masks: expected a non-empty path"):
+        pool.record_decisions(
+            [second], 3, "simulated", 0.9, 1.0, [True], ["/a/3.png"], masks=[None]
+        )
+
+
+def test_only_labelled_samples_have_a_mask(pool, tmp_path):
+    table = pool.table
+    unlabelled_row = table.column("role").to_pylist().index(UNLABELLED)
+    masks = table.column("mask_path").to_pylist()
+    masks[unlabelled_row] = "/m/x.png"
+    with pytest.raises(PoolStateError, match="only labelled samples have a mask_path"):
+        check_whole(replace_column(table, "mask_path", masks), tmp_path)
