@@ -46,6 +46,8 @@ DECISION_SCHEMA = pa.schema(
     [
         ("sample_id", pa.string()),
         ("region", pa.int32()),
+        ("cycle", pa.int32()),
+        ("oracle", pa.string()),
         ("dice", pa.float64()),
         ("accepted", pa.bool_()),
         ("cost", pa.float64()),

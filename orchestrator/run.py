@@ -484,6 +484,8 @@ class ActiveLearningRun:
             {
                 "sample_id": ids,
                 "region": [WHOLE_IMAGE] * len(ids),
+                "cycle": [cycle] * len(ids),
+                "oracle": [self.oracle.name] * len(ids),
                 "dice": dice,
                 "accepted": flags,
                 "cost": costs,
@@ -572,6 +574,8 @@ class ActiveLearningRun:
             {
                 "sample_id": owners,
                 "region": region_ids,
+                "cycle": [cycle] * len(owners),
+                "oracle": [self.oracle.name] * len(owners),
                 "dice": region_dice,
                 "accepted": flags,
                 "cost": [float(c) for c in clicks],

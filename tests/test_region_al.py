@@ -264,6 +264,13 @@ def test_a_region_cycle_queries_the_top_regions_of_d_s_and_gates_each_by_its_dic
         (4 * SIZE[0] * SIZE[1] + accepted_pixels) / pool_pixels
     )
     assert metrics["oracle/total_cost"] == 12  # every region costs a click, returned ones too
+    assert {(d["cycle"], d["oracle"]) for d in decisions} == {(1, "simulated")}
+    # a returned region is queryable again: the next cycle scores it
+    owner.run(backend, 2)
+    again = {(r["sample_id"], r["region"]) for r in cycle_file(tmp_path, 2, "scores.parquet")}
+    assert {(d["sample_id"], d["region"]) for d in returned} <= again
+    accepted = {(d["sample_id"], d["region"]) for d in decisions if d["accepted"]}
+    assert not accepted & again
 
 
 def test_region_labels_hold_the_accepted_regions_and_training_reads_only_them(pool, tmp_path):
