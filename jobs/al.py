@@ -310,6 +310,7 @@ def write_failure(error: OSError, run_dir: Path) -> str:
 
 
 WAITING_TAG = "waiting_for"
+STOP_TAG = "stop/reason"
 
 
 def run_cycles_logged(
@@ -364,6 +365,9 @@ def run_cycles_logged(
                   if waiting else "nothing"})  # fmt: skip
         if not waiting:
             log_artifact(progress.checkpoint, "model")
+        if progress.stopped is not None:
+            set_tags({STOP_TAG: progress.stopped})
+            print(f"the run stopped early: {progress.stopped}")
     return history, waiting
 
 

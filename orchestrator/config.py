@@ -8,6 +8,7 @@ from typing import Literal
 
 from orchestrator.cost import BudgetUnit
 from orchestrator.gate import check_theta
+from orchestrator.stopping import StopConfig
 from orchestrator.strategies import get_strategy
 from orchestrator.sweep_config import SweepConfig
 from orchestrator.typed_config import load_config
@@ -105,6 +106,7 @@ class ActiveLearningConfig:
     scorer_batch_size: int = 4
     panels: int = 4  # EEM panels of selected images logged per cycle
     labelstudio: LabelStudioConfig = field(default_factory=LabelStudioConfig)
+    stop: StopConfig = field(default_factory=StopConfig)
 
     def __post_init__(self) -> None:
         get_strategy(self.strategy)

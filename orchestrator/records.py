@@ -112,6 +112,7 @@ class Metric:
     CYCLE_PIXELS = "oracle/pixels"
     TOTAL_COST = "oracle/total_cost"
     RETURNED_COST = "gate/returned_cost"
+    MEAN_SCORE = "query/mean_score"  # of the queried images or regions (strategies with a score)
     LABELLED_PIXEL_FRACTION = "pool/labelled_pixel_fraction"
 
     @staticmethod

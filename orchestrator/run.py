@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -32,6 +33,7 @@ from typing import Protocol
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from PIL import Image
 
 from orchestrator.config import ActiveLearningConfig
@@ -54,6 +56,7 @@ from orchestrator.records import (
 )
 from orchestrator.run_layout import RunLayout
 from orchestrator.selection import budget_count, cycle_rng, spend_on_regions, subset_positions
+from orchestrator.stopping import stop_reason
 from orchestrator.strategies import Candidates, RegionSpec, ScoreKind, get_strategy
 from segxal.data.io import image_size
 from segxal.data.labels import LabelSet
@@ -138,11 +141,14 @@ class Handoff(Protocol):
 
 @dataclass
 class Progress:
-    """What a resumed run needs: the last completed cycle, its model, the MLflow run."""
+    """What a resumed run needs: the last completed cycle, its model, the MLflow run, and for the
+    stopping rules the value they track at each cycle and why the run stopped (None: it goes on)."""
 
     completed_cycle: int = -1
     checkpoint: str | None = None
     tracking_run_id: str | None = None
+    trace: list[float] = field(default_factory=list)
+    stopped: str | None = None
 
     @classmethod
     def load(cls, layout: RunLayout) -> Progress:
@@ -224,14 +230,25 @@ class ActiveLearningRun:
         on_cycle: CycleCallback = lambda cycle, metrics, artifacts: None,
         progress_bar: Callable[[Iterable[int]], Iterable[int]] = lambda it: it,
     ) -> list[dict[str, float]]:
-        """Cycles ``progress.completed_cycle + 1 .. cycles``; returns each cycle's metrics. With a
-        handoff, a cycle whose query it does not give back is handed over and the run stops there."""
-        history = []
+        """Cycles ``progress.completed_cycle + 1 .. cycles``, or until a stopping rule (``al.stop``) ends
+        the run; returns each cycle's metrics. With a handoff, a cycle whose query it does not give back
+        is handed over and the run stops there."""
+        history: list[dict[str, float]] = []
+        if self.progress.stopped is not None:
+            log.info("the run has stopped: %s", self.progress.stopped)
+            return history
         for cycle in progress_bar(range(self.progress.completed_cycle + 1, cycles + 1)):
-            metrics = self.cycle(backend, cycle, on_cycle)
-            if metrics is None:
-                break  # people annotate now; a later run takes the query back
-            history.append(metrics)
+            if cycle > 0 and self._queryable_count() == 0:
+                self.progress.stopped = "budget spent: the pool has nothing left to query"
+                self.progress.save(self.layout)
+            else:
+                metrics = self.cycle(backend, cycle, on_cycle)
+                if metrics is None:
+                    break  # people annotate now; a later run takes the query back
+                history.append(metrics)
+            if self.progress.stopped is not None:
+                log.info("cycle %d: the run stops: %s", cycle, self.progress.stopped)
+                break
         return history
 
     def cycle(
@@ -280,6 +297,11 @@ class ActiveLearningRun:
         artifacts.append(self.state.copy_to(self.layout.snapshot(cycle)).path)
         on_cycle(cycle, metrics, artifacts)
         self.progress.completed_cycle, self.progress.checkpoint = cycle, str(model_path)
+        tracked = self.al.stop.tracked
+        self.progress.trace.append(float(metrics.get(tracked, "nan")) if tracked else math.nan)
+        self.progress.stopped = stop_reason(
+            self.al.stop, self.progress.trace, self.state.total_annotation_cost
+        )
         self.progress.save(self.layout)
         log.info(
             "cycle %d: mIoU %.4f, labelled %.1f %%",
@@ -296,10 +318,10 @@ class ActiveLearningRun:
         queried = None
         with timer("score"):
             if self.regions:
-                queried = self._score_and_select_regions(backend, cycle, checkpoint)
+                queried, mean_score = self._score_and_select_regions(backend, cycle, checkpoint)
                 selected = list(queried)
             else:
-                selected = self._score_and_select(backend, cycle, checkpoint)
+                selected, mean_score = self._score_and_select(backend, cycle, checkpoint)
         panel_dir = self.layout.panel_dir(cycle)
         panel_dir.mkdir(parents=True, exist_ok=True)
         with timer("explain"):
@@ -319,11 +341,15 @@ class ActiveLearningRun:
         requests = explained.requests
         regions_file = self.layout.regions_file(cycle)
         regions_file.write_text(json.dumps({r.sample_id: r.regions for r in requests}, indent=1))
-        return Query(requests, timer.seconds, [regions_file, *sorted(panel_dir.glob("*.png"))])
+        metrics = {**timer.seconds, Metric.MEAN_SCORE: mean_score}
+        return Query(requests, metrics, [regions_file, *sorted(panel_dir.glob("*.png"))])
 
-    def _score_and_select(self, backend: CycleBackend, cycle: int, checkpoint: Path) -> list[str]:
+    def _score_and_select(
+        self, backend: CycleBackend, cycle: int, checkpoint: Path
+    ) -> tuple[list[str], float]:
         """D^S streamed from the pool state to the scorers and the scores to the strategy, each written to
-        the cycle's folder on the way; the candidates the scorers could not read are quarantined."""
+        the cycle's folder on the way; the candidates the scorers could not read are quarantined.
+        Returns the selection and its mean score (NaN for a strategy without one)."""
         candidate_ids, scored_ids = IdsDigest(), IdsDigest()
         unreadable: dict[str, str] = {}
         positions, candidates = self._draw_candidates(cycle, candidate_ids)
@@ -359,18 +385,22 @@ class ActiveLearningRun:
                 f"cycle {cycle}: the scorers did not score the candidates exactly once, in id order"
             )
         self.quarantine(cycle, unreadable)
-        return selected
+        mean_score = math.nan
+        if kind is not None and kind is not ScoreKind.EMBEDDING and selected:
+            picked = pq.read_table(
+                self.layout.scores(cycle),
+                columns=["score"],
+                filters=[("sample_id", "in", selected)],
+            )
+            mean_score = float(pc.mean(picked["score"]).as_py())
+        return selected, mean_score
 
     def _draw_candidates(
         self, cycle: int, digest: IdsDigest
     ) -> tuple[np.ndarray, Callable[[], Iterator[pa.Table]]]:
         """D^S: its positions among the queryable samples, and its rows streamed (each batch's ids fed
         to ``digest``) with a copy to the cycle's folder."""
-        queryable = (
-            sum(t.num_rows for t in self._queryable_batches())
-            if self.regions
-            else self.state.count(UNLABELLED)
-        )
+        queryable = self._queryable_count()
         if queryable == 0:
             raise ValueError(f"cycle {cycle}: no image is left with unlabelled pixels to query")
         positions = subset_positions(
@@ -387,10 +417,11 @@ class ActiveLearningRun:
 
     def _score_and_select_regions(
         self, backend: CycleBackend, cycle: int, checkpoint: Path
-    ) -> dict[str, list[dict]]:
+    ) -> tuple[dict[str, list[dict]], float]:
         """Region mode: the regions of D^S scored (streamed, written to the cycle's folder), ranked by
         the strategy and taken best first until the budget is spent. Returns each selected image's
-        queried region records, the images in the order of their best region."""
+        queried region records, the images in the order of their best region, and their mean score
+        (NaN for a strategy without one)."""
         candidate_ids, scored_ids = IdsDigest(), IdsDigest()
         unreadable: dict[str, str] = {}
         _, candidates = self._draw_candidates(cycle, candidate_ids)
@@ -424,12 +455,14 @@ class ActiveLearningRun:
         queried: dict[str, list[dict]] = {}
         if chosen is None:
             log.warning("cycle %d: D^S holds no queryable region; the cycle queries nothing", cycle)
-            return queried
+            return queried, math.nan
+        scored = self.strategy.score_kind is not None
+        mean_score = float(pc.mean(chosen["score"]).as_py()) if scored else math.nan
         for sample_id, record in zip(
             chosen["sample_id"].to_pylist(), chosen["record"].to_pylist(), strict=True
         ):
             queried.setdefault(sample_id, []).append(json.loads(record))
-        return queried
+        return queried, mean_score
 
     def _labelled_embeddings(
         self, backend: CycleBackend, cycle: int, checkpoint: Path
@@ -628,6 +661,11 @@ class ActiveLearningRun:
                 partly = pc.and_(pc.equal(table["role"], LABELLED), pc.is_valid(table["mask_path"]))
                 queryable = pc.or_(queryable, partly)
             yield table.filter(queryable).select(self.MANIFEST_COLUMNS).cast(WORK_MANIFEST_SCHEMA)
+
+    def _queryable_count(self) -> int:
+        if not self.regions:
+            return self.state.count(UNLABELLED)
+        return sum(t.num_rows for t in self._queryable_batches())
 
     def _queryable_rows(self, ids: list[str]) -> pa.Table:
         """The queryable samples ``ids`` (a selection: sized by the budget), in the order asked for."""
