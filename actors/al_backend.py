@@ -18,7 +18,6 @@ from orchestrator.strategies import RegionSpec, ScoreKind
 from segxal.checkpoint import load_checkpoint
 from segxal.data.dataset import SampleTransform
 from segxal.data.labels import LabelSet
-from segxal.models.unet import UNetConfig
 
 
 def check_fits_cluster(config: ExperimentConfig) -> None:
@@ -83,11 +82,7 @@ class RayCycleBackend:
             train_manifest=put_manifest(train),
             val_manifest=put_manifest(val),
             label_set=self.label_set.name,
-            unet=UNetConfig(
-                num_classes=self.label_set.num_classes,
-                width=self.config.model.width,
-                depth=self.config.model.depth,
-            ),
+            unet=self.config.model.unet(self.label_set.num_classes),
             train=self.config.train,
             train_transform=self.train_transform,
             val_transform=self.val_transform,

@@ -31,6 +31,7 @@ from orchestrator.strategies import RegionSpec, ScoreKind
 from segxal.data.dataset import DataError, SampleTransform, SegmentationDataset
 from segxal.data.labels import LABEL_SETS
 from segxal.data.region_labels import labelled_mask, read_region_labels
+from segxal.eem.bald import mc_probabilities, normalized_bald
 from segxal.eem.config import EEMConfig
 from segxal.eem.entropy import normalized_entropy
 from segxal.eem.panels import save_panel
@@ -53,6 +54,15 @@ def _mean_entropy(scorer: PoolScorer, images: torch.Tensor, batch: dict, kind: S
     return normalized_entropy(scorer.model(images)).mean(dim=(1, 2)).cpu().tolist()
 
 
+def _bald_map(scorer: PoolScorer, images: torch.Tensor) -> torch.Tensor:
+    assert scorer.model is not None
+    return normalized_bald(mc_probabilities(scorer.model, images, scorer.eem.mc_samples))
+
+
+def _mean_bald(scorer: PoolScorer, images: torch.Tensor, batch: dict, kind: ScoreKind) -> list:
+    return _bald_map(scorer, images).mean(dim=(1, 2)).cpu().tolist()
+
+
 def _eem_score(scorer: PoolScorer, images: torch.Tensor, batch: dict, kind: ScoreKind) -> list:
     depth = batch.get("depth")
     result = score_batch(
@@ -68,6 +78,7 @@ def _eem_score(scorer: PoolScorer, images: torch.Tensor, batch: dict, kind: Scor
 SCORE_FUNCTIONS = {
     ScoreKind.EMBEDDING: _embeddings,
     ScoreKind.ENTROPY: _mean_entropy,
+    ScoreKind.BALD: _mean_bald,
     ScoreKind.EEM: _eem_score,
     ScoreKind.PAE: _eem_score,
     ScoreKind.EBU: _eem_score,
@@ -82,10 +93,15 @@ def _region_values(
     if spec.kind is None:  # random regions: no score, the run draws one
         shape = (images.shape[0], *images.shape[2:])
         return np.zeros(shape), np.zeros(shape, dtype=np.int64)
-    if spec.kind is ScoreKind.ENTROPY:
+    if spec.kind in (ScoreKind.ENTROPY, ScoreKind.BALD):
         with torch.no_grad():
             logits = scorer.model(images)
-        return normalized_entropy(logits).cpu().numpy(), logits.argmax(1).cpu().numpy()
+        values = (
+            normalized_entropy(logits)
+            if spec.kind is ScoreKind.ENTROPY
+            else _bald_map(scorer, images)
+        )
+        return values.cpu().numpy(), logits.argmax(1).cpu().numpy()
     depth = batch.get("depth")
     maps = score_batch(
         scorer.model,

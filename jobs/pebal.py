@@ -41,7 +41,7 @@ from segxal.data.anomaly import AnomalyBenchmark, anomaly_benchmark
 from segxal.data.dataset import SampleTransform
 from segxal.data.io import DataError
 from segxal.data.synthetic import generate_synthetic
-from segxal.models.unet import UNet, UNetConfig
+from segxal.models.unet import UNet
 from segxal.pebal.evaluate import (
     ORIGINAL,
     PEBAL,
@@ -122,9 +122,7 @@ def train_segmenter(
         train_manifest=manifest_for(data, data.train_split, data.max_train_images),
         val_manifest=manifest_for(data, data.val_split, data.max_val_images),
         label_set=label_set.name,
-        unet=UNetConfig(
-            num_classes=label_set.num_classes, width=config.model.width, depth=config.model.depth
-        ),
+        unet=config.model.unet(label_set.num_classes),
         train=config.train,
         train_transform=train_set.transform,
         val_transform=val_set.transform,

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from jobs.common import check_tracking_or_exit, parse_job_args, print_results_hint, show_progress
 from orchestrator.datasets import datasets_for, label_set_for
 from orchestrator.tracking import experiment_run, log_artifact, log_metrics, set_tags
-from segxal.models.unet import UNet, UNetConfig
+from segxal.models.unet import UNet
 from segxal.training import check_class_weights, fit
 
 log = logging.getLogger("jobs.train")
@@ -40,11 +40,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         **loader_args,
     )
     val_loader = DataLoader(val_set, shuffle=False, **loader_args)
-    model = UNet(
-        UNetConfig(
-            num_classes=label_set.num_classes, width=config.model.width, depth=config.model.depth
-        )
-    )
+    model = UNet(config.model.unet(label_set.num_classes))
     run_dir = Path(config.output_dir) / config.name
     run_dir.mkdir(parents=True, exist_ok=True)
     log.info(

@@ -14,6 +14,7 @@ from orchestrator.sweep_config import SweepConfig
 from orchestrator.typed_config import load_config
 from segxal.data.synthetic import SyntheticConfig
 from segxal.eem.config import EEMConfig
+from segxal.models.unet import UNetConfig
 from segxal.pebal.config import PebalConfig
 from segxal.training import TrainConfig
 
@@ -37,8 +38,18 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The U-Net; ``dropout`` after the blocks in ``dropout_at`` (MC dropout for BALD)."""
+
     width: int = 16
     depth: int = 4
+    dropout: float = 0.0
+    dropout_at: tuple[str, ...] = ("bottleneck",)
+
+    def __post_init__(self) -> None:
+        self.unet(num_classes=1)  # its checks, when the config loads
+
+    def unet(self, num_classes: int) -> UNetConfig:
+        return UNetConfig(num_classes, 3, self.width, self.depth, self.dropout, self.dropout_at)
 
 
 @dataclass(frozen=True)
@@ -152,6 +163,12 @@ class ExperimentConfig:
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def __post_init__(self) -> None:
+        bald = self.al.strategy == "bald" or self.eem.uncertainty == "bald"
+        if bald and self.model.dropout == 0.0:
+            raise ValueError(
+                "model.dropout: BALD (al.strategy bald or eem.uncertainty bald) samples MC dropout; "
+                "set it > 0 (e.g. 0.2)"
+            )
         if self.al.unit != "region":
             return
         if self.data.image_size is None:

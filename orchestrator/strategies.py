@@ -33,6 +33,7 @@ class ScoreKind(str, Enum):
     PAE = "pae"  # ProxGradCAM alone through the EEM reduction (needs depth)
     EBU = "ebu"  # entropy map alone through the EEM reduction (no depth)
     ENTROPY = "entropy"  # plain mean pixel entropy of the softmax (baseline)
+    BALD = "bald"  # mean MC-dropout mutual information (needs model.dropout > 0)
     EMBEDDING = "embedding"  # pooled encoder features
 
     @property
@@ -189,6 +190,7 @@ STRATEGIES = MappingProxyType(
                 "eem_no_pae", ScoreKind.EBU, "ablation: entropy inside the EEM pipeline (alpha = 0)"
             ),
             TopScore("entropy", ScoreKind.ENTROPY, "baseline: mean pixel entropy"),
+            TopScore("bald", ScoreKind.BALD, "baseline: MC-dropout BALD, mean mutual information"),
             UniformRandom("random", "baseline: uniform random"),
             CoreSet("coreset", "baseline: k-center greedy on encoder features"),
         )

@@ -16,6 +16,7 @@ from segxal.data.cityscapes import cityscapes_manifest
 from segxal.data.dataset import SampleTransform, SegmentationDataset
 from segxal.data.labels import CITYSCAPES
 from segxal.data.region_labels import write_region_labels
+from segxal.eem.bald import mc_probabilities, normalized_bald
 from segxal.eem.config import DepthConfig, EEMConfig
 from segxal.eem.entropy import normalized_entropy
 from segxal.eem.pipeline import score_batch
@@ -219,3 +220,24 @@ def test_eem_regions_avoid_labelled_pixels_and_explaining_finds_them_again(
             assert (request.region_map == region["id"]).sum() == region["area"]
         if request.sample_id == first:
             assert not request.region_map[:16].any()
+
+
+def test_bald_scores_are_the_mean_normalised_bald_of_each_image(rows):
+    torch.manual_seed(0)
+    config = UNetConfig(num_classes=CITYSCAPES.num_classes, width=4, depth=2, dropout=0.3)
+    model = UNet(config).eval()
+    scorer = PoolScorer(EEMConfig(mc_samples=4), "cityscapes", SIZE, batch_size=4, device="cpu")
+    scorer.load_model(model.to_checkpoint())
+    dataset = SegmentationDataset(rows, CITYSCAPES, SampleTransform(size=SIZE))
+    images = torch.stack([dataset[i]["image"] for i in range(len(rows))])
+    torch.manual_seed(5)
+    expected = torch.cat(
+        [
+            normalized_bald(mc_probabilities(model, part, 4)).mean(dim=(1, 2))
+            for part in (images[:4], images[4:])
+        ]  # fmt: skip
+    )
+    torch.manual_seed(5)
+    scores = scorer.score(rows, ScoreKind.BALD)
+    np.testing.assert_allclose(scores["score"].to_numpy(), expected.numpy(), rtol=1e-5)
+    assert (scores["score"].to_numpy() > 0).all()

@@ -103,7 +103,9 @@ class EEMConfig:
     ``bf16`` (CPUs with native bfloat16, e.g. AVX512-BF16 or AMX, and GPUs) or ``fp16`` (GPUs only):
     faster where bfloat16 is native, with scores within 3e-3 of fp32 (the ranking kept; bench/RESULTS.md);
     maps and scores stay float32. On a CPU without native bfloat16, bf16 is about 26x slower: a warning
-    says so.
+    says so. ``uncertainty``: the EEM's uncertainty term, the normalised ``entropy`` or ``bald`` (MC-dropout
+    mutual information over ``mc_samples`` stochastic forwards, batched; needs ``model.dropout`` > 0);
+    ``mc_samples`` is also what the ``bald`` strategy samples.
     """
 
     alpha: float = 0.5
@@ -124,8 +126,12 @@ class EEMConfig:
     min_region_area: int = 16
     max_regions: int = 10
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    uncertainty: Literal["entropy", "bald"] = "entropy"
+    mc_samples: int = 8
 
     def __post_init__(self) -> None:
+        if self.mc_samples < 2:
+            raise ValueError(f"EEMConfig.mc_samples must be >= 2, got {self.mc_samples}")
         for name in ("alpha", "beta", "gamma"):
             value = getattr(self, name)
             if not value >= 0:  # also rejects NaN

@@ -11,12 +11,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from segxal.eem.bald import mc_probabilities, normalized_bald
 from segxal.eem.config import EEMConfig
 from segxal.eem.entropy import normalized_entropy
 from segxal.eem.fusion import fuse_eem, image_scores, unit_max_per_image
 from segxal.eem.gradcam import eval_mode, grad_cam
 from segxal.eem.proximity import depth_informed_image, mask_weight, near_region
 from segxal.eem.regions import extract_regions
+from segxal.models.unet import UNet
 
 if TYPE_CHECKING:
     from segxal.models.depth import DepthBackend
@@ -24,7 +26,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class EEMMaps:
-    """Per-pixel maps, each (B, H, W): ``prediction`` class ids, ``entropy`` normalised to [0, 1],
+    """Per-pixel maps, each (B, H, W): ``prediction`` class ids, ``entropy`` the uncertainty term
+    normalised to [0, 1] (the entropy, or BALD with ``eem.uncertainty: bald``),
     ``proximity`` (1 = nearest), ``near`` bool, ``proxgradcam`` in [0, 1], ``eem``."""
 
     prediction: torch.Tensor
@@ -137,6 +140,11 @@ def score_batch(
     with torch.no_grad(), eval_mode(model), arithmetic:
         logits = model(images).float()
     entropy = normalized_entropy(logits)
+    if config.uncertainty == "bald":
+        if not isinstance(model, UNet):
+            raise ValueError("eem.uncertainty bald samples a segxal UNet with dropout")
+        with arithmetic:
+            entropy = normalized_bald(mc_probabilities(model, images, config.mc_samples))
     prediction = logits.argmax(dim=1)
     explain = config.alpha > 0
     if depth_backend is None and explain:

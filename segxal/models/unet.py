@@ -3,10 +3,15 @@
 Layers are addressable by name for Grad-CAM and PEBAL: ``encoder.<i>``, ``bottleneck``,
 ``upsample.<i>``, ``decoder.<i>`` (``decoder.<depth-1>`` is the last, full-resolution block) and
 ``head`` (the 1x1 classification conv).
+
+Dropout (``dropout`` > 0) follows the blocks named in ``dropout_at`` (``bottleneck``, ``decoder.<i>``):
+it is active in training, and at inference inside :func:`mc_dropout`, for MC-dropout uncertainty (BALD).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -20,11 +25,21 @@ class UNetConfig:
     in_channels: int = 3
     width: int = 32
     depth: int = 4
+    dropout: float = 0.0
+    dropout_at: tuple[str, ...] = ("bottleneck",)
 
     def __post_init__(self) -> None:
         for field in ("num_classes", "in_channels", "width", "depth"):
             if getattr(self, field) < 1:
                 raise ValueError(f"UNetConfig.{field} must be >= 1, got {getattr(self, field)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"UNetConfig.dropout must be in [0, 1), got {self.dropout}")
+        blocks = ("bottleneck", *(f"decoder.{i}" for i in range(self.depth)))
+        unknown = [name for name in self.dropout_at if name not in blocks]
+        if unknown:
+            raise ValueError(
+                f"UNetConfig.dropout_at: {unknown} are not blocks; choose from {list(blocks)}"
+            )
 
 
 class ConvBlock(nn.Sequential):
@@ -62,6 +77,12 @@ class UNet(nn.Module):
             )
             self.decoder.append(ConvBlock(2 * channels[level], channels[level]))
         self.head = nn.Conv2d(channels[0], config.num_classes, 1)
+        self.mc_sampling = False  # dropout active at inference (mc_dropout)
+
+    def _dropout(self, x: torch.Tensor, block: str) -> torch.Tensor:
+        if self.config.dropout == 0.0 or block not in self.config.dropout_at:
+            return x
+        return F.dropout2d(x, self.config.dropout, training=self.training or self.mc_sampling)
 
     @property
     def num_classes(self) -> int:
@@ -99,15 +120,15 @@ class UNet(nn.Module):
             x = block(x)
             skips.append(x)
             x = F.max_pool2d(x, 2)
-        return self.bottleneck(x), skips
+        return self._dropout(self.bottleneck(x), "bottleneck"), skips
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
         x, skips = self._encode(self._padded(x))
-        for upsample, block, skip in zip(
-            self.upsample, self.decoder, reversed(skips), strict=False
+        for index, (upsample, block, skip) in enumerate(
+            zip(self.upsample, self.decoder, reversed(skips), strict=False)
         ):
-            x = block(torch.cat([upsample(x), skip], dim=1))
+            x = self._dropout(block(torch.cat([upsample(x), skip], dim=1)), f"decoder.{index}")
         return self.head(x)[..., :height, :width]
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,6 +142,19 @@ class UNet(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict) -> UNet:
-        model = cls(UNetConfig(**checkpoint["unet_config"]))
+        config = dict(checkpoint["unet_config"])
+        config["dropout_at"] = tuple(config.get("dropout_at", ("bottleneck",)))
+        model = cls(UNetConfig(**config))
         model.load_state_dict(checkpoint["state_dict"])
         return model
+
+
+@contextmanager
+def mc_dropout(model: UNet) -> Iterator[None]:
+    """Dropout active while the rest of ``model`` (BatchNorm) stays as it is: MC-dropout sampling."""
+    previous = model.mc_sampling
+    model.mc_sampling = True
+    try:
+        yield
+    finally:
+        model.mc_sampling = previous
