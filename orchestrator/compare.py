@@ -20,6 +20,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Experiment, Run
 from mlflow.exceptions import MlflowException
 
+from orchestrator.paired import differences_markdown, paired_differences
 from segxal.markdown import markdown_table
 
 log = logging.getLogger(__name__)
@@ -348,17 +349,20 @@ def report_markdown(comparison: Comparison, summary: pd.DataFrame | None) -> str
 
 def write_report(comparison: Comparison, out_dir: Path) -> tuple[str, list[Path]]:
     """CSVs, the Markdown report and the plots under ``out_dir``: (the Markdown, the files written)."""
-    from orchestrator.compare_plots import (
+    from orchestrator.compare_plots import (  # matplotlib only when writing
         plot_anomaly_ap,
+        plot_differences,
         plot_miou,
-    )  # matplotlib only when writing
+    )
 
     out_dir.mkdir(parents=True, exist_ok=True)
     files = []
     summary = al_summary(comparison.al_runs) if not comparison.al_runs.empty else None
+    differences = paired_differences(comparison.curves) if summary is not None else None
     tables = {
         "al_runs.csv": comparison.al_runs,
         "al_summary.csv": summary,
+        "differences.csv": differences,
         "anomaly.csv": comparison.anomaly,
         "supervised.csv": comparison.supervised,
     }
@@ -367,6 +371,9 @@ def write_report(comparison: Comparison, out_dir: Path) -> tuple[str, list[Path]
             frame.to_csv(out_dir / name, index=False)
             files.append(out_dir / name)
     markdown = report_markdown(comparison, summary)
+    if differences is not None and not differences.empty:
+        markdown += "\n" + differences_markdown(differences)
+        files.append(plot_differences(differences, out_dir / "difference_to_random.png"))
     (out_dir / "comparison.md").write_text(markdown)
     files.append(out_dir / "comparison.md")
     if not comparison.curves.empty:

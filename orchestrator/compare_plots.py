@@ -107,3 +107,36 @@ def plot_anomaly_ap(anomaly: pd.DataFrame, path: Path) -> Path:
         axis.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=8)
     return _save(fig, path)
+
+
+def plot_differences(differences: pd.DataFrame, path: Path) -> Path:
+    """The paired mIoU difference to random against the labelled-pixel fraction, per strategy, unit and
+    oracle, with its bootstrap interval as a band; 0 dashed."""
+    plt = _pyplot()
+    fig, axis = plt.subplots(figsize=(7, 4.5))
+    for key, group in differences.groupby(["strategy", "unit", "oracle"], sort=True):
+        group = group.sort_values("cycle")
+        x = 100 * group["labelled_pixel_fraction"]
+        (line,) = axis.plot(
+            x,
+            100 * group["difference"],
+            marker="o",
+            label=f"{' / '.join(str(part) for part in key)} ({group['seeds'].max()} seeds)",
+        )
+        axis.fill_between(
+            x,
+            100 * group["ci_low"],
+            100 * group["ci_high"],
+            color=line.get_color(),
+            alpha=0.2,
+            linewidth=0,
+        )
+    axis.axhline(0, color="black", linestyle="--", linewidth=1)
+    axis.set(
+        xlabel="labelled pixels, fraction of the training pool (%)",
+        ylabel="mIoU - random, paired by seed (points)",
+        title="Difference to random at equal cost (95 % bootstrap interval)",
+    )
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    return _save(fig, path)

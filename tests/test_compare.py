@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
+import scipy.stats
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from PIL import Image
@@ -196,6 +198,8 @@ def test_logs_a_compare_run_and_leaves_it_out(store, tracking_uri, tmp_path):
         for name in (
             "al_runs.csv",
             "al_summary.csv",
+            "differences.csv",
+            "difference_to_random.png",
             "anomaly.csv",
             "supervised.csv",
             "comparison.md",
@@ -275,3 +279,40 @@ def test_region_runs_are_compared_by_labelled_pixels_and_clicks(store, tracking_
     for name in ("miou_vs_labelled_pixels.png", "miou_vs_clicks.png"):
         with Image.open(tmp_path / name) as png:
             png.verify()
+
+
+def test_differences_to_random_are_paired_by_seed_with_bootstrap_intervals(
+    store, tracking_uri, tmp_path
+):
+    comparison = run_compare(tracking_uri, tmp_path, "--no-log")
+    differences = pd.read_csv(tmp_path / "differences.csv")
+    runs = comparison.al_runs.set_index(["strategy", "seed"])
+    for _, row in differences.iterrows():
+        column = f"cycle_{row['cycle']}"
+        by_hand = [
+            runs.loc[("eem", seed), column] - runs.loc[("random", seed), column] for seed in (0, 1)
+        ]
+        assert row["strategy"] == "eem" and row["seeds"] == 2
+        assert row["difference"] == pytest.approx(np.mean(by_hand))
+        reference = scipy.stats.bootstrap(
+            (np.array(by_hand),), np.mean, n_resamples=10_000, method="percentile",
+            random_state=0, confidence_level=0.95,
+        ).confidence_interval  # fmt: skip
+        assert row["ci_low"] == pytest.approx(reference.low, abs=1e-12)
+        assert row["ci_high"] == pytest.approx(reference.high, abs=1e-12)
+    assert "paired difference to random" in (tmp_path / "comparison.md").read_text()
+
+
+def test_a_bootstrap_interval_by_hand():
+    from orchestrator.paired import bootstrap_interval
+
+    assert bootstrap_interval(np.array([0.1, 0.1, 0.1])) == pytest.approx((0.1, 0.1))
+    rng = np.random.default_rng(3)
+    values = rng.normal(0.02, 0.01, size=8)
+    low, high = bootstrap_interval(values)
+    reference = scipy.stats.bootstrap(
+        (values,), np.mean, n_resamples=10_000, method="percentile", random_state=1
+    ).confidence_interval
+    assert low == pytest.approx(reference.low, abs=2e-3)  # other resamples: close, not equal
+    assert high == pytest.approx(reference.high, abs=2e-3)
+    assert low < values.mean() < high
