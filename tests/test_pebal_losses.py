@@ -104,67 +104,146 @@ def test_paper_terms_match_hand_values():
     assert terms["total"].item() == pytest.approx(sum(expected.values()), rel=1e-10)
 
 
-def test_reference_terms_match_hand_values():
-    # Two images: the first has no anomaly pixel (its own PAL mean), the second is LOGITS/TARGET.
-    clean_logits = [[[1.0, 4.0, 0.0], [2.0, 2.0, 2.0]], [[0.0, 3.0, -1.0], [1.5, -0.5, 0.5]]]
-    clean_target = [[1, 255], [1, 0]]
-    config = PebalConfig(variant="reference", **CONFIG)
-    images = [(clean_logits, clean_target), (LOGITS, TARGET)]
-    energies = [[[-lse(px[:2]) for px in row] for row in logits] for logits, _ in images]
-    penalties = []
-    for (_, target), energy in zip(images, energies, strict=True):
-        valid = [[float(t != 255) for t in row] for row in target]
-        numerator = blur_by_hand(
-            [
-                [e**2 * v for e, v in zip(er, vr, strict=True)]
-                for er, vr in zip(energy, valid, strict=True)
-            ]
+# --- the authors' code (tianyu0207/PEBAL code/losses.py and code/engine/trainer.py), written out here in
+# float64 for Y inlier classes, with their constants taken from the config: Gambler(reward=E² blurred by
+# transforms.GaussianBlur(7, sigma=1), reflect padding) on the clean images and, with wrong_sample, on the
+# mixed ones, plus 0.1 * energy_loss (margins, sparsity ||E_out||₂, smoothness ½ Σ (ΔE)² over the whole map).
+def authors_blur(maps):
+    x = torch.arange(7, dtype=torch.float64) - 3
+    taps = torch.exp(-0.5 * x**2)
+    taps = taps / taps.sum()
+    kernel = torch.outer(taps, taps)[None, None]
+    padded = torch.nn.functional.pad(maps[:, None], (3, 3, 3, 3), mode="reflect")
+    return torch.nn.functional.conv2d(padded, kernel)[:, 0]
+
+
+def authors_gambler(pred, targets, wrong_sample, ood_reg, ood_ind):
+    targets = targets.clone()
+    pred_prob = torch.softmax(pred, dim=1)
+    true_pred, reservation = pred_prob[:, :-1, :, :], pred_prob[:, -1, :, :]
+    reward = authors_blur(torch.logsumexp(pred[:, :-1, :, :], dim=1).pow(2))
+    classes = true_pred.shape[1]
+    if wrong_sample:
+        in_reservation = torch.div(reservation, reward)
+        reservation = torch.div(reservation, reward)
+        mask = targets == ood_ind
+        boosting = torch.add(true_pred, reservation.unsqueeze(1))[
+            mask.unsqueeze(1).repeat(1, classes, 1, 1)
+        ]
+        ood_loss = -ood_reg * torch.clamp(boosting, min=1e-7).log()
+        void_mask = targets == 255
+        targets[void_mask] = 0
+        targets[mask] = 0
+        gambler = torch.gather(true_pred, index=targets.unsqueeze(1), dim=1).squeeze(1)
+        gambler = torch.add(gambler, in_reservation)[(~mask) & (~void_mask)].log()
+        return -gambler.mean(), ood_loss.mean()
+    mask = targets == 255
+    targets[mask] = 0
+    reservation = torch.div(reservation, reward)
+    gambler = torch.gather(true_pred, index=targets.unsqueeze(1), dim=1).squeeze(1)
+    return -torch.add(gambler, reservation)[~mask].log().mean(), None
+
+
+def authors_energy_loss(logits, targets, m_in, m_out, sparsity_weight, smooth_weight, ood_ind):
+    energy = -torch.logsumexp(logits[:, :ood_ind, :, :], dim=1)
+    ec_out = energy[targets == ood_ind]
+    ec_in = energy[(targets != ood_ind) & (targets != 255)]
+    parts = {}
+    if ec_out.shape[0] == 0:
+        parts["energy_inlier"] = torch.pow(torch.relu(ec_in - m_in), 2).mean()
+    else:
+        parts["energy_inlier"] = 0.5 * torch.pow(torch.relu(ec_in - m_in), 2).mean()
+        parts["energy_anomaly"] = 0.5 * torch.pow(torch.relu(m_out - ec_out), 2).mean()
+        parts["sparsity"] = sparsity_weight * torch.mean(torch.norm(ec_out, dim=0))
+    below = torch.zeros_like(energy)
+    below[:, :-1, :] = energy[:, 1:, :]
+    below[:, -1, :] = energy[:, -1, :]
+    right = torch.zeros_like(energy)
+    right[:, :, :-1] = energy[:, :, 1:]
+    right[:, :, -1] = energy[:, :, -1]
+    squares = torch.sum((below - energy) ** 2) + torch.sum((right - energy) ** 2)
+    parts["smoothness"] = smooth_weight * squares / 2
+    return parts
+
+
+def authors_terms(logits, target, config):
+    """Their loss, split into our term names (NaN where their code gives NaN)."""
+    ood_ind = logits.shape[1] - 1
+    is_ood = (target == ood_ind).flatten(1).any(dim=1)
+    clean, _ = authors_gambler(logits[~is_ood], target[~is_ood], False, config.ood_weight, ood_ind)
+    terms = {"pal_inlier": clean, "pal_anomaly": torch.tensor(0.0, dtype=torch.float64)}
+    if torch.any(is_ood):
+        mixed, ood = authors_gambler(
+            logits[is_ood], target[is_ood], True, config.ood_weight, ood_ind
         )
-        denominator = blur_by_hand(valid)
-        penalties.append(
-            [
-                [max(n / d, 1.0) for n, d in zip(nr, dr, strict=True)]
-                for nr, dr in zip(numerator, denominator, strict=True)
-            ]
-        )
-    group_means, margins_in, anomaly_energies, anomaly_pal = [], [], [], []
-    squares = 0.0
-    for (logits, target), energy, penalty in zip(images, energies, penalties, strict=True):
-        pal = []
-        for r in range(2):
-            for c in range(2):
-                p, t, e, a = softmax(logits[r][c]), target[r][c], energy[r][c], penalty[r][c]
-                if t in (0, 1):
-                    pal.append(-math.log(p[t] + p[2] / a))
-                    margins_in.append(relu(e + 2.8) ** 2)
-                elif t == 2:
-                    anomaly_energies.append(e)
-                    anomaly_pal += [-math.log(max(p[k] + p[2] / a, 1e-7)) for k in (0, 1)]
-        group_means.append(sum(pal) / len(pal))
-        valid = [[t != 255 for t in row] for row in target]
-        pairs = [((0, 0), (0, 1)), ((1, 0), (1, 1)), ((0, 0), (1, 0)), ((0, 1), (1, 1))]
-        squares += sum(
-            (energy[a[0]][a[1]] - energy[b[0]][b[1]]) ** 2
-            for a, b in pairs
-            if valid[a[0]][a[1]] and valid[b[0]][b[1]]
-        )
-    expected = {
-        "pal_inlier": group_means[0] + group_means[1],
-        "pal_anomaly": 0.3 * sum(anomaly_pal) / len(anomaly_pal),
-        "energy_inlier": 0.5 * 0.5 * sum(margins_in) / len(margins_in),
-        "energy_anomaly": 0.5
-        * 0.5
-        * sum(relu(-0.3 - e) ** 2 for e in anomaly_energies)
-        / len(anomaly_energies),
-        "sparsity": 0.5 * 0.2 * math.sqrt(sum(e * e for e in anomaly_energies)),
-        "smoothness": 0.5 * 0.1 * 0.5 * squares,
-    }
-    logits = torch.cat([as_tensors(*image)[0] for image in images])
-    target = torch.cat([as_tensors(*image)[1] for image in images])
-    terms = pebal_loss(logits, target, config)
-    for name, value in expected.items():
-        assert terms[name].item() == pytest.approx(value, rel=1e-10, abs=1e-14), name
-    assert terms["total"].item() == pytest.approx(sum(expected.values()), rel=1e-10)
+        terms["pal_inlier"] = terms["pal_inlier"] + mixed
+        terms["pal_anomaly"] = ood
+    energy = authors_energy_loss(
+        logits, target, config.m_in, config.m_out, config.sparsity_weight,
+        config.smoothness_weight, ood_ind,
+    )  # fmt: skip
+    for name in ("energy_inlier", "energy_anomaly", "smoothness", "sparsity"):
+        terms[name] = config.lam * energy.get(name, torch.tensor(0.0, dtype=torch.float64))
+    terms["total"] = sum(terms.values())
+    return terms
+
+
+def reference_batch(seed, scale=3.0, shift=4.0, classes=3, size=(6, 7)):
+    """Two clean and two mixed images with void pixels, of Y = ``classes`` inlier classes."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(4, classes + 1, *size, generator=generator, dtype=torch.float64)
+    logits = logits * scale + shift
+    target = torch.randint(0, classes, (4, *size), generator=generator)
+    target[2:, 1:3, 2:5] = classes  # anomaly pixels in images 2 and 3
+    target[:, 0, :3] = 255  # void in every image
+    target[1, 4:, 4:] = 255
+    return logits, target
+
+
+REFERENCE = PebalConfig(variant="reference", m_in=-5.0, m_out=-2.0)
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [
+        reference_batch(0),  # void pixels, clean and mixed images
+        reference_batch(1, scale=0.3, shift=-1.5),  # low energy: E² < 1 everywhere
+        reference_batch(2, classes=19, size=(8, 9)),  # 19 classes, as the authors train
+    ],
+)
+def test_reference_terms_equal_the_authors_code(batch):
+    logits, target = batch
+    ours, theirs = pebal_loss(logits, target, REFERENCE), authors_terms(logits, target, REFERENCE)
+    energy = -torch.logsumexp(logits[:, :-1], dim=1)
+    for name in (*TERMS, "total"):
+        assert ours[name].item() == pytest.approx(theirs[name].item(), rel=1e-12, abs=1e-12), name
+    if float(energy.abs().max()) < 1:
+        assert float(authors_blur(energy.pow(2)).max()) < 1  # the case a floor would change
+
+
+def test_reference_gradients_equal_the_authors_code():
+    logits, target = reference_batch(3)
+    ours_input = logits.clone().requires_grad_()
+    theirs_input = logits.clone().requires_grad_()
+    pebal_loss(ours_input, target, REFERENCE)["total"].backward()
+    authors_terms(theirs_input, target, REFERENCE)["total"].backward()
+    assert theirs_input.grad.abs().max() > 1e-3
+    torch.testing.assert_close(ours_input.grad, theirs_input.grad, rtol=1e-10, atol=1e-13)
+
+
+def test_reference_guards_where_the_authors_code_gives_nan():
+    """Every image mixed: the authors' clean-image Gambler call averages an empty set (NaN); the reference
+    takes that mean as 0, and equals their code term for term otherwise."""
+    logits, target = reference_batch(4)
+    target[:2, 1:3, 2:5] = logits.shape[1] - 1  # now all four images hold anomaly pixels
+    theirs = authors_terms(logits, target, REFERENCE)
+    assert math.isnan(theirs["pal_inlier"].item()) and math.isnan(theirs["total"].item())
+    ours = pebal_loss(logits, target, REFERENCE)
+    mixed_inlier, _ = authors_gambler(logits, target, True, 0.1, logits.shape[1] - 1)
+    assert ours["pal_inlier"].item() == pytest.approx(mixed_inlier.item(), rel=1e-12)
+    for name in ("pal_anomaly", "energy_inlier", "energy_anomaly", "smoothness", "sparsity"):
+        assert ours[name].item() == pytest.approx(theirs[name].item(), rel=1e-12), name
+    assert math.isfinite(ours["total"].item())
 
 
 def test_reference_without_anomaly_uses_full_inlier_margin_and_no_sparsity():
@@ -188,7 +267,7 @@ def test_reference_penalty_is_blurred_with_reflect_padding():
     target = [[0, 1, 0, 1, 0]]
     config = PebalConfig(variant="reference", **CONFIG)
     energy = [-lse(px[:2]) for px in logits[0]]
-    penalty = [max(v, 1.0) for v in blur_by_hand([[e**2 for e in energy]])[0]]
+    penalty = blur_by_hand([[e**2 for e in energy]])[0]  # no floor in the reference
     pal = [
         -math.log(softmax(px)[t] + softmax(px)[2] / a)
         for px, t, a in zip(logits[0], target[0], penalty, strict=True)
@@ -196,15 +275,27 @@ def test_reference_penalty_is_blurred_with_reflect_padding():
     terms = pebal_loss(*as_tensors(logits, target), config)
     assert terms["pal_inlier"].item() == pytest.approx(sum(pal) / 5, rel=1e-10)
     unblurred = [
-        -math.log(softmax(px)[t] + softmax(px)[2] / max(e**2, 1.0))
+        -math.log(softmax(px)[t] + softmax(px)[2] / e**2)
         for px, t, e in zip(logits[0], target[0], energy, strict=True)
     ]
     assert abs(sum(unblurred) / 5 - sum(pal) / 5) > 1e-3  # the blur matters on this row
 
 
-@pytest.mark.parametrize("variant", ["paper", "reference"])
-def test_void_pixels_change_nothing(variant):
-    config = PebalConfig(variant=variant, **CONFIG)
+def test_void_pixels_change_nothing_in_the_paper_variant_and_count_in_the_reference():
+    logits, target = reference_batch(5)
+    other = logits.clone()
+    other[0, :, 0, 0] += torch.tensor([3.0, -2.0, 1.0, 0.5], dtype=torch.float64)  # a void pixel
+    for variant, changes in (
+        ("paper", False),
+        ("reference", True),
+    ):  # the authors blur and smooth it
+        config = PebalConfig(variant=variant, m_in=-5.0, m_out=-2.0)
+        first, second = pebal_loss(logits, target, config), pebal_loss(other, target, config)
+        assert (abs(first["total"].item() - second["total"].item()) > 1e-9) == changes, variant
+
+
+def test_void_pixels_change_nothing_on_the_hand_example():
+    config = PebalConfig(variant="paper", **CONFIG)
     logits, target = as_tensors(LOGITS, TARGET)
     other = logits.clone()
     other[0, :, 1, 1] = torch.tensor([-30.0, 40.0, 7.0], dtype=torch.float64)
@@ -246,11 +337,10 @@ def test_gradcheck_total_and_terms(variant):
     assert torch.autograd.gradcheck(all_terms, (logits,))
 
 
-@pytest.mark.parametrize("variant", ["paper", "reference"])
-def test_gradients_flow_only_from_non_void_pixels(variant):
+def test_gradients_flow_only_from_non_void_pixels_in_the_paper_variant():
     logits, target = as_tensors(LOGITS, TARGET)
     logits.requires_grad_()
-    pebal_loss(logits, target, PebalConfig(variant=variant, **CONFIG))["total"].backward()
+    pebal_loss(logits, target, PebalConfig(variant="paper", **CONFIG))["total"].backward()
     assert torch.all(logits.grad[0, :, 1, 1] == 0)
     assert torch.all(logits.grad[0, :, 0, 0].abs().sum() > 0)
 
@@ -281,7 +371,11 @@ def test_all_void_batch_gives_zero_loss_with_graph():
     logits.requires_grad_()
     for variant in ("paper", "reference"):
         terms = pebal_loss(logits, torch.full((1, 2, 2), 255), PebalConfig(variant=variant))
-        assert terms["total"].item() == 0.0
+        # the reference smooths the energy over void pixels too, as the authors' code does
+        others = {k: v for k, v in terms.items() if k not in ("smoothness", "total")}
+        assert all(v.item() == 0.0 for v in others.values())
+        assert terms["total"].item() == terms["smoothness"].item()
+        assert (terms["smoothness"].item() > 0) == (variant == "reference")
         terms["total"].backward()
 
 

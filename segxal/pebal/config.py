@@ -121,8 +121,8 @@ class PebalConfig:
     :mod:`segxal.pebal.losses` for every difference and why the paper form is the default.
     ``m_in``/``m_out``: energy margins (m_in < m_out). ``lam``: λ on the energy margin terms (the
     reference also applies it to the regulariser). ``ood_weight``: the reference's weight of the
-    abstention term on anomaly pixels (unused by the paper variant). ``penalty_min``: floor on the
-    penalty a = E²; a < 1 would reward abstaining more than predicting the true class and a → 0 makes
+    abstention term on anomaly pixels (unused by the paper variant). ``penalty_min``: the paper variant's
+    floor on the penalty a = E² (the reference, like the authors' code, has none); a < 1 would reward abstaining more than predicting the true class and a → 0 makes
     the PAL loss unbounded below (1.0, as in Deep Gamblers' reward o > 1; 0 disables it).
     ``trainable``: UNet submodules that train (``head`` = the 1x1 classifier; e.g. ``decoder.3`` too).
     ``smoothing_kernel``/``smoothing_sigma``: the Gaussian applied to energy anomaly maps.

@@ -1,13 +1,14 @@
 """PEBAL losses (Tian et al., ECCV 2022, eqs. 2-8), in the paper's form and the authors' code's form.
 
 Notation. ``logits`` (B, Y+1, H, W): inlier logits f_1..f_Y, the abstention logit f_{Y+1} last.
-``target`` (B, H, W): inlier classes 0..Y-1, the anomaly index Y, or 255 (void: left out of every term).
-E = -logsumexp(f_1..f_Y) (abstention excluded); p = softmax over all Y+1 channels; the abstention penalty
-a = max(E², penalty_min). :func:`pebal_loss` returns every term already weighted, and ``total`` = their sum.
+``target`` (B, H, W): inlier classes 0..Y-1, the anomaly index Y, or 255 (void).
+E = -logsumexp(f_1..f_Y) (abstention excluded); p = softmax over all Y+1 channels; a is the abstention
+penalty (per variant, below). :func:`pebal_loss` returns every term already weighted, and ``total`` = their sum.
 
 ``variant="paper"`` — eq. (2) with each per-pixel sum divided by N, the number of non-void pixels of the
 batch (one constant factor, so the weights keep their meaning whatever the crop and batch size):
 
+- a              = max(E², penalty_min)
 - pal_inlier     = Σ_inlier -log(p_y + p_{Y+1}/a) / N                          (eq. 3)
 - pal_anomaly    = Σ_anomaly -log(p_{Y+1} + p_{Y+1}/a) / N                     (eq. 3 with y = Y+1)
 - energy_inlier  = λ Σ_inlier max(0, E - m_in)² / N                            (eq. 6)
@@ -21,32 +22,33 @@ and the authors' code apply sparsity to anomaly pixels only, and on inlier pixel
 margin, so both variants apply it to anomaly pixels.
 
 ``variant="reference"`` — tianyu0207/PEBAL ``code/losses.py`` (Gambler, energy_loss) as combined in
-``code/engine/trainer.py`` (``loss = gambler + 0.1 * energy_loss``):
+``code/engine/trainer.py`` (``loss = gambler(clean) + gambler(mixed) + 0.1 * energy_loss``), term for term:
 
-- a is Gaussian-blurred per image (kernel 7, σ 1, reflect padding) before the floor, as a normalised
-  convolution over non-void pixels, a = blur(E²·v) / blur(v) with v = 1 on non-void pixels, so void
-  energy does not leak into its neighbours' penalty (the code blurs every pixel alike);
+- a = blur(E²): Gaussian (kernel 7, σ 1, reflect padding) per image over every pixel, void included, and
+  no floor (``penalty_min`` is the paper variant's; here a is only kept above the smallest positive
+  float, which changes nothing but an exact 0);
 - pal_inlier  = mean of -log(p_y + p_{Y+1}/a) over the inlier pixels of the images without anomaly pixels,
   plus the same mean over the inlier pixels of the images with anomaly pixels (two calls of Gambler);
 - pal_anomaly = ood_weight · mean over (anomaly pixels × inlier classes c) of -log(max(p_c + p_{Y+1}/a, 1e-7))
-  (every inlier class gets an abstention term);
+  (every inlier class gets an abstention term; one log after the clamp, as at the authors' HEAD);
 - energy_inlier, energy_anomaly = λ·½·mean_inlier max(0, E - m_in)², λ·½·mean_anomaly max(0, m_out - E)²
   when the batch has anomaly pixels, else λ·mean_inlier and 0;
 - sparsity   = λ β_sparse ||E_anomaly||₂ (an L2 norm over the batch's anomaly pixels; only with anomalies);
-- smoothness = λ β_smooth · ½ Σ_{pairs} (E_ω - E_ω')² (a sum of squares over the batch);
+- smoothness = λ β_smooth · ½ Σ_{pairs} (E_ω - E_ω')² over every adjacent pair, void included (a sum of
+  squares over the batch);
 - β defaults swap relative to the paper: smoothness 3e-6, sparsity 5e-4 (see ``PebalConfig``); λ scales
   the regulariser too.
 
-Deliberate departures from the code: void pixels are left out of the smoothness pairs (the code includes
-them); the anomaly term takes a single log (the released code applies ``.log()`` and then
-``clamp(min=1e-7).log()``, which maps every probability below 1 to the constant log(1e-7), leaving the
-term without gradient); the penalty floor ``penalty_min`` applies to both variants.
+Guards where the code has none (tested): a mean over an empty set is 0, where the code gives NaN (a
+batch whose images all hold anomaly pixels has no clean image for the first Gambler call; a mixed image
+may have no inlier pixel); a side of 3 pixels or fewer is blurred with replicate padding, where the
+code's reflect padding fails.
 
 Default: ``paper``. It is the method as published and as DESIGN.md specifies it; its terms share one
 normalisation, so β and λ mean the same thing for any crop or batch size, whereas the code's smoothness
 is a raw batch sum that grows with H·W·B and its margin weights halve whenever a batch happens to contain
-an anomaly; and the code's anomaly abstention term is inert as released. ``reference`` stays available to
-reproduce the released code's behaviour.
+an anomaly. Its own choices, kept there: void pixels take no part in any term, and the penalty has the
+floor ``penalty_min`` (default 1), so that p_{Y+1}/a cannot exceed p_{Y+1} where E² < 1.
 """
 
 from __future__ import annotations
@@ -151,7 +153,7 @@ def _reference_terms(log_p, log_class_or_abstain, pal_in, energy, penalty, inlie
     else:
         energy_inlier = config.lam * margin_in
         energy_anomaly = sparsity = energy[anomaly].sum()  # no anomaly pixel: 0, on the graph
-    squares = _neighbour_differences(energy, inlier | anomaly).pow(2).sum()
+    squares = _neighbour_differences(energy, torch.ones_like(inlier)).pow(2).sum()
     return {
         "pal_inlier": pal_inlier,
         "pal_anomaly": pal_anomaly,
@@ -176,15 +178,13 @@ def pebal_loss(
     anomaly = target == anomaly_index
     log_p = torch.log_softmax(logits, dim=1)
     energy = free_energy(logits[:, :-1])
-    penalty = energy.pow(2)
     if config.variant == "reference":
-        weight = valid.to(energy.dtype)
-        spread = gaussian_blur(weight, *REFERENCE_PENALTY_BLUR).clamp(
-            min=torch.finfo(energy.dtype).tiny
-        )
-        penalty = gaussian_blur(torch.where(valid, penalty, 0.0), *REFERENCE_PENALTY_BLUR) / spread
-    # void pixels get a = 1 so their (unused) values stay finite and pass no NaN back through the blur
-    penalty = torch.where(valid, penalty.clamp(min=config.penalty_min), torch.ones_like(penalty))
+        penalty = gaussian_blur(energy.pow(2), *REFERENCE_PENALTY_BLUR)
+        floor = torch.finfo(energy.dtype).tiny
+    else:
+        penalty, floor = energy.pow(2), config.penalty_min
+    # void pixels get a = 1 so their (unused) values stay finite and pass no NaN back
+    penalty = torch.where(valid, penalty.clamp(min=floor), torch.ones_like(penalty))
     log_class_or_abstain = _log_class_or_abstain(log_p, penalty.log())
     safe_target = torch.where(inlier, target, torch.zeros_like(target))
     pal_in = -log_class_or_abstain.gather(1, safe_target[:, None])[:, 0]  # -log(p_y + p_{Y+1}/a)
