@@ -312,3 +312,69 @@ def test_otsu_equals_a_brute_force_otsu(seed):
     ]).astype(np.float32)  # fmt: skip
     thresholds = otsu_threshold(torch.from_numpy(maps), bins=64).numpy()
     assert thresholds.tolist() == pytest.approx([exact_otsu(m.ravel(), 64) for m in maps])
+
+
+def test_score_batch_equals_maps_computed_independently():
+    """The whole pipeline against a reference written here from the definitions: scipy's entropy,
+    min-max proximity of the disparity, a fixed near threshold, the hard depth-informed image, Grad-CAM
+    by a full backward with a hook, the gate, the fusion, the top-k reduction, and scipy's connected
+    regions."""
+    from scipy import ndimage
+    from scipy.stats import entropy as scipy_entropy
+
+    torch.manual_seed(3)
+    model = Constant(num_classes=5).eval()
+    images = torch.randn(2, 3, 12, 20)
+    disparity = torch.rand(2, 12, 20) * 30
+    config = EEMConfig(threshold="fixed", fixed=0.4, reduction="topk", topk_percent=20.0,
+                       region_threshold=0.45, min_region_area=3, max_regions=50)  # fmt: skip
+    result = score_batch(model, images, config, DatasetDepth(), depth=disparity, return_maps=True)
+
+    with torch.no_grad():
+        logits = model(images).numpy().astype(np.float64)
+    probabilities = np.exp(logits - logits.max(1, keepdims=True))
+    probabilities /= probabilities.sum(1, keepdims=True)
+    entropy = scipy_entropy(probabilities, base=2, axis=1) / np.log2(5)
+    prediction = logits.argmax(1)
+    d = disparity.numpy().astype(np.float64)
+    low, high = d.min(axis=(1, 2), keepdims=True), d.max(axis=(1, 2), keepdims=True)
+    proximity = (d - low) / (high - low)
+    near = proximity >= 0.4
+    informed = (images * torch.tensor(near, dtype=torch.float32)[:, None]).requires_grad_()
+    stored = {}
+    hook = model.features.register_forward_hook(lambda m, i, o: stored.update(a=o))
+    out = model(informed)
+    hook.remove()
+    stored["a"].retain_grad()
+    picked = out.gather(1, torch.tensor(prediction)[:, None])[:, 0]
+    (picked * torch.tensor(near, dtype=torch.float32)).sum().backward()
+    activation, gradient = stored["a"].detach().numpy(), stored["a"].grad.numpy()
+    cam = np.maximum(np.einsum("bk,bkhw->bhw", gradient.mean(axis=(2, 3)), activation), 0)
+    cam = cam / cam.max(axis=(1, 2), keepdims=True)
+    gated = cam * near
+    proxgradcam = gated / gated.max(axis=(1, 2), keepdims=True)
+    eem = 0.5 * proxgradcam + 0.5 * entropy
+    k = int(np.ceil(12 * 20 * 0.2))
+    scores = np.sort(eem.reshape(2, -1), axis=1)[:, ::-1][:, :k].mean(axis=1)
+
+    maps = result.maps
+    np.testing.assert_allclose(maps.entropy.numpy(), entropy, atol=1e-6)
+    assert (maps.prediction.numpy() == prediction).all()
+    assert (maps.near.numpy() == near).all()
+    np.testing.assert_allclose(maps.proxgradcam.numpy(), proxgradcam, atol=1e-5)
+    np.testing.assert_allclose(maps.eem.numpy(), eem, atol=1e-5)
+    np.testing.assert_allclose(result.score.numpy(), scores, atol=1e-5)
+
+    for image, records in enumerate(maps.regions(config)):
+        labels, count = ndimage.label(eem[image] >= 0.45, structure=np.ones((3, 3)))
+        areas = [int((labels == i).sum()) for i in range(1, count + 1)]
+        kept = sorted(a for a in areas if a >= 3)
+        assert sorted(r["area"] for r in records) == kept and kept
+        for record in records:
+            component = labels == labels[record["prompt"]["y"], record["prompt"]["x"]]
+            assert record["area"] == int(component.sum())
+            assert record["peak_eem"] == pytest.approx(eem[image][component].max(), abs=1e-5)
+            assert record["mean_eem"] == pytest.approx(eem[image][component].mean(), abs=1e-5)
+            assert record["class_id"] == np.bincount(prediction[image][component]).argmax()
+        peaks = [r["peak_eem"] for r in records]
+        assert peaks == sorted(peaks, reverse=True)  # highest peak first
