@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pyarrow as pa
@@ -35,6 +35,9 @@ def check_fits_cluster(config: ExperimentConfig) -> None:
             f"the run needs {needed:g} CPUs at once (al.num_scorers x al.scorer_cpus + scaling.num_workers x "
             f"scaling.cpus_per_worker) but the Ray cluster has {available:g}: lower those settings"
         )
+
+
+CLASS_PIXELS = Metric.class_pixels(0).removesuffix("0")  # the keys' common prefix
 
 
 class RayCycleBackend:
@@ -100,7 +103,8 @@ class RayCycleBackend:
             if isinstance(cause, OSError) and cause.errno is not None:
                 raise cause from error  # a checkpoint could not be written: the job says which
             raise
-        metrics = {k: v for k, v in result.best_metrics.items() if k.startswith("val/")}
+        kept = ("val/", CLASS_PIXELS)
+        metrics = {k: v for k, v in result.best_metrics.items() if k.startswith(kept)}
         metrics[Metric.BEST_EPOCH] = result.best_metrics["epoch"]
         return TrainOutcome(result.best_checkpoint, metrics)
 
@@ -110,10 +114,15 @@ class RayCycleBackend:
             self.loaded = checkpoint
 
     def score(
-        self, cycle: int, checkpoint: Path, rows: Iterable[pa.Table], kind: ScoreKind | RegionSpec
+        self,
+        cycle: int,
+        checkpoint: Path,
+        rows: Iterable[pa.Table],
+        kind: ScoreKind | RegionSpec,
+        class_weights: Sequence[float] | None = None,
     ) -> Iterator[pa.Table]:
         self._load(checkpoint)
-        return self.scorers.score_batches(rows, kind)
+        return self.scorers.score_batches(rows, kind, class_weights=class_weights)
 
     def explain(
         self,

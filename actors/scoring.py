@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -45,25 +45,29 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def _embeddings(scorer: PoolScorer, images: torch.Tensor, batch: dict, kind: ScoreKind) -> list:
-    return [e.tolist() for e in scorer.model.embed(images).float().cpu().numpy()]
+def _embeddings(scorer: PoolScorer, images: torch.Tensor, batch: dict, kind: ScoreKind) -> Scored:
+    return [e.tolist() for e in scorer.model.embed(images).float().cpu().numpy()], None
 
 
 @torch.no_grad()
-def _mean_entropy(scorer: PoolScorer, images: torch.Tensor, batch: dict, kind: ScoreKind) -> list:
-    return normalized_entropy(scorer.model(images)).mean(dim=(1, 2)).cpu().tolist()
+def _mean_entropy(scorer: PoolScorer, images: torch.Tensor, batch: dict, kind: ScoreKind) -> Scored:
+    logits = scorer.model(images)
+    return normalized_entropy(logits).mean(dim=(1, 2)).cpu().tolist(), logits.argmax(1)
 
 
-def _bald_map(scorer: PoolScorer, images: torch.Tensor) -> torch.Tensor:
+def _bald_map(scorer: PoolScorer, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised BALD and the MC-averaged prediction."""
     assert scorer.model is not None
-    return normalized_bald(mc_probabilities(scorer.model, images, scorer.eem.mc_samples))
+    probabilities = mc_probabilities(scorer.model, images, scorer.eem.mc_samples)
+    return normalized_bald(probabilities), probabilities.mean(dim=0).argmax(dim=1)
 
 
-def _mean_bald(scorer: PoolScorer, images: torch.Tensor, batch: dict, kind: ScoreKind) -> list:
-    return _bald_map(scorer, images).mean(dim=(1, 2)).cpu().tolist()
+def _mean_bald(scorer: PoolScorer, images: torch.Tensor, batch: dict, kind: ScoreKind) -> Scored:
+    values, prediction = _bald_map(scorer, images)
+    return values.mean(dim=(1, 2)).cpu().tolist(), prediction
 
 
-def _eem_score(scorer: PoolScorer, images: torch.Tensor, batch: dict, kind: ScoreKind) -> list:
+def _eem_score(scorer: PoolScorer, images: torch.Tensor, batch: dict, kind: ScoreKind) -> Scored:
     depth = batch.get("depth")
     result = score_batch(
         scorer.model,
@@ -72,9 +76,10 @@ def _eem_score(scorer: PoolScorer, images: torch.Tensor, batch: dict, kind: Scor
         scorer.depth_backend,
         None if depth is None else depth.to(scorer.device),
     )
-    return result.score.tolist()
+    return result.score.tolist(), None
 
 
+Scored = tuple[list, torch.Tensor | None]  # one value per image; the predictions, where at hand
 SCORE_FUNCTIONS = {
     ScoreKind.EMBEDDING: _embeddings,
     ScoreKind.ENTROPY: _mean_entropy,
@@ -83,7 +88,8 @@ SCORE_FUNCTIONS = {
     ScoreKind.PAE: _eem_score,
     ScoreKind.EBU: _eem_score,
 }
-"""What the scorers compute for each kind: one value (a score or an embedding) per image of a batch."""
+"""What the scorers compute for each kind: one value (a score or an embedding) per image of a batch,
+and the batch's predictions where computing the value gave them."""
 
 
 def _region_values(
@@ -93,15 +99,13 @@ def _region_values(
     if spec.kind is None:  # random regions: no score, the run draws one
         shape = (images.shape[0], *images.shape[2:])
         return np.zeros(shape), np.zeros(shape, dtype=np.int64)
-    if spec.kind in (ScoreKind.ENTROPY, ScoreKind.BALD):
+    if spec.kind is ScoreKind.ENTROPY:
         with torch.no_grad():
             logits = scorer.model(images)
-        values = (
-            normalized_entropy(logits)
-            if spec.kind is ScoreKind.ENTROPY
-            else _bald_map(scorer, images)
-        )
-        return values.cpu().numpy(), logits.argmax(1).cpu().numpy()
+        return normalized_entropy(logits).cpu().numpy(), logits.argmax(1).cpu().numpy()
+    if spec.kind is ScoreKind.BALD:
+        values, prediction = _bald_map(scorer, images)
+        return values.cpu().numpy(), prediction.cpu().numpy()
     depth = batch.get("depth")
     maps = score_batch(
         scorer.model,
@@ -160,17 +164,28 @@ class PoolScorer:
         if samples:
             yield default_collate(samples)
 
-    def score(self, rows: pa.Table, kind: ScoreKind) -> pa.Table:
+    def score(
+        self, rows: pa.Table, kind: ScoreKind, class_weights: Sequence[float] | None = None
+    ) -> pa.Table:
         """One row per input row, in id order (``kind.schema``): ``sample_id`` and ``score`` (higher =
         more informative) or ``embedding``; unreadable images have a reason in ``unreadable`` and a
-        null value."""
+        null value. With ``class_weights`` (one per class, ``orchestrator.class_balance``) each score is
+        multiplied by the mean weight of the image's predicted classes."""
         if self.model is None:
             raise RuntimeError("load_model must be called before score")
         compute = SCORE_FUNCTIONS[kind]
         ids, values, unreadable = [], [], {}
         for batch in self._batches(rows, unreadable):
             ids.extend(batch["sample_id"])
-            values.extend(compute(self, batch["image"].to(self.device), batch, kind))
+            images = batch["image"].to(self.device)
+            scores, prediction = compute(self, images, batch, kind)
+            if class_weights is not None:
+                if prediction is None:
+                    with torch.no_grad():
+                        prediction = self.model(images).argmax(1)
+                weight = self._class_weight_map(prediction, class_weights).mean(dim=(1, 2))
+                scores = [v * w for v, w in zip(scores, weight.tolist(), strict=True)]
+            values.extend(scores)
         table = pa.table(
             {
                 "sample_id": ids + list(unreadable),
@@ -181,15 +196,25 @@ class PoolScorer:
         )
         return table.sort_by("sample_id")
 
+    def _class_weight_map(
+        self, prediction: torch.Tensor, class_weights: Sequence[float]
+    ) -> torch.Tensor:
+        """(B, H, W) the class weight of each pixel's predicted class."""
+        weights = torch.tensor(class_weights, dtype=torch.float32, device=prediction.device)
+        return weights[prediction.long()]
+
     def _labelled(self, rows: pa.Table, row: int, shape: tuple[int, ...]) -> np.ndarray:
         """The pixels of row ``row`` labelled so far (region mode), at the scoring resolution."""
         mask_path = rows["mask_path"][row].as_py() if "mask_path" in rows.column_names else None
         return labelled_mask(read_region_labels(mask_path, (shape[0], shape[1])))
 
-    def score_regions(self, rows: pa.Table, spec: RegionSpec) -> pa.Table:
+    def score_regions(
+        self, rows: pa.Table, spec: RegionSpec, class_weights: Sequence[float] | None = None
+    ) -> pa.Table:
         """One row per queryable region of each readable input row (``REGION_SCORE_SCHEMA``), in id
         order: EEM regions or cells over its unlabelled pixels, scored by their mean of ``spec.kind``'s
-        map (null for random); unreadable images get one row with the reason."""
+        map (null for random), times the mean class weight of their predicted pixels with
+        ``class_weights``; unreadable images get one row with the reason."""
         if self.model is None:
             raise RuntimeError("load_model must be called before score_regions")
         eem = spec.kind.eem_config(self.eem) if spec.kind is not None else self.eem
@@ -211,11 +236,18 @@ class PoolScorer:
                         eem.max_regions,
                         names,
                     )
+                weights = dict.fromkeys((r["id"] for r in records), 1.0)
+                if class_weights is not None and records:
+                    area = queried_region_map(values[i], labelled, records, eem.region_threshold)
+                    pixel_weight = np.asarray(class_weights)[predictions[i]]
+                    sums = np.bincount(area.ravel(), pixel_weight.ravel(), area.max() + 1)
+                    counts = np.bincount(area.ravel(), minlength=area.max() + 1)
+                    weights = {k: sums[k] / max(counts[k], 1) for k in weights}
                 found.extend(
                     {
                         "sample_id": sample_id,
                         "region": r["id"],
-                        "score": None if spec.kind is None else r["mean_eem"],
+                        "score": None if spec.kind is None else r["mean_eem"] * weights[r["id"]],
                         "pixels": r["area"],
                         "record": json.dumps(r),
                     }
@@ -329,16 +361,26 @@ class ScoringActor(PoolScorer):
             self.version = version
 
     def score_with(
-        self, version: int, model_box: list, rows: pa.Table, kind: ScoreKind
+        self,
+        version: int,
+        model_box: list,
+        rows: pa.Table,
+        kind: ScoreKind,
+        class_weights: Sequence[float] | None,
     ) -> pa.Table:
         self._ensure(version, model_box)
-        return self.score(rows, kind)
+        return self.score(rows, kind, class_weights)
 
     def score_regions_with(
-        self, version: int, model_box: list, rows: pa.Table, spec: RegionSpec
+        self,
+        version: int,
+        model_box: list,
+        rows: pa.Table,
+        spec: RegionSpec,
+        class_weights: Sequence[float] | None,
     ) -> pa.Table:
         self._ensure(version, model_box)
-        return self.score_regions(rows, spec)
+        return self.score_regions(rows, spec, class_weights)
 
     def explain_with(
         self,
@@ -382,15 +424,20 @@ class ScorerPool:
         self.version += 1
         self.model_box = [ray.put(checkpoint)]
 
-    def score(self, rows: pa.Table, kind: ScoreKind | RegionSpec, bar=None) -> pa.Table:
+    def score(
+        self,
+        rows: pa.Table,
+        kind: ScoreKind | RegionSpec,
+        bar=None,
+        class_weights: Sequence[float] | None = None,
+    ) -> pa.Table:
         """``rows`` scored by the actors, in their order (``kind.schema``): a score kind per image, or
-        a region spec per region."""
+        a region spec per region; ``class_weights``: see :meth:`PoolScorer.score`."""
         parts = shards(rows, len(self.actors) * self.shards_per_actor)
 
         def submit(actor, part: pa.Table):
-            if isinstance(kind, RegionSpec):
-                return actor.score_regions_with.remote(self.version, self.model_box, part, kind)
-            return actor.score_with.remote(self.version, self.model_box, part, kind)
+            call = actor.score_regions_with if isinstance(kind, RegionSpec) else actor.score_with
+            return call.remote(self.version, self.model_box, part, kind, class_weights)
 
         def done(index: int) -> None:
             if bar is not None:
@@ -400,14 +447,18 @@ class ScorerPool:
         return pa.concat_tables(results) if results else kind.schema.empty_table()
 
     def score_batches(
-        self, batches: Iterable[pa.Table], kind: ScoreKind | RegionSpec, total: int | None = None
+        self,
+        batches: Iterable[pa.Table],
+        kind: ScoreKind | RegionSpec,
+        total: int | None = None,
+        class_weights: Sequence[float] | None = None,
     ) -> Iterator[pa.Table]:
         """Each batch of ``batches`` scored in turn (a pass holds one batch and its scores at a time),
         with one bar of images scored over them all; ``total``: the images expected, for the bar."""
         what = kind.value if isinstance(kind, ScoreKind) else f"{kind.source} regions"
         with images_done_bar(self.progress, total, f"scoring ({what})") as bar:
             for rows in batches:
-                yield self.score(rows, kind, bar)
+                yield self.score(rows, kind, bar, class_weights)
 
     def explain(
         self,

@@ -108,6 +108,9 @@ class ActiveLearningConfig:
     unit: Literal["image", "region"] = "image"
     budget_unit: BudgetUnit = "clicks"
     region_cell: int = 32
+    class_balance: bool = (
+        False  # weight every score by its classes' rarity (orchestrator.class_balance)
+    )
     theta: float = 0.5  # Dice gate; 0 turns it off
     warm_start: bool = True
     pseudo_confidence: float = 0.9
@@ -134,6 +137,11 @@ class ActiveLearningConfig:
             raise ValueError("num_scorers and scorer_batch_size must be >= 1")
         if self.scorer_gpus < 0 or self.scorer_cpus <= 0:
             raise ValueError("scorer_cpus must be > 0 and scorer_gpus >= 0")
+        kind = get_strategy(self.strategy).score_kind
+        if self.class_balance and (kind is None or kind.value == "embedding"):
+            raise ValueError(
+                f"class_balance weights a score; strategy {self.strategy} ranks without one"
+            )
         if self.region_cell < 2:
             raise ValueError(f"region_cell must be >= 2 pixels, got {self.region_cell}")
         if self.unit == "region":

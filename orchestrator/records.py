@@ -116,6 +116,11 @@ class Metric:
     LABELLED_PIXEL_FRACTION = "pool/labelled_pixel_fraction"
 
     @staticmethod
+    def class_pixels(class_id: int) -> str:
+        """Labelled pixels of a class in the training set, as the last epoch counted them."""
+        return f"train/class_pixels/{class_id}"
+
+    @staticmethod
     def stage_seconds(stage: str) -> str:
         """Wall time of one stage of a cycle: score, select, explain, annotate, train."""
         return f"time/{stage}_s"

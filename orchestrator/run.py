@@ -24,7 +24,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
+from orchestrator.class_balance import class_pixels_of, class_weights
 from orchestrator.config import ActiveLearningConfig
 from orchestrator.cost import region_cost
 from orchestrator.gate import dice_gate, dice_per_image, gate_summary
@@ -101,10 +102,16 @@ class CycleBackend(Protocol):
     ) -> TrainOutcome: ...
 
     def score(
-        self, cycle: int, checkpoint: Path, rows: Iterable[pa.Table], kind: ScoreKind | RegionSpec
+        self,
+        cycle: int,
+        checkpoint: Path,
+        rows: Iterable[pa.Table],
+        kind: ScoreKind | RegionSpec,
+        class_weights: Sequence[float] | None = None,
     ) -> Iterator[pa.Table]:
         """With a :class:`RegionSpec`: one row per queryable region of each image (at least one row per
-        image: a null ``region`` where it has none), ``REGION_SCORE_SCHEMA``."""
+        image: a null ``region`` where it has none), ``REGION_SCORE_SCHEMA``. With ``class_weights``
+        (``al.class_balance``), every score times its predicted classes' mean weight."""
         ...
 
     def explain(
@@ -149,6 +156,7 @@ class Progress:
     tracking_run_id: str | None = None
     trace: list[float] = field(default_factory=list)
     stopped: str | None = None
+    class_pixels: list[float] = field(default_factory=list)  # the last training's, per class
 
     @classmethod
     def load(cls, layout: RunLayout) -> Progress:
@@ -292,6 +300,7 @@ class ActiveLearningRun:
         with naming(model_path):
             shutil.copyfile(outcome.checkpoint, model_path)
         metrics.update(outcome.metrics)
+        self.progress.class_pixels = class_pixels_of(outcome.metrics, self.label_set.num_classes)
         metrics.update(self.pool_metrics())
         metrics.update(timer.seconds)
         artifacts.append(self.state.copy_to(self.layout.snapshot(cycle)).path)
@@ -369,7 +378,7 @@ class ActiveLearningRun:
         if kind is None:
             rows: Iterator[pa.Table] = candidates()
         else:
-            scores = backend.score(cycle, checkpoint, candidates(), kind)
+            scores = backend.score(cycle, checkpoint, candidates(), kind, **self._balance())
             rows = readable(tee_parquet(self.layout.scores(cycle), kind.schema, scores))
         labelled = None
         if self.strategy.needs_labelled_embeddings:
@@ -394,6 +403,12 @@ class ActiveLearningRun:
             )
             mean_score = float(pc.mean(picked["score"]).as_py())
         return selected, mean_score
+
+    def _balance(self) -> dict[str, tuple[float, ...]]:
+        """The scoring call's class weights with ``al.class_balance`` (none without)."""
+        if not self.al.class_balance:
+            return {}
+        return {"class_weights": class_weights(self.progress.class_pixels)}
 
     def _draw_candidates(
         self, cycle: int, digest: IdsDigest
@@ -440,7 +455,7 @@ class ActiveLearningRun:
                 regions = table.filter(pc.is_valid(table["region"]))
                 yield self.strategy.rank_regions(regions, rng)
 
-        scores = backend.score(cycle, checkpoint, candidates(), spec)
+        scores = backend.score(cycle, checkpoint, candidates(), spec, **self._balance())
         unit = self.al.budget_unit
         chosen = spend_on_regions(
             ranked(tee_parquet(self.layout.scores(cycle), spec.schema, scores)),

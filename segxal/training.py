@@ -98,7 +98,8 @@ def train_one_epoch(
     device: torch.device,
     class_weights: Sequence[float] | None = None,
 ) -> dict[str, float]:
-    """One pass of :func:`segmentation_loss`; returns mean loss and images/s."""
+    """One pass of :func:`segmentation_loss`; returns mean loss, images/s and the labelled pixels of
+    each class seen (``class_pixels/<c>``: what class-balanced acquisition weighs by)."""
     model.train()
     weights = (
         None
@@ -106,10 +107,14 @@ def train_one_epoch(
         else torch.tensor(class_weights, dtype=torch.float32).to(device)
     )
     total_loss, images, start = 0.0, 0, time.perf_counter()
+    class_pixels: torch.Tensor | None = None
     for batch in loader:
         image = batch["image"].to(device, non_blocking=True)
         label = batch["label"].to(device, non_blocking=True)
-        loss = segmentation_loss(model(image), label, weights)
+        logits = model(image)
+        counts = torch.bincount(label[label != IGNORE_INDEX].flatten(), minlength=logits.shape[1])
+        class_pixels = counts if class_pixels is None else class_pixels + counts
+        loss = segmentation_loss(logits, label, weights)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"training loss is {loss.item()} at batch of {batch['sample_id'][:4]}"
@@ -120,7 +125,12 @@ def train_one_epoch(
         total_loss += loss.item() * image.shape[0]
         images += image.shape[0]
     seconds = time.perf_counter() - start
-    return {"loss": total_loss / max(images, 1), "images_per_s": images / max(seconds, 1e-9)}
+    counted = [] if class_pixels is None else class_pixels.tolist()
+    return {
+        "loss": total_loss / max(images, 1),
+        "images_per_s": images / max(seconds, 1e-9),
+        **{f"class_pixels/{c}": float(n) for c, n in enumerate(counted)},
+    }
 
 
 @torch.no_grad()
