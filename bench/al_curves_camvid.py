@@ -8,7 +8,9 @@ experiment, and jobs.compare's tables and plots (mIoU against labelled images, p
 ``--region-strategies`` adds region-level runs (al.unit region, runs ``<strategy>-region-s<seed>``) that
 spend, per cycle, as many pixels as an image-level cycle labels (al.budget images x H x W).
 
-Resumable: a finished run is skipped, an interrupted one continues with ``jobs.al --resume``. Writes
+Resumable: a finished run is skipped, an interrupted one continues with ``jobs.al --resume``. Run it
+from a checkout nobody edits meanwhile (e.g. ``git worktree add``): Ray starts its workers from the
+files as they are when they start. Writes
 ``--out`` (default bench/out/al_curves): runs/, mlflow.db, compare/ (CSV, Markdown, miou_vs_labelled.png)
 and timing.json (wall and CPU seconds of each run).
 """
@@ -97,8 +99,8 @@ def run_active_learning(
         "al.panels=2",
         *(region_settings(args) if unit == "region" else []),
     ]
-    if (run_dir / "progress.json").is_file():
-        al_job.main(["--resume", str(run_dir), *common])
+    if (run_dir / "progress.json").is_file():  # a resume keeps the run's own config
+        al_job.main(["--resume", str(run_dir), "--quiet", "--set", f"al.cycles={args.cycles}"])
     else:
         al_job.main(["--config", "jobs/configs/camvid.yaml", *common])
 
