@@ -30,6 +30,16 @@ from orchestrator.run import Progress
 from orchestrator.run_layout import RunLayout
 
 EXPERIMENT = "bench-al-camvid"
+# a run name -> the settings that make it; bald and the EEM on BALD need model.dropout (--dropout)
+VARIANTS = {
+    "eem": ["al.strategy=eem"],
+    "entropy": ["al.strategy=entropy"],
+    "random": ["al.strategy=random"],
+    "coreset": ["al.strategy=coreset"],
+    "bald": ["al.strategy=bald"],
+    "eem+bald": ["al.strategy=eem", "eem.uncertainty=bald"],
+    "entropy+cb": ["al.strategy=entropy", "al.class_balance=true"],
+}
 STRATEGIES = ("eem", "entropy", "random", "coreset")
 
 
@@ -52,6 +62,7 @@ def settings(args: argparse.Namespace, name: str, seed: int) -> list[str]:
         "data.image_size": f"[{args.size[0]}, {args.size[1]}]",
         "model.width": args.width,
         "model.depth": 4,
+        "model.dropout": args.dropout,
         "train.epochs": args.epochs,
         "train.batch_size": 8,
         # the scoring actors reserve 2 x 0.5 CPU; two DDP workers of one thread each keep both cores busy
@@ -89,8 +100,7 @@ def run_active_learning(
     common = [
         "--quiet",
         *settings(args, name, seed),
-        "--set",
-        f"al.strategy={strategy}",
+        *(arg for setting in VARIANTS[strategy] for arg in ("--set", setting)),
         "--set",
         f"al.cycles={args.cycles}",
         "--set",
@@ -130,9 +140,15 @@ def main() -> None:
     parser.add_argument("--root", type=Path, required=True, help="CamVid (SegNet release) folder")
     parser.add_argument("--out", type=Path, default=Path("bench/out/al_curves"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    parser.add_argument("--strategies", nargs="*", default=list(STRATEGIES), choices=VARIANTS)
     parser.add_argument(
-        "--region-strategies", nargs="*", default=[], choices=("eem", "entropy", "random")
+        "--region-strategies",
+        nargs="*",
+        default=[],
+        choices=[v for v in VARIANTS if v != "coreset"],
+    )
+    parser.add_argument(
+        "--dropout", type=float, default=0.0, help="model.dropout of every run (BALD needs > 0)"
     )
     parser.add_argument("--region-cell", type=int, default=12, help="cell side for entropy, random")
     parser.add_argument("--cycles", type=int, default=5)

@@ -349,7 +349,7 @@ def run_cycles_logged(
             set_tags(
                 {
                     "job": "al",
-                    "strategy": config.al.strategy,
+                    "strategy": config.acquisition,
                     "unit": config.al.unit,
                     "oracle": config.al.oracle,
                     "depth_backend": config.eem.depth.backend,

@@ -170,6 +170,15 @@ class ExperimentConfig:
     pebal: PebalConfig = field(default_factory=PebalConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
+    @property
+    def acquisition(self) -> str:
+        """The strategy with the options that change what it ranks by: ``eem+bald`` (the EEM on BALD),
+        ``+cb`` (class-balanced); what runs are tagged and compared by."""
+        label = self.al.strategy
+        if self.eem.uncertainty == "bald" and get_strategy(label).region_source == "eem":
+            label += "+bald"
+        return label + ("+cb" if self.al.class_balance else "")
+
     def __post_init__(self) -> None:
         bald = self.al.strategy == "bald" or self.eem.uncertainty == "bald"
         if bald and self.model.dropout == 0.0:

@@ -115,3 +115,13 @@ def test_the_run_weighs_by_the_last_trainings_class_counts(synthetic_root, tmp_p
     assert backend.weights == [class_weights([300.0, 100.0, *rest]), class_weights([300.0, 200.0, *rest])]  # fmt: skip
     assert backend.weights[0][0] == pytest.approx(1 / (19 * 0.75 + 1))
     assert run.progress.class_pixels == [300.0, 300.0, *rest]
+
+
+def test_runs_are_tagged_with_what_they_rank_by():
+    def label(*overrides):
+        return load_experiment(None, list(overrides)).acquisition
+
+    assert label("al.strategy=entropy") == "entropy"
+    assert label("al.strategy=entropy", "al.class_balance=true") == "entropy+cb"
+    assert label("al.strategy=eem", "eem.uncertainty=bald", "model.dropout=0.2") == "eem+bald"
+    assert label("al.strategy=bald", "model.dropout=0.2", "al.class_balance=true") == "bald+cb"
