@@ -24,10 +24,11 @@ from procfs import cpu_ticks
 
 from actors.ray_train import TrainingJob
 from actors.scoring import ScorerPool
-from orchestrator.oracles import AnnotationRequest
+from orchestrator.oracles import AnnotationRequest, DatasetGroundTruth, SimulatedOracle
 from orchestrator.pool_state import PoolState
 from orchestrator.records import UNREADABLE
-from orchestrator.run import Explained, TrainOutcome
+from orchestrator.run import ActiveLearningRun, Explained, TrainOutcome
+from orchestrator.run_layout import RunLayout
 from orchestrator.strategies import RegionSpec, ScoreKind
 from segxal.data.cityscapes import cityscapes_manifest
 from segxal.data.dataset import SampleTransform, SegmentationDataset
@@ -220,6 +221,35 @@ class FakeBackend:
                 )
             )
         return Explained(requests)
+
+
+def loop_pool(synthetic_root, folder: Path) -> tuple[PoolState, Callable[[str], np.ndarray]]:
+    """The loop tests' initial pool (4 of 12 labelled, seed 3) and its ground truth at ``SIZE``."""
+    train = cityscapes_manifest(synthetic_root, "train")
+    val = cityscapes_manifest(synthetic_root, "val")
+    state = PoolState.create(
+        folder / "initial" / "pool_state.parquet", train, 4, seed=3, validation=val
+    )
+    return state, ground_truth(train, SIZE)
+
+
+def fake_run(run_dir: Path, state, truth, cycles: int, al, *, progress=None, backend=None,
+             oracle=None, image_size=None):  # fmt: skip
+    """``al`` run for ``cycles`` on a fake backend (seed 3, the simulated oracle unless given):
+    (the run, the backend, each cycle's metrics)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    owner = ActiveLearningRun(
+        RunLayout(run_dir),
+        state,
+        al,
+        CITYSCAPES,
+        seed=3,
+        oracle=oracle or SimulatedOracle(DatasetGroundTruth(CITYSCAPES, SIZE)),
+        progress=progress,
+        image_size=image_size,
+    )
+    backend = backend or FakeBackend(truth, run_dir)
+    return owner, backend, owner.run(backend, cycles)
 
 
 def ground_truth(manifest: pa.Table, size: tuple[int, int]) -> Callable[[str], np.ndarray]:

@@ -7,16 +7,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import SIZE, FakeBackend, ground_truth, ids_with_role
+from helpers import SIZE, FakeBackend, fake_run, ids_with_role, loop_pool
 
 from orchestrator import parquet_io
 from orchestrator.config import ActiveLearningConfig
-from orchestrator.oracles import DatasetGroundTruth, SimulatedOracle
 from orchestrator.pool_state import LABELLED, QUARANTINED, UNLABELLED, PoolState
 from orchestrator.records import UNREADABLE
 from orchestrator.run import ActiveLearningRun, Explained, Progress
 from orchestrator.run_layout import RunLayout
-from segxal.data.cityscapes import cityscapes_manifest
 from segxal.data.dataset import SampleTransform, SegmentationDataset
 from segxal.data.labels import CITYSCAPES
 from segxal.metrics import mean_dice
@@ -62,28 +60,11 @@ class DamagedPoolBackend(FakeBackend):
 
 @pytest.fixture
 def pool(synthetic_root, tmp_path):
-    train = cityscapes_manifest(synthetic_root, "train")
-    val = cityscapes_manifest(synthetic_root, "val")
-    state = PoolState.create(
-        tmp_path / "initial" / "pool_state.parquet", train, 4, seed=3, validation=val
-    )
-    return state, ground_truth(train, SIZE)
+    return loop_pool(synthetic_root, tmp_path)
 
 
 def run(run_dir, state, truth, cycles, al, progress=None, backend=None):
-    run_dir.mkdir(parents=True, exist_ok=True)
-    owner = ActiveLearningRun(
-        RunLayout(run_dir),
-        state,
-        al,
-        CITYSCAPES,
-        seed=3,
-        oracle=SimulatedOracle(DatasetGroundTruth(CITYSCAPES, SIZE)),
-        progress=progress,
-    )
-    backend = backend or FakeBackend(truth, run_dir)
-    history = owner.run(backend, cycles)
-    return owner, backend, history
+    return fake_run(run_dir, state, truth, cycles, al, progress=progress, backend=backend)
 
 
 def test_cycles_select_top_n_and_gate_by_dice(pool, tmp_path):

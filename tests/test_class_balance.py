@@ -6,15 +6,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from helpers import SIZE, FakeBackend, ground_truth
+from helpers import FakeBackend, fake_run, loop_pool
 
 from actors.scoring import PoolScorer
 from orchestrator.class_balance import class_weights
 from orchestrator.config import ActiveLearningConfig, load_experiment
-from orchestrator.oracles import DatasetGroundTruth, SimulatedOracle
-from orchestrator.pool_state import PoolState
-from orchestrator.run import ActiveLearningRun, TrainOutcome
-from orchestrator.run_layout import RunLayout
+from orchestrator.run import TrainOutcome
 from orchestrator.strategies import RegionSpec, ScoreKind
 from segxal.data.cityscapes import cityscapes_manifest
 from segxal.data.dataset import SampleTransform, SegmentationDataset
@@ -98,18 +95,10 @@ class CountingBackend(FakeBackend):
 
 
 def test_the_run_weighs_by_the_last_trainings_class_counts(synthetic_root, tmp_path):
-    train = cityscapes_manifest(synthetic_root, "train")
-    state = PoolState.create(
-        tmp_path / "initial.parquet", train, 4, seed=3,
-        validation=cityscapes_manifest(synthetic_root, "val"),
-    )  # fmt: skip
+    state, truth = loop_pool(synthetic_root, tmp_path)
     al = ActiveLearningConfig(strategy="entropy", budget=2, theta=0.0, class_balance=True)
-    run = ActiveLearningRun(
-        RunLayout(tmp_path), state, al, CITYSCAPES, 3,
-        SimulatedOracle(DatasetGroundTruth(CITYSCAPES, SIZE)),
-    )  # fmt: skip
-    backend = CountingBackend(ground_truth(train, SIZE), tmp_path)
-    run.run(backend, 2)
+    backend = CountingBackend(truth, tmp_path)
+    run, _, _ = fake_run(tmp_path / "run", state, truth, 2, al, backend=backend)
     rest = [0.0] * (CITYSCAPES.num_classes - 2)
     # cycle 1 scores with cycle 0's training counts, cycle 2 with cycle 1's
     assert backend.weights == [class_weights([300.0, 100.0, *rest]), class_weights([300.0, 200.0, *rest])]  # fmt: skip

@@ -9,26 +9,24 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import SIZE, FakeBackend, ground_truth
+from helpers import SIZE, fake_run, loop_pool
 from PIL import Image
 from sklearn.metrics import f1_score
 
 from orchestrator.config import ActiveLearningConfig, ExperimentConfig, load_experiment
 from orchestrator.oracles import (
     AnnotationRequest,
-    DatasetGroundTruth,
     LabelStudioOracle,
     PseudoLabelOracle,
     SimulatedOracle,
 )
 from orchestrator.pool_state import LABELLED, UNLABELLED, PoolState
 from orchestrator.records import REGION_SCORE_SCHEMA
-from orchestrator.run import ActiveLearningRun, Progress
+from orchestrator.run import Progress
 from orchestrator.run_layout import RunLayout
 from orchestrator.selection import spend_on_regions
 from orchestrator.typed_config import ConfigError
-from segxal.data.cityscapes import cityscapes_manifest
-from segxal.data.labels import CITYSCAPES, IGNORE_INDEX
+from segxal.data.labels import IGNORE_INDEX
 from segxal.data.region_labels import LABELLED_VOID
 from segxal.data.region_labels import UNLABELLED as NOT_LABELLED
 from segxal.eem.regions import cell_regions, extract_regions, queried_region_map
@@ -189,28 +187,11 @@ def test_a_blank_queried_region_in_label_studio_is_an_error_naming_it():
 # -- the loop ------------------------------------------------------------------------------------
 @pytest.fixture
 def pool(synthetic_root, tmp_path):
-    train = cityscapes_manifest(synthetic_root, "train")
-    val = cityscapes_manifest(synthetic_root, "val")
-    state = PoolState.create(
-        tmp_path / "initial" / "pool_state.parquet", train, 4, seed=3, validation=val
-    )
-    return state, ground_truth(train, SIZE)
+    return loop_pool(synthetic_root, tmp_path)
 
 
 def region_run(run_dir, state, truth, cycles, al, progress=None, oracle=None):
-    run_dir.mkdir(parents=True, exist_ok=True)
-    owner = ActiveLearningRun(
-        RunLayout(run_dir),
-        state,
-        al,
-        CITYSCAPES,
-        seed=3,
-        oracle=oracle or SimulatedOracle(DatasetGroundTruth(CITYSCAPES, SIZE)),
-        progress=progress,
-        image_size=SIZE,
-    )
-    backend = FakeBackend(truth, run_dir)
-    return owner, backend, owner.run(backend, cycles)
+    return fake_run(run_dir, state, truth, cycles, al, progress=progress, oracle=oracle, image_size=SIZE)  # fmt: skip
 
 
 def cycle_file(run_dir, cycle, name):

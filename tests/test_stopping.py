@@ -4,16 +4,13 @@ stopped on resume."""
 import math
 
 import pytest
-from helpers import SIZE, FakeBackend, ground_truth
+from helpers import fake_run, loop_pool
 
 from orchestrator.config import ActiveLearningConfig
-from orchestrator.oracles import DatasetGroundTruth, SimulatedOracle
 from orchestrator.pool_state import PoolState
-from orchestrator.run import ActiveLearningRun, Progress
+from orchestrator.run import Progress
 from orchestrator.run_layout import RunLayout
 from orchestrator.stopping import StopConfig, stop_reason
-from segxal.data.cityscapes import cityscapes_manifest
-from segxal.data.labels import CITYSCAPES
 
 
 @pytest.mark.parametrize(
@@ -65,23 +62,12 @@ def test_bad_rules(kwargs, message):
 
 @pytest.fixture
 def pool(synthetic_root, tmp_path):
-    train = cityscapes_manifest(synthetic_root, "train")
-    val = cityscapes_manifest(synthetic_root, "val")
-    state = PoolState.create(tmp_path / "initial.parquet", train, 4, seed=3, validation=val)
-    return state, ground_truth(train, SIZE)
+    return loop_pool(synthetic_root, tmp_path)
 
 
 def run(run_dir, state, truth, cycles, al, progress=None):
-    owner = ActiveLearningRun(
-        RunLayout(run_dir),
-        state,
-        al,
-        CITYSCAPES,
-        seed=3,
-        oracle=SimulatedOracle(DatasetGroundTruth(CITYSCAPES, SIZE)),
-        progress=progress,
-    )
-    return owner, owner.run(FakeBackend(truth, run_dir), cycles)
+    owner, _, history = fake_run(run_dir, state, truth, cycles, al, progress=progress)
+    return owner, history
 
 
 def test_a_run_stops_at_its_cost_and_stays_stopped_on_resume(pool, tmp_path):
