@@ -21,6 +21,7 @@ import argparse
 import json
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from jobs import al as al_job
@@ -91,12 +92,12 @@ def region_settings(args: argparse.Namespace) -> list[str]:
 
 def run_active_learning(
     args: argparse.Namespace, strategy: str, seed: int, unit: str = "image"
-) -> None:
+) -> bool:
     name = f"{strategy}-s{seed}" if unit == "image" else f"{strategy}-{unit}-s{seed}"
     run_dir = (args.out / "runs" / name).absolute()
     if Progress.load(RunLayout(run_dir)).completed_cycle == args.cycles:
         print(f"{name}: done already")
-        return
+        return False
     common = [
         "--quiet",
         *settings(args, name, seed),
@@ -113,19 +114,22 @@ def run_active_learning(
         al_job.main(["--resume", str(run_dir), "--quiet", "--set", f"al.cycles={args.cycles}"])
     else:
         al_job.main(["--config", "jobs/configs/camvid.yaml", *common])
+    return True
 
 
-def run_full_supervision(args: argparse.Namespace, seed: int) -> None:
+def run_full_supervision(args: argparse.Namespace, seed: int) -> bool:
     name = f"full-s{seed}"
     if (args.out / "runs" / name / "metrics.json").is_file():
         print(f"{name}: done already")
-        return
+        return False
     train_job.main(["--config", "jobs/configs/camvid.yaml", *settings(args, name, seed), "--quiet"])
+    return True
 
 
-def timed(timing: dict, path: Path, name: str, work) -> None:
+def timed(timing: dict, path: Path, name: str, work: Callable[[], bool]) -> None:
     wall, cpu = time.perf_counter(), cpu_seconds()
-    work()
+    if not work():  # done already: its timing stays as it was recorded
+        return
     timing[name] = {
         "wall_s": round(time.perf_counter() - wall, 1),
         "driver_cpu_s": round(cpu_seconds() - cpu, 1),
