@@ -32,10 +32,12 @@ from torch.utils.data import DataLoader, Dataset
 from actors.ray_train import (
     CHECKPOINT_FILE,
     epochs_with_progress,
+    quiet_worker_reports,
     report_with_checkpoint,
     restored_state,
     root_cause,
     torch_trainer,
+    verbose,
 )
 from orchestrator.config import ExperimentConfig, ScalingConfig
 from orchestrator.datasets import datasets_for, label_set_for, manifest_for
@@ -145,6 +147,7 @@ def validation_metrics(model: nn.Module, job: PebalJob, device: torch.device) ->
 
 
 def pebal_loop_per_worker(loop_config: dict) -> None:
+    quiet_worker_reports(loop_config)
     job: PebalJob = loop_config["job"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -241,7 +244,7 @@ def finetune_on_ray(
     """
     from ray.train import Result, TrainingFailedError
 
-    loop_config = {"job": job, "progress": progress}
+    loop_config = {"job": job, "progress": progress, "verbose": verbose()}
     trainer = torch_trainer(
         pebal_loop_per_worker, loop_config, scaling, storage_path, name, OBJECTIVE, callbacks
     )

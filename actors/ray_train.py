@@ -8,6 +8,7 @@ from the latest one.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -107,7 +108,18 @@ def epochs_with_progress(first: int, total: int, desc: str, enabled: bool) -> It
         bar.close()
 
 
+def quiet_worker_reports(loop_config: dict) -> None:
+    """In a Ray Train worker: its per-report INFO line (the whole TrainingReport) only with --verbose.
+    Ray logs it under the module's file name, a logger ``LoggingConfig`` does not reach."""
+    if loop_config.get("verbose"):
+        return
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
+    quiet_worker_reports(loop_config)
     job: TrainingJob = loop_config["job"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -174,6 +186,13 @@ def root_cause(error: BaseException) -> BaseException:
     return cause if isinstance(cause, BaseException) else error
 
 
+VERBOSE = "SEGXAL_VERBOSE"  # set by the jobs' --verbose; read where Ray Train is configured
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE) == "1"
+
+
 def torch_trainer(
     loop,
     loop_config: dict,
@@ -185,7 +204,7 @@ def torch_trainer(
 ):
     """A ``TorchTrainer`` for ``loop`` with the project's scaling, keeping the two best checkpoints by
     ``score_attribute`` (max) and the latest; workers that fail restart from it (``max_failures``)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     return TorchTrainer(
@@ -209,6 +228,8 @@ def torch_trainer(
                 checkpoint_score_order="max",
             ),
             failure_config=FailureConfig(max_failures=scaling.max_failures),
+            # Ray Train's per-epoch report and checkpoint lines only with --verbose
+            logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
         ),
     )
 
@@ -221,7 +242,7 @@ def train_on_ray(
     progress: bool = False,
 ) -> TrainingResult:
     """Run ``job`` on the connected Ray cluster; checkpoints persist under ``storage_path/name``."""
-    loop_config = {"job": job, "progress": progress}
+    loop_config = {"job": job, "progress": progress, "verbose": verbose()}
     result = torch_trainer(
         train_loop_per_worker, loop_config, scaling, storage_path, name, "val/miou"
     ).fit()

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from actors.ray_train import VERBOSE
 from orchestrator.config import ExperimentConfig, load_experiment
 from orchestrator.tracking import TrackingError, check_tracking_reachable
 from orchestrator.typed_config import ConfigError
@@ -34,6 +35,9 @@ def parse_job_args(
         help="override a config key, e.g. --set train.epochs=3 (repeatable)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
+    parser.add_argument(
+        "--verbose", action="store_true", help="also Ray Train's per-epoch reports and checkpoints"
+    )
     if add_arguments is not None:
         add_arguments(parser)
     args = parser.parse_args(argv)
@@ -42,6 +46,8 @@ def parse_job_args(
     except ConfigError as error:
         parser.exit(2, f"config error: {error}\n")
     setup_logging(logging.WARNING if args.quiet else logging.INFO)
+    if args.verbose:
+        os.environ[VERBOSE] = "1"  # Ray Train's workers and controller read it (actors.ray_train)
     return args, config
 
 

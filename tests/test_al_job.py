@@ -1,6 +1,7 @@
 """jobs.al end to end on a real local Ray: 2 scoring actors, Ray Train with 1 worker, SQLite MLflow."""
 
 import shutil
+import time
 from pathlib import Path
 
 import mlflow
@@ -125,3 +126,18 @@ def test_a_corrupt_unlabelled_image_is_quarantined_and_the_run_goes_on(
     assert run.info.status == "FINISHED"
     logged = mlflow.MlflowClient(uri).get_metric_history(run.info.run_id, "pool/quarantined")
     assert [(m.step, m.value) for m in logged] == [(0, 0.0), (1, 1.0)]
+
+
+def test_the_default_output_has_no_ray_train_reports_and_verbose_does(
+    local_ray, synthetic_root, tmp_path, capfd, monkeypatch
+):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    al_job.main(tiny(synthetic_root, tmp_path / "runs", uri, "quiet", 0))
+    time.sleep(2)  # worker logs reach the driver asynchronously
+    quiet = capfd.readouterr()
+    assert "TrainingReport(" not in quiet.out + quiet.err
+    monkeypatch.delenv("SEGXAL_VERBOSE", raising=False)
+    al_job.main(tiny(synthetic_root, tmp_path / "runs", uri, "loud", 0) + ["--verbose"])
+    time.sleep(2)
+    loud = capfd.readouterr()
+    assert "TrainingReport(" in loud.out + loud.err
