@@ -67,7 +67,11 @@ def check_tracking_or_exit(tracking_uri: str) -> None:
 def print_results_hint(tracking_uri: str, run_dir=None) -> None:
     """How to look at what a job logged."""
     where = f"run folder: {run_dir}\n" if run_dir is not None else ""
-    print(f"{where}open the results: mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1")
+    mlflow = Path(sys.executable).with_name("mlflow")
+    print(
+        f"{where}open the results: {mlflow} ui --backend-store-uri {tracking_uri} "
+        "--host 127.0.0.1 --port 5000 --workers 1  (then http://127.0.0.1:5000)"
+    )
 
 
 def setup_logging(level: int) -> None:

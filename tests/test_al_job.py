@@ -1,5 +1,6 @@
 """jobs.al end to end on a real local Ray: 2 scoring actors, Ray Train with 1 worker, SQLite MLflow."""
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 from helpers import THETA, comparable_pool_state, ids_with_role, tiny
 
 from jobs import al as al_job
+from jobs import explain as explain_job
 from orchestrator.pool_state import LABELLED, QUARANTINED, UNLABELLED, PoolState
 from orchestrator.run_layout import RunLayout
 from segxal.data.cityscapes import cityscapes_manifest
@@ -141,3 +143,19 @@ def test_the_default_output_has_no_ray_train_reports_and_verbose_does(
     time.sleep(2)
     loud = capfd.readouterr()
     assert "TrainingReport(" in loud.out + loud.err
+
+
+def test_jobs_explain_takes_a_runs_config_and_last_model(straight_run):
+    run_dir, _, _ = straight_run
+    records = explain_job.main(["--run", str(run_dir), "--images", "2", "--quiet"])
+    summary = json.loads((run_dir / "explain" / "regions.json").read_text())
+    assert len(records) == 2 and summary["checkpoint"] == str(
+        run_dir / "cycles" / "cycle_02" / "model.pt"
+    )
+    assert all((run_dir / "explain" / r["panel"]).is_file() for r in records)
+    with pytest.raises(SystemExit, match="drop --config"):
+        explain_job.main(
+            ["--run", str(run_dir), "--images", "1", "--config", "jobs/configs/demo.yaml"]
+        )
+    with pytest.raises(SystemExit, match="not a jobs.al run folder"):
+        explain_job.main(["--run", str(run_dir / "cycles"), "--images", "1"])
