@@ -26,9 +26,10 @@ def bootstrap_interval(
     resamples: int = RESAMPLES,
     seed: int = 0,
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``differences`` (one per seed)."""
+    """Percentile bootstrap interval of the mean of ``differences`` (one per seed); NaN with fewer than
+    two seeds, where resampling says nothing about the spread."""
     values = np.asarray(differences, dtype=np.float64)
-    if values.size == 0:
+    if values.size < 2:
         return (np.nan, np.nan)
     rng = np.random.default_rng(seed)
     means = values[rng.integers(0, values.size, size=(resamples, values.size))].mean(axis=1)
@@ -38,11 +39,12 @@ def bootstrap_interval(
 
 
 def paired_differences(curves: pd.DataFrame, baseline: str = BASELINE) -> pd.DataFrame:
-    """One row per (strategy, unit, oracle, depth backend, cycle) other than the baseline: the seeds
-    paired with a baseline run, the mean costs of both, the mean mIoU difference and its interval."""
+    """One row per (strategy, unit, oracle, depth backend, cycle) other than the baseline, from cycle 1
+    (cycle 0 trains on the shared initial pool): the seeds paired with a baseline run, the mean costs of
+    both, the mean mIoU difference and its interval."""
     rows = []
     base = curves[curves["strategy"] == baseline]
-    others = curves[curves["strategy"] != baseline]
+    others = curves[(curves["strategy"] != baseline) & (curves["cycle"] > 0)]
     columns = ["strategy", *PAIR_KEYS, "depth_backend", "cycle"]
     for key, group in others.groupby(columns, sort=True):
         strategy, unit, oracle, depth, cycle = key
@@ -74,6 +76,8 @@ def paired_differences(curves: pd.DataFrame, baseline: str = BASELINE) -> pd.Dat
 
 
 def verdict(row) -> str:
+    if row["seeds"] < 2:
+        return "one seed: no interval"
     if row["ci_low"] > 0:
         return "better"
     if row["ci_high"] < 0:
@@ -96,7 +100,9 @@ def differences_markdown(differences: pd.DataFrame, baseline: str = BASELINE) ->
             str(row["seeds"]),
             f"{100 * row['labelled_pixel_fraction']:.2f}",
             f"{100 * row['difference']:+.2f}",
-            f"[{100 * row['ci_low']:+.2f}, {100 * row['ci_high']:+.2f}]",
+            "-"
+            if np.isnan(row["ci_low"])
+            else f"[{100 * row['ci_low']:+.2f}, {100 * row['ci_high']:+.2f}]",
             verdict(row),
         ]
         for _, row in differences.iterrows()

@@ -307,6 +307,7 @@ def test_a_bootstrap_interval_by_hand():
     from orchestrator.paired import bootstrap_interval
 
     assert bootstrap_interval(np.array([0.1, 0.1, 0.1])) == pytest.approx((0.1, 0.1))
+    assert all(np.isnan(bootstrap_interval(np.array([0.3]))))  # one seed: no interval
     rng = np.random.default_rng(3)
     values = rng.normal(0.02, 0.01, size=8)
     low, high = bootstrap_interval(values)
