@@ -143,3 +143,29 @@ def test_a_region_cycle_through_label_studio_export_and_import(
     assert history[0]["oracle/clicks"] == 6
     state = PoolState.load(run_dir / "pool_state.parquet")
     assert {state.record(r["sample_id"])["oracle"] for r in rows} == {"labelstudio"}
+
+
+def test_bald_class_balance_and_a_stopping_rule_through_jobs_al_on_ray(
+    local_ray, synthetic_root, tmp_path
+):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = tiny(synthetic_root, tmp_path / "runs", uri, "bald", 3)
+    for setting in (
+        "al.strategy=bald", "model.dropout=0.2", "eem.mc_samples=3", "al.class_balance=true",
+        "al.theta=0.0", "al.stop.max_cost=0.000001",
+    ):  # fmt: skip
+        args += ["--set", setting]
+    history = al_job.main(args)
+    run_dir = tmp_path / "runs" / "bald"
+    scores = pq.read_table(RunLayout(run_dir).scores(1)).to_pylist()
+    assert scores and all(s["score"] > 0 for s in scores)  # MC dropout disagrees somewhere
+    costs = [h["oracle/total_cost"] for h in history]
+    assert costs[-1] > 0 and len(history) < 4  # stopped at the cycle that spent its cost
+    mlflow.set_tracking_uri(uri)
+    (run,) = mlflow.search_runs(experiment_names=["al-test"], output_format="list")
+    assert run.data.tags["strategy"] == "bald+cb"
+    assert run.data.tags["stop/reason"].startswith("cost: ")
+    class_pixels = mlflow.MlflowClient(uri).get_metric_history(
+        run.info.run_id, "train/class_pixels/0"
+    )
+    assert class_pixels and class_pixels[0].value > 0
