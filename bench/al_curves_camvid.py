@@ -75,12 +75,11 @@ def settings(args: argparse.Namespace, name: str, seed: int) -> list[str]:
     return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
 
 
-IMAGES_PER_CYCLE = 0.06  # camvid.yaml's al.budget
-TRAIN_IMAGES = 367
+TRAIN_IMAGES = 367  # CamVid's training split
 
 
 def region_settings(args: argparse.Namespace) -> list[str]:
-    pixels = round(IMAGES_PER_CYCLE * TRAIN_IMAGES) * args.size[0] * args.size[1]
+    pixels = round(args.budget * TRAIN_IMAGES) * args.size[0] * args.size[1]
     values = {
         "al.unit": "region",
         "al.budget_unit": "pixels",
@@ -107,6 +106,10 @@ def run_active_learning(
         "--set",
         f"al.theta={args.theta}",
         "--set",
+        f"al.initial_labelled={args.initial_labelled}",
+        "--set",
+        f"al.budget={args.budget}",
+        "--set",
         "al.panels=2",
         *(region_settings(args) if unit == "region" else []),
     ]
@@ -122,7 +125,10 @@ def run_full_supervision(args: argparse.Namespace, seed: int) -> bool:
     if (args.out / "runs" / name / "metrics.json").is_file():
         print(f"{name}: done already")
         return False
-    train_job.main(["--config", "jobs/configs/camvid.yaml", *settings(args, name, seed), "--quiet"])
+    epochs = ["--set", f"train.epochs={args.full_epochs or args.epochs}"]
+    train_job.main(
+        ["--config", "jobs/configs/camvid.yaml", *settings(args, name, seed), *epochs, "--quiet"]
+    )
     return True
 
 
@@ -156,6 +162,13 @@ def main() -> None:
     )
     parser.add_argument("--region-cell", type=int, default=12, help="cell side for entropy, random")
     parser.add_argument("--cycles", type=int, default=5)
+    parser.add_argument("--initial-labelled", type=float, default=0.1, help="al.initial_labelled")
+    parser.add_argument(
+        "--budget", type=float, default=0.06, help="al.budget: images per cycle, a fraction"
+    )
+    parser.add_argument(
+        "--full-epochs", type=int, help="epochs of full supervision (default: --epochs)"
+    )
     parser.add_argument(
         "--epochs", type=int, default=8, help="epochs per cycle (warm start from the last model)"
     )
