@@ -42,7 +42,7 @@ def run(synthetic_root, tmp_path, *overrides):
         ("al.budget=100", "al.budget 100 is larger than the pool (12 samples)"),
         ("al.budget=11", "al.budget: 11 images per cycle but the unlabelled pool has 10"),
         ("al.theta=1.5", "al: theta must be in [0, 1]"),
-        ("al.strategy=bald", "al: unknown strategy 'bald'; valid strategies: coreset, eem"),
+        ("al.strategy=bold", "al: unknown strategy 'bold'; valid strategies: bald, coreset, eem"),
         ("al.oracle=crowd", "al.oracle: 'crowd' is not one of"),
         ("eem.depth.backend=zoe", "eem.depth.backend: 'zoe' is not one of"),
         ("al.initial_labelled=50", "initial_labelled"),

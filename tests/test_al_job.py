@@ -8,7 +8,7 @@ from pathlib import Path
 import mlflow
 import pyarrow.parquet as pq
 import pytest
-from helpers import THETA, comparable_pool_state, ids_with_role, tiny
+from helpers import SERVICE_WAIT_S, THETA, comparable_pool_state, ids_with_role, tiny
 
 from jobs import al as al_job
 from jobs import explain as explain_job
@@ -135,14 +135,18 @@ def test_the_default_output_has_no_ray_train_reports_and_verbose_does(
 ):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     al_job.main(tiny(synthetic_root, tmp_path / "runs", uri, "quiet", 0))
-    time.sleep(2)  # worker logs reach the driver asynchronously
+    time.sleep(5)  # worker logs reach the driver asynchronously: give late lines time to come
     quiet = capfd.readouterr()
     assert "TrainingReport(" not in quiet.out + quiet.err
     monkeypatch.delenv("SEGXAL_VERBOSE", raising=False)
     al_job.main(tiny(synthetic_root, tmp_path / "runs", uri, "loud", 0) + ["--verbose"])
-    time.sleep(2)
-    loud = capfd.readouterr()
-    assert "TrainingReport(" in loud.out + loud.err
+    loud = ""
+    deadline = time.monotonic() + SERVICE_WAIT_S  # worker logs reach the driver asynchronously
+    while "TrainingReport(" not in loud and time.monotonic() < deadline:
+        time.sleep(0.5)
+        captured = capfd.readouterr()
+        loud += captured.out + captured.err
+    assert "TrainingReport(" in loud
 
 
 def test_jobs_explain_takes_a_runs_config_and_last_model(straight_run):

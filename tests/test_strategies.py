@@ -225,13 +225,16 @@ def test_budget_count_errors(budget, size, error, match):
 
 
 def test_registry_declares_what_each_strategy_needs():
-    assert set(STRATEGIES) == {"eem", "eem_no_ebu", "eem_no_pae", "random", "entropy", "coreset"}
+    assert set(STRATEGIES) == {
+        "eem", "eem_no_ebu", "eem_no_pae", "random", "entropy", "bald", "coreset"
+    }  # fmt: skip
     kinds = {name: strategy.score_kind for name, strategy in STRATEGIES.items()}
     assert kinds == {
         "eem": ScoreKind.EEM,
         "eem_no_ebu": ScoreKind.PAE,
         "eem_no_pae": ScoreKind.EBU,
         "entropy": ScoreKind.ENTROPY,
+        "bald": ScoreKind.BALD,
         "coreset": ScoreKind.EMBEDDING,
         "random": None,
     }
@@ -240,6 +243,12 @@ def test_registry_declares_what_each_strategy_needs():
     explained = {name: strategy.explain_kind for name, strategy in STRATEGIES.items()}
     assert explained["eem_no_ebu"] is ScoreKind.PAE and explained["eem_no_pae"] is ScoreKind.EBU
     assert explained["random"] is explained["coreset"] is explained["entropy"] is ScoreKind.EEM
+    assert explained["bald"] is ScoreKind.EEM
+    regions = {name: s.region_source for name, s in STRATEGIES.items() if s.has_region_mode}
+    assert regions == {
+        "eem": "eem", "eem_no_ebu": "eem", "eem_no_pae": "eem",
+        "entropy": "cells", "bald": "cells", "random": "cells",
+    }  # fmt: skip
 
 
 def test_score_kinds_set_the_eem_weights_of_the_ablations():
@@ -254,7 +263,7 @@ def test_score_kinds_set_the_eem_weights_of_the_ablations():
 def test_unknown_strategy_lists_the_valid_names():
     with pytest.raises(
         ValueError,
-        match="unknown strategy 'eemm'; valid strategies: coreset, eem, eem_no_ebu, eem_no_pae, entropy, random",
+        match="unknown strategy 'eemm'; valid strategies: bald, coreset, eem, eem_no_ebu, eem_no_pae, entropy, random",
     ):
         get_strategy("eemm")
 
