@@ -101,7 +101,7 @@ def labelstudio_oracle(
         if export_file is None
         else import_cycle(run_dir, cycle, export_file, images, label_set)
     )
-    handoff = LabelStudioHandoff(run_dir, images, label_set, config.eem.max_regions, imported)
+    handoff = LabelStudioHandoff(run_dir, images, label_set, imported)
     return LabelStudioOracle({} if imported is None else imported.labels), handoff
 
 

@@ -215,6 +215,16 @@ def test_panel_is_written(tmp_path):
     with Image.open(path) as png:
         assert png.format == "PNG" and png.size[0] >= 600
         assert np.asarray(png.convert("L")).std() > 5  # not a blank canvas
+        with_prompts = np.asarray(png.convert("RGB")).astype(int)
+    bare = save_panel(tmp_path / "p" / "bare.png", images[0], maps.prediction[0], maps.entropy[0],
+                      maps.proximity[0], maps.proxgradcam[0], maps.eem[0], [], CITYSCAPES, "sample")  # fmt: skip
+    with Image.open(bare) as png:
+        without = np.asarray(png.convert("RGB")).astype(int)
+
+    def magenta(rgb):  # the prompts' colour, the one Label Studio's keypoints have
+        return int(((rgb[..., 0] > 230) & (rgb[..., 1] < 25) & (rgb[..., 2] > 230)).sum())
+
+    assert magenta(with_prompts) > magenta(without) + 10
 
 
 def test_region_map_matches_region_records():

@@ -295,7 +295,7 @@ def exported(synthetic_root, tmp_path):
     images = ImageReferences.from_config(synthetic_root, LabelStudioConfig())
     backend = PromptingBackend(truth, tmp_path)
     state = PoolState.create(tmp_path / "initial.parquet", train, 4, seed=3, validation=val)
-    handoff = LabelStudioHandoff(tmp_path, images, CITYSCAPES, 10)
+    handoff = LabelStudioHandoff(tmp_path, images, CITYSCAPES)
     owner = ActiveLearningRun(
         RunLayout(tmp_path), state, AL, CITYSCAPES, 3, LabelStudioOracle({}), handoff
     )
@@ -313,7 +313,7 @@ def continue_run(run_dir, images, backend, export_file, cycles=2):
     progress = Progress.load(layout)
     imported = import_cycle(run_dir, progress.completed_cycle + 1, export_file, images, CITYSCAPES)
     state = PoolState.load(layout.snapshot(progress.completed_cycle))
-    handoff = LabelStudioHandoff(run_dir, images, CITYSCAPES, 10, imported)
+    handoff = LabelStudioHandoff(run_dir, images, CITYSCAPES, imported)
     owner = ActiveLearningRun(
         layout, state, AL, CITYSCAPES, 3, LabelStudioOracle(imported.labels), handoff, progress
     )
@@ -350,7 +350,12 @@ def test_export_writes_tasks_config_and_instructions(exported):
     folder = export_dir(run_dir, 1)
     tasks = read_tasks(run_dir)
     assert len(tasks) == 3
-    ET.fromstring((folder / "labelling_config.xml").read_text())
+    view = ET.fromstring((folder / "labelling_config.xml").read_text())
+    prompts = [label.get("value") for label in view.find("KeyPointLabels")]
+    assert prompts == [
+        "EEM 1",
+        "EEM 2",
+    ]  # as many as the tasks have (two each), not eem.max_regions
     for task in tasks:
         sample_id = task["data"]["sample_id"]
         image = images.resolve(task["data"]["image"])

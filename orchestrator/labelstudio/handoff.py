@@ -55,7 +55,6 @@ def write_export(
     query: Query,
     images: ImageReferences,
     label_set: LabelSet,
-    max_prompts: int,
 ) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     model_version = f"segxal-{cycle_name(cycle - 1)}"  # the model trained in the previous cycle
@@ -65,10 +64,10 @@ def write_export(
         reference = images.reference(request.image_path)
         tasks.append(task(number, request, reference, size, label_set, model_version))
         exported.append(ExportedTask(request.sample_id, request.image_path, reference, *size))
-    max_prompts = max([max_prompts, *(len(r.regions) for r in query.requests)])
+    prompts = max([1, *(len(r.regions) for r in query.requests)])  # EEM 1 .. the most any task has
     (folder / TASKS).write_text(json.dumps(tasks))
     regions = any(r.queried_regions_only for r in query.requests)
-    (folder / CONFIG).write_text(labelling_config(label_set, max_prompts, regions))
+    (folder / CONFIG).write_text(labelling_config(label_set, prompts, regions))
     np.savez_compressed(
         folder / REQUESTS,
         **{
@@ -178,13 +177,11 @@ class LabelStudioHandoff:
         run_dir: str | Path,
         images: ImageReferences,
         label_set: LabelSet,
-        max_prompts: int,
         imported: ImportedCycle | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.images = images
         self.label_set = label_set
-        self.max_prompts = max_prompts
         self.imported = imported
         self.handed_over: int | None = None  # the cycle exported by this run, if any
 
@@ -195,7 +192,6 @@ class LabelStudioHandoff:
             query,
             self.images,
             self.label_set,
-            self.max_prompts,
         )
         self.handed_over = cycle
 

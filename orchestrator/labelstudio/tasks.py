@@ -21,11 +21,11 @@ from orchestrator.labelstudio.rle import mask_to_rle
 from orchestrator.oracles import AnnotationRequest
 from segxal.data.labels import LabelSet
 from segxal.data.transforms import resize_nearest
+from segxal.eem.panels import PROMPT_COLOUR
 
 # tag names in the labelling config; every result's from_name / to_name is one of them
 IMAGE, BRUSH, POLYGON, PROMPT, QUERY, NOTE = "image", "label", "polygon", "prompt", "query", "note"
 LOCAL_FILES = "/data/local-files/?d="
-PROMPT_COLOUR = "#ff00ff"
 QUERY_COLOUR = "#00ffff"
 
 

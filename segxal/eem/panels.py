@@ -11,6 +11,8 @@ import torch
 from segxal.data.labels import LabelSet
 from segxal.data.transforms import denormalize
 
+PROMPT_COLOUR = "#ff00ff"  # magenta, as in Label Studio and the paper's Fig. 3: it reads on the EEM
+
 
 def _numpy(array: torch.Tensor | np.ndarray) -> np.ndarray:
     return array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
@@ -84,14 +86,14 @@ def save_panel(
     for region in regions:
         x, y = region["prompt"]["x"], region["prompt"]["y"]
         eem_axis.plot(
-            x, y, marker="o", markersize=7, markerfacecolor="cyan", markeredgecolor="black"
+            x, y, marker="o", markersize=7, markerfacecolor=PROMPT_COLOUR, markeredgecolor="black"
         )
         eem_axis.annotate(
             str(region["id"]),
             (x, y),
             xytext=(4, -4),
             textcoords="offset points",
-            color="cyan",
+            color=PROMPT_COLOUR,
             fontsize=9,
             fontweight="bold",
         )
