@@ -35,7 +35,7 @@ from segxal.eem.bald import mc_probabilities, normalized_bald
 from segxal.eem.config import EEMConfig
 from segxal.eem.entropy import normalized_entropy
 from segxal.eem.panels import save_panel
-from segxal.eem.pipeline import score_batch
+from segxal.eem.pipeline import EEMScores, score_batch
 from segxal.eem.regions import cell_regions, extract_regions, queried_region_map, region_map
 from segxal.models.depth import build_depth_backend
 from segxal.models.unet import UNet
@@ -50,9 +50,16 @@ def _embeddings(scorer: PoolScorer, images: torch.Tensor, batch: dict, kind: Sco
 
 
 @torch.no_grad()
-def _mean_entropy(scorer: PoolScorer, images: torch.Tensor, batch: dict, kind: ScoreKind) -> Scored:
+def _entropy_map(scorer: PoolScorer, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised entropy and the prediction."""
+    assert scorer.model is not None
     logits = scorer.model(images)
-    return normalized_entropy(logits).mean(dim=(1, 2)).cpu().tolist(), logits.argmax(1)
+    return normalized_entropy(logits), logits.argmax(1)
+
+
+def _mean_entropy(scorer: PoolScorer, images: torch.Tensor, batch: dict, kind: ScoreKind) -> Scored:
+    values, prediction = _entropy_map(scorer, images)
+    return values.mean(dim=(1, 2)).cpu().tolist(), prediction
 
 
 def _bald_map(scorer: PoolScorer, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,16 +74,18 @@ def _mean_bald(scorer: PoolScorer, images: torch.Tensor, batch: dict, kind: Scor
     return values.mean(dim=(1, 2)).cpu().tolist(), prediction
 
 
-def _eem_score(scorer: PoolScorer, images: torch.Tensor, batch: dict, kind: ScoreKind) -> Scored:
+def _eem_of(
+    scorer: PoolScorer, images: torch.Tensor, batch: dict, config: EEMConfig, maps: bool = False
+) -> EEMScores:
+    """``score_batch`` on a batch of the dataset, with the batch's disparity where it has one."""
+    assert scorer.model is not None
     depth = batch.get("depth")
-    result = score_batch(
-        scorer.model,
-        images,
-        kind.eem_config(scorer.eem),
-        scorer.depth_backend,
-        None if depth is None else depth.to(scorer.device),
-    )
-    return result.score.tolist(), None
+    depth = None if depth is None else depth.to(scorer.device)
+    return score_batch(scorer.model, images, config, scorer.depth_backend, depth, return_maps=maps)
+
+
+def _eem_score(scorer: PoolScorer, images: torch.Tensor, batch: dict, kind: ScoreKind) -> Scored:
+    return _eem_of(scorer, images, batch, kind.eem_config(scorer.eem)).score.tolist(), None
 
 
 Scored = tuple[list, torch.Tensor | None]  # one value per image; the predictions, where at hand
@@ -99,22 +108,11 @@ def _region_values(
     if spec.kind is None:  # random regions: no score, the run draws one
         shape = (images.shape[0], *images.shape[2:])
         return np.zeros(shape), np.zeros(shape, dtype=np.int64)
-    if spec.kind is ScoreKind.ENTROPY:
-        with torch.no_grad():
-            logits = scorer.model(images)
-        return normalized_entropy(logits).cpu().numpy(), logits.argmax(1).cpu().numpy()
-    if spec.kind is ScoreKind.BALD:
-        values, prediction = _bald_map(scorer, images)
+    if spec.kind in (ScoreKind.ENTROPY, ScoreKind.BALD):
+        per_pixel = _entropy_map if spec.kind is ScoreKind.ENTROPY else _bald_map
+        values, prediction = per_pixel(scorer, images)
         return values.cpu().numpy(), prediction.cpu().numpy()
-    depth = batch.get("depth")
-    maps = score_batch(
-        scorer.model,
-        images,
-        spec.kind.eem_config(scorer.eem),
-        scorer.depth_backend,
-        None if depth is None else depth.to(scorer.device),
-        return_maps=True,
-    ).maps
+    maps = _eem_of(scorer, images, batch, spec.kind.eem_config(scorer.eem), maps=True).maps
     assert maps is not None
     return maps.eem.cpu().numpy(), maps.prediction.cpu().numpy()
 
@@ -276,16 +274,7 @@ class PoolScorer:
         requests, unreadable = [], {}
         for batch in self._batches(rows, unreadable):
             images = batch["image"].to(self.device)
-            depth = batch.get("depth")
-            result = score_batch(
-                self.model,
-                images,
-                config,
-                self.depth_backend,
-                None if depth is None else depth.to(self.device),
-                return_maps=True,
-            )
-            maps = result.maps
+            maps = _eem_of(self, images, batch, config, maps=True).maps
             with torch.no_grad():
                 probabilities = (
                     F.softmax(self.model(images), 1)

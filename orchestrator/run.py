@@ -187,6 +187,12 @@ class StageTimer:
         self.seconds[Metric.stage_seconds(stage)] = time.perf_counter() - start
 
 
+def unreadable_of(scores: pa.Table) -> dict[str, str]:
+    """sample id -> why, for the rows of a scores table whose image could not be read."""
+    broken = scores.filter(pc.is_valid(scores[UNREADABLE]))
+    return dict(zip(broken["sample_id"].to_pylist(), broken[UNREADABLE].to_pylist(), strict=True))
+
+
 CycleCallback = Callable[[int, dict[str, float], list[Path]], None]
 
 
@@ -366,12 +372,7 @@ class ActiveLearningRun:
         def readable(scores: Iterable[pa.Table]) -> Iterator[pa.Table]:
             for table in scores:
                 scored_ids.update(table["sample_id"].combine_chunks())
-                broken = table.filter(pc.is_valid(table[UNREADABLE]))
-                unreadable.update(
-                    zip(
-                        broken["sample_id"].to_pylist(), broken[UNREADABLE].to_pylist(), strict=True
-                    )
-                )
+                unreadable.update(unreadable_of(table))
                 yield table.filter(pc.is_null(table[UNREADABLE]))
 
         kind = self.strategy.score_kind
@@ -446,12 +447,7 @@ class ActiveLearningRun:
         def ranked(scores: Iterable[pa.Table]) -> Iterator[pa.Table]:
             for table in scores:
                 scored_ids.update(pc.unique(table["sample_id"].combine_chunks()))
-                broken = table.filter(pc.is_valid(table[UNREADABLE]))
-                unreadable.update(
-                    zip(
-                        broken["sample_id"].to_pylist(), broken[UNREADABLE].to_pylist(), strict=True
-                    )
-                )
+                unreadable.update(unreadable_of(table))
                 regions = table.filter(pc.is_valid(table["region"]))
                 yield self.strategy.rank_regions(regions, rng)
 
@@ -557,8 +553,11 @@ class ActiveLearningRun:
         mask_of = dict(
             zip(rows["sample_id"].to_pylist(), rows["mask_path"].to_pylist(), strict=True)
         )
-        keys, region_dice, region_ids, region_pixels, owners = [], [], [], [], []
+        keys: list[str] = []
+        region_dice, region_ids, region_pixels, owners = [], [], [], []
+        spans = []  # each request's regions: a range of the lists above
         for request in requests:
+            spans.append(range(len(keys), len(keys) + len(request.regions)))
             label = by_id[request.sample_id].label
             for region in request.regions:
                 inside = request.region_map == region["id"]
@@ -585,8 +584,7 @@ class ActiveLearningRun:
         masks: list[tuple[str, int] | None] = []
         paths: list[str | None] = []
         image_dice, image_cost, returned = [], [], []
-        for request in requests:
-            mine = [k for k, owner in enumerate(owners) if owner == request.sample_id]
+        for request, mine in zip(requests, spans, strict=True):
             labels = read_region_labels(mask_of[request.sample_id], self.image_size)
             gained = [k for k in mine if flags[k]]
             for k in gained:
@@ -656,26 +654,28 @@ class ActiveLearningRun:
         return path
 
     # -- the pool state --------------------------------------------------------------------------
-    MANIFEST_COLUMNS = ["sample_id", "image_path", "label_path", "depth_path", "mask_path"]
-
     def _manifest_batches(self, role: str) -> Iterator[pa.Table]:
         """The samples with ``role`` as work-manifest rows, a batch at a time; labelled samples carry
         their current label (ground truth or accepted re-annotation)."""
-        for table in self.state.batches([*self.MANIFEST_COLUMNS, "role", "label_source"]):
+        for table in self.state.batches([*WORK_MANIFEST_SCHEMA.names, "role", "label_source"]):
             rows = table.filter(pc.equal(table["role"], role))
             if role == LABELLED:
                 rows = rows.set_column(2, "label_path", rows["label_source"])
-            yield rows.select(self.MANIFEST_COLUMNS).cast(WORK_MANIFEST_SCHEMA)
+            yield rows.select(WORK_MANIFEST_SCHEMA.names).cast(WORK_MANIFEST_SCHEMA)
 
     def _queryable_batches(self) -> Iterator[pa.Table]:
         """The samples a cycle may query, with their ground truth (if any) as the label: the unlabelled
         ones and, in region mode, the labelled ones that still have unlabelled pixels."""
-        for table in self.state.batches([*self.MANIFEST_COLUMNS, "role"]):
+        for table in self.state.batches([*WORK_MANIFEST_SCHEMA.names, "role"]):
             queryable = pc.equal(table["role"], UNLABELLED)
             if self.regions:
                 partly = pc.and_(pc.equal(table["role"], LABELLED), pc.is_valid(table["mask_path"]))
                 queryable = pc.or_(queryable, partly)
-            yield table.filter(queryable).select(self.MANIFEST_COLUMNS).cast(WORK_MANIFEST_SCHEMA)
+            yield (
+                table.filter(queryable)
+                .select(WORK_MANIFEST_SCHEMA.names)
+                .cast(WORK_MANIFEST_SCHEMA)
+            )
 
     def _queryable_count(self) -> int:
         if not self.regions:

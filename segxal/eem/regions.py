@@ -55,13 +55,8 @@ def region_map(
 ) -> np.ndarray:
     """(H, W) int32 map of the areas behind ``regions`` (records of :func:`extract_regions` for the same
     map and threshold): each pixel holds its region's ``id``, 0 elsewhere."""
-    eem_np = _as_numpy("eem", eem).astype(np.float64)
-    labels, _ = ndimage.label(eem_np >= threshold, structure=np.ones((3, 3), dtype=bool))
-    out = np.zeros(labels.shape, dtype=np.int32)
-    for region in regions:
-        component = labels[region["prompt"]["y"], region["prompt"]["x"]]
-        out[labels == component] = region["id"]
-    return out
+    shape = _as_numpy("eem", eem).shape
+    return queried_region_map(eem, np.zeros(shape, dtype=bool), regions, threshold)
 
 
 def _record(
