@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from actors.ray_train import TrainingJob, put_manifest, root_cause, train_on_ray
+from actors.ray_train import TrainingJob, TrainingRunFailed, put_manifest, train_segmenter_job
 from actors.scoring import ScorerPool
 from orchestrator.config import ExperimentConfig
 from orchestrator.records import Metric
@@ -22,7 +22,8 @@ from segxal.data.labels import LabelSet
 
 def check_fits_cluster(config: ExperimentConfig) -> None:
     """Scoring actors live through the run while Ray Train starts its workers each cycle: both must
-    fit the cluster at once, or training would wait forever for resources."""
+    fit the cluster at once, or training would wait forever for resources (none when training runs
+    in the driver, ``scaling.num_workers: 0``)."""
     import ray
 
     available = ray.cluster_resources().get("CPU", 0.0)
@@ -91,17 +92,15 @@ class RayCycleBackend:
             val_transform=self.val_transform,
             seed=self.config.seed + cycle,
             init_checkpoint=None if init_checkpoint is None else str(init_checkpoint),
+            loader_workers=self.config.data.loader_workers,
         )
-        from ray.train import TrainingFailedError
-
         try:
-            result = train_on_ray(
+            result = train_segmenter_job(
                 job, self.config.scaling, self.layout.ray_storage, cycle_name(cycle), self.progress
             )
-        except TrainingFailedError as error:
-            cause = root_cause(error)
-            if isinstance(cause, OSError) and cause.errno is not None:
-                raise cause from error  # a checkpoint could not be written: the job says which
+        except TrainingRunFailed as failure:
+            if isinstance(failure.cause, OSError) and failure.cause.errno is not None:
+                raise failure.cause from failure  # a checkpoint could not be written: the job says which
             raise
         kept = ("val/", CLASS_PIXELS)
         metrics = {k: v for k, v in result.best_metrics.items() if k.startswith(kept)}

@@ -1,4 +1,5 @@
-"""PEBAL fine-tuning on Ray Train (``TorchTrainer``; DDP across workers when ``scaling.num_workers`` > 1).
+"""PEBAL fine-tuning on Ray Train (``TorchTrainer``; DDP across workers when ``scaling.num_workers`` > 1),
+or in the driver process with ``scaling.num_workers: 0``.
 
 Every worker starts from the trained segmenter, adds the abstention channel and freezes all but
 ``pebal.trainable`` (:func:`segxal.pebal.model.prepare_pebal_model`: its forward pre-hooks keep frozen
@@ -23,22 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import ray.train
-import ray.train.torch
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from actors.ray_train import (
-    CHECKPOINT_FILE,
-    epochs_with_progress,
-    quiet_worker_reports,
-    report_with_checkpoint,
-    restored_state,
-    root_cause,
-    torch_trainer,
-    verbose,
-)
+from actors.ray_train import TrainingRunFailed, run_training
 from orchestrator.config import ExperimentConfig, ScalingConfig
 from orchestrator.datasets import datasets_for, label_set_for, manifest_for
 from segxal.checkpoint import load_checkpoint
@@ -56,6 +46,7 @@ from segxal.pebal.evaluate import (
 from segxal.pebal.losses import TERMS, check_finite, pebal_loss
 from segxal.pebal.model import prepare_pebal_model
 from segxal.training import make_optimizer, restore_training_state, training_state
+from segxal.training_session import TrainingSession
 
 log = logging.getLogger(__name__)
 OBJECTIVE = "val/ap"
@@ -146,20 +137,14 @@ def validation_metrics(model: nn.Module, job: PebalJob, device: torch.device) ->
     return {f"val/{key}": value for key, value in result.metrics[PEBAL].items()}
 
 
-def pebal_loop_per_worker(loop_config: dict) -> None:
-    quiet_worker_reports(loop_config)
+def pebal_loop(session: TrainingSession, loop_config: dict) -> None:
     job: PebalJob = loop_config["job"]
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(job.seed)
-    device = ray.train.torch.get_device()
     model = prepare_pebal_model(UNet.from_checkpoint(job.pretrained), job.pebal.trainable)
-    trained_model = ray.train.torch.prepare_model(
-        model
-    )  # moves to the device, wraps in DDP if world > 1
+    trained_model = session.prepare_model(model)
     optimizer = make_optimizer(model.parameters(), job.pebal.finetune)
     first_epoch, step, history = 0, 0, []
-    state = restored_state(device)
+    state = session.restored_state()
     if state is not None:
         first_epoch, step, history = (
             restore_training_state(model, optimizer, state),
@@ -171,31 +156,27 @@ def pebal_loop_per_worker(loop_config: dict) -> None:
         job.train_set,
         batch_size=batch_size,
         shuffle=True,
-        drop_last=len(job.train_set) > batch_size * world,
+        drop_last=len(job.train_set) > batch_size * session.world,
         generator=torch.Generator().manual_seed(job.seed),
     )
-    loader = ray.train.torch.prepare_data_loader(
-        loader, move_to_device=False
-    )  # mixing happens on the CPU
+    loader = session.prepare_loader(loader, move_to_device=False)  # mixing happens on the CPU
     mixer = AnomalyMix(job.pebal.anomalymix, model.num_classes - 1, job.train_outliers)
-    show = loop_config.get("progress", False) and rank == 0
-    for epoch in epochs_with_progress(first_epoch, job.pebal.finetune.epochs, "PEBAL epochs", show):
-        if world > 1:
-            loader.sampler.set_epoch(epoch)
-        rng = np.random.default_rng([job.seed, rank, epoch])
+    show = loop_config.get("progress", False) and session.rank == 0
+    for epoch in session.epochs(first_epoch, job.pebal.finetune.epochs, "PEBAL epochs", show):
+        session.set_epoch(loader, epoch)
+        rng = np.random.default_rng([job.seed, session.rank, epoch])
         stats = pebal_train_epoch(
-            trained_model, loader, optimizer, mixer, job.pebal, rng, device, epoch, step
+            trained_model, loader, optimizer, mixer, job.pebal, rng, session.device, epoch, step
         )
         step += stats["steps"]
         metrics = {"epoch": epoch, **{f"train/{k}": v for k, v in stats.items()}}
-        if rank != 0:
-            ray.train.report(metrics)
+        if session.rank != 0:
+            session.report(metrics)
             continue
-        metrics.update(
-            validation_metrics(model, job, device)
-        )  # the unwrapped model: no DDP collective
+        # the unwrapped model: no DDP collective
+        metrics.update(validation_metrics(model, job, session.device))
         history.append(metrics)
-        report_with_checkpoint(
+        session.report(
             metrics,
             training_state(
                 model,
@@ -229,7 +210,7 @@ class PebalTrainingError(RuntimeError):
         self.last_checkpoint = last_checkpoint
 
 
-def finetune_on_ray(
+def finetune(
     job: PebalJob,
     scaling: ScalingConfig,
     storage_path: str | Path,
@@ -237,40 +218,33 @@ def finetune_on_ray(
     callbacks: Sequence = (),
     progress: bool = False,
 ) -> FinetuneResult:
-    """Fine-tune on the connected Ray cluster; checkpoints persist under ``storage_path/name``.
+    """Fine-tune (:func:`actors.ray_train.run_training`: on Ray Train, or in this process with
+    ``scaling.num_workers: 0``); checkpoints persist under ``storage_path/name``.
 
     ``callbacks``: Ray Train callbacks (e.g. Tune's ``TuneReportCallback`` inside a trial).
-    Raises :class:`PebalTrainingError` naming the worker's error and the last good checkpoint.
+    Raises :class:`PebalTrainingError` naming the loop's error and the last good checkpoint.
     """
-    from ray.train import Result, TrainingFailedError
-
-    loop_config = {"job": job, "progress": progress, "verbose": verbose()}
-    trainer = torch_trainer(
-        pebal_loop_per_worker, loop_config, scaling, storage_path, name, OBJECTIVE, callbacks
-    )
+    loop_config = {"job": job, "progress": progress}
     try:
-        result = trainer.fit()
-    except TrainingFailedError as error:
-        cause = root_cause(error)
-        last = None
-        try:
-            latest = Result.from_path(Path(storage_path).resolve() / name).checkpoint
-            last = None if latest is None else Path(latest.path) / CHECKPOINT_FILE
-        except RuntimeError:  # no checkpoint manager snapshot: the run failed before any report
-            pass
+        result = run_training(
+            pebal_loop, loop_config, scaling, storage_path, name, OBJECTIVE, callbacks
+        )
+    except TrainingRunFailed as failure:
+        last = failure.last_checkpoint
         where = f"last good checkpoint: {last}" if last else "no epoch completed, no checkpoint"
         raise PebalTrainingError(
-            f"PEBAL fine-tuning failed: {cause} ({where})", cause, last
-        ) from error
-    checkpoint, metrics = max(result.best_checkpoints, key=lambda pair: pair[1][OBJECTIVE])
-    last = Path(result.checkpoint.path) / CHECKPOINT_FILE
+            f"PEBAL fine-tuning failed: {failure.cause} ({where})", failure.cause, last
+        ) from failure
     return FinetuneResult(
-        Path(checkpoint.path) / CHECKPOINT_FILE, metrics, last, load_checkpoint(last)["history"]
+        result.best_checkpoint,
+        result.best_metrics,
+        result.last_checkpoint,
+        load_checkpoint(result.last_checkpoint)["history"],
     )
 
 
 def load_finetuned(path: str | Path) -> UNet:
-    """The fine-tuned (Y+1-output) segmenter of a checkpoint written by :func:`pebal_loop_per_worker`."""
+    """The fine-tuned (Y+1-output) segmenter of a checkpoint written by :func:`pebal_loop`."""
     return UNet.from_checkpoint(load_checkpoint(path)["model"]).eval()
 
 

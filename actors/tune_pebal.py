@@ -1,7 +1,7 @@
 """Ray Tune sweep of PEBAL's margins and regulariser weights; every trial is a Ray Train fine-tuning run.
 
 The Train V2 pattern (Ray 2.60, docs "Hyperparameter Tuning with Ray Tune"): the Tune trainable is a
-function that builds and fits a ``TorchTrainer`` (:func:`actors.pebal_train.finetune_on_ray`) and only
+function that builds and fits a ``TorchTrainer`` (:func:`actors.pebal_train.finetune`) and only
 drives it, so it asks Tune for no CPU (``trial_cpus``); the workers take ``scaling``'s resources. The
 Train run's reports reach Tune through ``ray.tune.integration.ray_train.TuneReportCallback``, one Tune
 result per epoch, which ASHA schedules on (``training_iteration`` = epochs, metric ``val/ap``, max).
@@ -24,7 +24,8 @@ import ray.tune
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-from actors.pebal_train import CHECKPOINT_FILE, OBJECTIVE, PebalJob, finetune_on_ray
+from actors.pebal_train import OBJECTIVE, PebalJob, finetune
+from actors.ray_train import CHECKPOINT_FILE
 from orchestrator.config import ExperimentConfig, ScalingConfig
 from orchestrator.sweep_config import SweepConfig
 from orchestrator.tracking import MAX_PARAM_LENGTH, RetryingClient
@@ -68,7 +69,7 @@ def pebal_trial(params: dict, job: PebalJob, scaling: ScalingConfig, storage_pat
 
     trial_job = replace(job, pebal=trial_pebal_config(job.pebal, params))
     name = f"finetune-{ray.tune.get_context().get_trial_id()}"
-    finetune_on_ray(trial_job, scaling, storage_path, name, callbacks=[TuneReportCallback()])
+    finetune(trial_job, scaling, storage_path, name, callbacks=[TuneReportCallback()])
 
 
 def trial_experiment(config: ExperimentConfig, params: dict) -> ExperimentConfig:

@@ -27,11 +27,11 @@ import torch
 
 from actors.pebal_train import (
     PebalTrainingError,
-    finetune_on_ray,
+    finetune,
     load_finetuned,
     prepare_pebal_job,
 )
-from actors.ray_train import TrainingJob, train_on_ray
+from actors.ray_train import TrainingJob, train_segmenter_job
 from jobs.common import check_tracking_or_exit, init_ray, parse_job_args, show_progress
 from orchestrator.config import ExperimentConfig
 from orchestrator.datasets import datasets_for, label_set_for, manifest_for
@@ -128,7 +128,7 @@ def train_segmenter(
         val_transform=val_set.transform,
         seed=config.seed,
     )
-    result = train_on_ray(job, config.scaling, storage, name, progress)
+    result = train_segmenter_job(job, config.scaling, storage, name, progress)
     return load_checkpoint(result.best_checkpoint)["model"], result.best_metrics
 
 
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> list[DatasetResult]:
             job.pebal.m_out,
         )
         try:
-            result = finetune_on_ray(
+            result = finetune(
                 job,
                 config.scaling,
                 run_dir / "ray",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -66,6 +67,11 @@ def main(argv: list[str] | None = None) -> SweepResult:
     args, config = parse_job_args(__doc__, argv=argv)
     check_tracking_or_exit(config.tracking.tracking_uri)
     progress = show_progress(config, args)
+    if config.scaling.num_workers == 0:
+        sys.exit(
+            "config error: scaling.num_workers: 0 trains in the driver, but every sweep trial is a "
+            "Ray Train run: set it to 1 or more"
+        )
     if config.pebal.margin_quantiles is not None:
         log.warning("pebal.margin_quantiles is ignored by the sweep: the margins are sampled")
         config = replace(config, pebal=replace(config.pebal, margin_quantiles=None))

@@ -61,7 +61,9 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class ScalingConfig:
-    """How Ray Train runs the training loop: workers (DDP when > 1), GPUs, retries from checkpoint."""
+    """How Ray Train runs the training loop: workers (DDP when > 1), GPUs, retries from checkpoint.
+    ``num_workers: 0`` trains in the driver process instead: no Ray Train start-up per cycle (small
+    runs, one machine), no retries."""
 
     num_workers: int = 1
     use_gpu: bool = False
@@ -69,8 +71,8 @@ class ScalingConfig:
     max_failures: int = 0
 
     def __post_init__(self) -> None:
-        if self.num_workers < 1:
-            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
 
 
 @dataclass(frozen=True)

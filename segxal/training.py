@@ -1,4 +1,5 @@
-"""Single-process supervised training of the segmenter (Ray Train wraps the same steps)."""
+"""Supervised training of the segmenter: the steps, and the epoch loop that runs in this process or on
+Ray Train (:mod:`segxal.training_session`)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 
-from segxal.checkpoint import load_checkpoint, save_checkpoint
 from segxal.data.labels import IGNORE_INDEX
 from segxal.metrics import ConfusionMatrix
 from segxal.models.unet import UNet
+from segxal.training_session import LocalSession, TrainingSession
 
 log = logging.getLogger(__name__)
 
@@ -170,9 +172,52 @@ def restore_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, s
     return state["epoch"] + 1
 
 
+def train_segmenter(
+    session: TrainingSession,
+    model: UNet,
+    train_loader: DataLoader,
+    val_loader: Iterable[dict],
+    config: TrainConfig,
+    class_names: tuple[str, ...],
+    progress: bool = False,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, float]:
+    """Train ``model`` for ``config.epochs`` in ``session``, from its restored state if any; rank 0
+    validates after each epoch and reports the metrics with a checkpoint (``best_miou`` kept in it).
+    Returns the last epoch's metrics (rank 0: with the validation metrics)."""
+    trained_model = session.prepare_model(model)
+    optimizer = make_optimizer(model.parameters(), config)
+    first_epoch, best_miou, metrics = 0, float("-inf"), {}
+    state = session.restored_state()
+    if state is not None:
+        first_epoch, best_miou = restore_training_state(model, optimizer, state), state["best_miou"]
+        log.info("resuming at epoch %d", first_epoch)
+    loader = session.prepare_loader(train_loader)
+    show = progress and session.rank == 0
+    for epoch in session.epochs(first_epoch, config.epochs, "train epochs", show):
+        session.set_epoch(loader, epoch)
+        stats = train_one_epoch(
+            trained_model, loader, optimizer, session.device, config.class_weights
+        )
+        metrics = {"epoch": epoch, **{f"train/{k}": v for k, v in stats.items()}}
+        if session.rank != 0:
+            session.report(metrics)
+            continue
+        # the unwrapped model: DDP's forward would wait for the other ranks
+        metrics.update(validation_metrics(model, val_loader, class_names, session.device))
+        log.info("epoch %d: loss %.4f, val mIoU %.4f", epoch, stats["loss"], metrics["val/miou"])
+        best_miou = max(best_miou, metrics["val/miou"])
+        session.report(
+            metrics, training_state(model, optimizer, epoch, best_miou=best_miou, metrics=metrics)
+        )
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+    return metrics
+
+
 def fit(
     model: UNet,
-    train_loader: Iterable[dict],
+    train_loader: DataLoader,
     val_loader: Iterable[dict],
     config: TrainConfig,
     class_names: tuple[str, ...],
@@ -180,38 +225,10 @@ def fit(
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     progress: bool = False,
 ) -> dict[str, float]:
-    """Train for ``config.epochs``, evaluating after each epoch; returns the last epoch's metrics.
-
-    With ``checkpoint_dir``, ``last.pt`` is written every epoch and ``best.pt`` when validation
-    mIoU improves; an existing ``last.pt`` is resumed from.
-    """
-    device = resolve_device(config.device)
-    model.to(device)
-    optimizer = make_optimizer(model.parameters(), config)
-    first_epoch, best_miou, metrics = 0, float("-inf"), {}
-    last_path = Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None
-    if last_path is not None and last_path.is_file():
-        state = load_checkpoint(last_path, map_location=device)
-        first_epoch, best_miou = restore_training_state(model, optimizer, state), state["best_miou"]
-        log.info("resuming from %s at epoch %d", last_path, first_epoch)
-    epochs = range(first_epoch, config.epochs)
-    if progress:
-        from tqdm import tqdm
-
-        epochs = tqdm(epochs, total=config.epochs, initial=first_epoch, desc="epochs", unit="epoch")
-    for epoch in epochs:
-        train_stats = train_one_epoch(model, train_loader, optimizer, device, config.class_weights)
-        metrics = {f"train/{k}": v for k, v in train_stats.items()}
-        metrics.update(validation_metrics(model, val_loader, class_names, device))
-        log.info(
-            "epoch %d: loss %.4f, val mIoU %.4f", epoch, train_stats["loss"], metrics["val/miou"]
-        )
-        if last_path is not None:
-            best_miou = max(best_miou, metrics["val/miou"])
-            state = training_state(model, optimizer, epoch, best_miou=best_miou, metrics=metrics)
-            if metrics["val/miou"] >= best_miou:
-                save_checkpoint(last_path.with_name("best.pt"), state)
-            save_checkpoint(last_path, state)
-        if on_epoch is not None:
-            on_epoch(epoch, metrics)
-    return metrics
+    """:func:`train_segmenter` in this process on ``train.device``. With ``checkpoint_dir``,
+    ``last.pt`` is written every epoch and ``best.pt`` when validation mIoU improves; an existing
+    ``last.pt`` is resumed from."""
+    session = LocalSession(checkpoint_dir, "val/miou", resolve_device(config.device))
+    return train_segmenter(
+        session, model, train_loader, val_loader, config, class_names, progress, on_epoch
+    )

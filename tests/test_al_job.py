@@ -1,4 +1,5 @@
-"""jobs.al end to end on a real local Ray: 2 scoring actors, Ray Train with 1 worker, SQLite MLflow."""
+"""jobs.al end to end on a real local Ray: 2 scoring actors, training in the driver (the demo's
+``scaling.num_workers: 0``; one test on Ray Train with 1 worker), SQLite MLflow."""
 
 import json
 import shutil
@@ -60,6 +61,8 @@ def test_two_cycles_on_ray(straight_run):
         labelled_before = after.count(LABELLED)
         assert history[cycle]["gate/accepted"] == len(moved)
     assert (run_dir / "cycles" / "cycle_02" / "model.pt").is_file()
+    trained_in_driver = {p.name for p in RunLayout(run_dir).ray_cycle(2).iterdir()}
+    assert trained_in_driver == {"best.pt", "last.pt"}  # no Ray Train run folder
 
     client = mlflow.MlflowClient(uri)
     mlflow.set_tracking_uri(uri)
@@ -134,12 +137,15 @@ def test_the_default_output_has_no_ray_train_reports_and_verbose_does(
     local_ray, synthetic_root, tmp_path, capfd, monkeypatch
 ):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    al_job.main(tiny(synthetic_root, tmp_path / "runs", uri, "quiet", 0))
+    on_ray_train = ["--set", "scaling.num_workers=1"]  # the demo trains in the driver
+    al_job.main(tiny(synthetic_root, tmp_path / "runs", uri, "quiet", 0) + on_ray_train)
     time.sleep(5)  # worker logs reach the driver asynchronously: give late lines time to come
     quiet = capfd.readouterr()
     assert "TrainingReport(" not in quiet.out + quiet.err
     monkeypatch.delenv("SEGXAL_VERBOSE", raising=False)
-    al_job.main(tiny(synthetic_root, tmp_path / "runs", uri, "loud", 0) + ["--verbose"])
+    al_job.main(
+        tiny(synthetic_root, tmp_path / "runs", uri, "loud", 0) + on_ray_train + ["--verbose"]
+    )
     loud = ""
     deadline = time.monotonic() + SERVICE_WAIT_S  # worker logs reach the driver asynchronously
     while "TrainingReport(" not in loud and time.monotonic() < deadline:

@@ -42,7 +42,7 @@ def dies_once_after_a_checkpoint(loop_config: dict) -> None:
             os._exit(1)
 
     ray_train.report_with_checkpoint = report_then_die  # in this worker process only
-    ray_train.train_loop_per_worker(loop_config)
+    ray_train.segmenter_loop(ray_train.RayTrainSession(), loop_config)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from actors.pebal_train import (
     PebalJob,
     PebalTrainingError,
-    finetune_on_ray,
+    finetune,
     load_finetuned,
     pebal_train_epoch,
 )
@@ -309,7 +309,7 @@ def test_pebal_finetuning_on_ray_trains_the_last_block_and_lifts_the_energy_of_p
         pretrained.to_checkpoint(),
         config,
     )
-    result = finetune_on_ray(job, ScalingConfig(num_workers=1), tmp_path / "ray", "pebal")
+    result = finetune(job, ScalingConfig(num_workers=1), tmp_path / "ray", "pebal")
     assert [m["epoch"] for m in result.history] == list(range(20))
     assert result.best_metrics["val/ap"] == pytest.approx(max(m["val/ap"] for m in result.history))
     assert load_checkpoint(result.best_checkpoint)["metrics"]["val/ap"] == pytest.approx(
@@ -369,7 +369,7 @@ def test_non_finite_loss_names_step_and_batch_and_keeps_the_last_good_checkpoint
     with pytest.raises(
         PebalTrainingError, match=r"non-finite PEBAL loss at step 1, batch 0 of epoch 1"
     ) as caught:
-        finetune_on_ray(job, ScalingConfig(num_workers=1), tmp_path / "ray", "nan")
+        finetune(job, ScalingConfig(num_workers=1), tmp_path / "ray", "nan")
     assert isinstance(caught.value.cause, NonFiniteLossError)
     assert caught.value.last_checkpoint is not None and str(caught.value.last_checkpoint) in str(
         caught.value
