@@ -42,6 +42,7 @@ from segxal.pebal.evaluate import (
     MixedValidationSet,
     calibrate_margins,
     evaluate_anomaly,
+    mixed_validation_name,
 )
 from segxal.pebal.losses import TERMS, check_finite, pebal_loss
 from segxal.pebal.model import prepare_pebal_model
@@ -287,7 +288,7 @@ def prepare_pebal_job(
         label_set.num_classes,
         config.seed,
         outliers[1],
-        name=f"{label_set.name}_anomalymix_val",
+        name=mixed_validation_name(label_set),
     )
     return PebalJob(
         train_set, mixed_val, pretrained, pebal, config.seed, outliers[0], pebal.finetune.batch_size

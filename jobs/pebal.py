@@ -1,16 +1,19 @@
-"""PEBAL anomaly segmentation: fine-tune the segmenter's last block on Ray Train, evaluate, log to MLflow.
+"""PEBAL anomaly segmentation: fine-tune the segmenter's last block, evaluate, log to MLflow.
 
     python -m jobs.pebal --config jobs/configs/pebal_demo.yaml [--set pebal.finetune.epochs=3 ...]
 
 Starts from ``pebal.pretrained`` (a segxal checkpoint of the trained segmenter); without it, the
-segmenter is first trained on Ray Train with the ``train`` section. The anomaly datasets
-(``pebal.benchmarks``), the COCO outliers and the checkpoint are checked before any training. After
-fine-tuning, PEBAL's smoothed energy and the baselines of the original model (energy, smoothed energy,
-MSP, max-logit, entropy) are scored on every benchmark and on the AnomalyMix'd validation split, with
-the fine-tuned checkpoint of the best validation AP (the epoch objective); the table is printed and
-logged with ROC / PR curves, anomaly-map panels, the per-epoch metrics and that checkpoint. A
-non-finite loss ends the run FAILED with the step and batch, the last good checkpoint logged.
-Connects to the cluster in ``RAY_ADDRESS`` (as ``ray job submit`` sets it), else starts a local Ray.
+segmenter is first trained with the ``train`` section. The anomaly datasets (``pebal.benchmarks``;
+two with one name are an input error), the COCO outliers and the checkpoint are checked before any
+training. After fine-tuning, PEBAL's smoothed energy and the baselines of the original model (energy,
+smoothed energy, MSP, max-logit, entropy) are scored on every benchmark (``pebal.evaluation``: by
+default at the label resolution, with SegmentMeIfYouCan's component metrics) and on the AnomalyMix'd
+validation split, with the fine-tuned checkpoint of the best validation AP (the epoch objective); the
+table, with each dataset's protocol, is printed and logged with ROC / PR curves, anomaly-map panels, the
+per-epoch metrics and that checkpoint. A non-finite loss ends the run FAILED with the step and batch,
+the last good checkpoint logged. Training runs on Ray Train, connecting to the cluster in
+``RAY_ADDRESS`` (as ``ray job submit`` sets it) or starting a local Ray; with ``scaling.num_workers: 0``
+it runs in this process and the job needs no Ray.
 """
 
 from __future__ import annotations
@@ -37,17 +40,21 @@ from orchestrator.config import ExperimentConfig
 from orchestrator.datasets import datasets_for, label_set_for, manifest_for
 from orchestrator.tracking import experiment_run, log_artifact, log_metrics, log_params, set_tags
 from segxal.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from segxal.data.anomaly import AnomalyBenchmark, anomaly_benchmark
-from segxal.data.dataset import SampleTransform
+from segxal.data.anomaly import AnomalyBenchmark, anomaly_benchmark, check_unique_names
 from segxal.data.io import DataError
 from segxal.data.synthetic import generate_synthetic
 from segxal.models.unet import UNet
+from segxal.pebal.config import BenchmarkConfig
 from segxal.pebal.evaluate import (
     ORIGINAL,
     PEBAL,
     DatasetResult,
+    EvaluationSet,
+    benchmark_set,
+    default_methods,
     evaluate_anomaly,
     flat_metrics,
+    mixed_validation_name,
     plot_curves,
     plot_panels,
     split_outliers,
@@ -64,7 +71,7 @@ log = logging.getLogger("jobs.pebal")
 class Inputs:
     """What the config points at, loaded and checked before any training."""
 
-    benchmarks: tuple[AnomalyBenchmark, ...]
+    benchmarks: tuple[tuple[AnomalyBenchmark, BenchmarkConfig], ...]  # each with its config entry
     outliers: tuple  # (training, validation) outlier sources, see split_outliers
     pretrained: dict | None  # UNet.to_checkpoint() of pebal.pretrained, None to train one
 
@@ -76,10 +83,12 @@ def check_inputs(config: ExperimentConfig, progress: bool = False) -> Inputs:
     """
     if config.data.dataset == "synthetic":
         generate_synthetic(config.data.root, config.data.synthetic, progress=progress)
-    benchmarks = tuple(anomaly_benchmark(path) for path in config.pebal.benchmarks)
-    for benchmark in benchmarks:
-        if benchmark.manifest.num_rows == 0:
-            raise DataError(f"{benchmark.root}: the {benchmark.name} benchmark holds no image")
+    benchmarks = tuple(
+        (anomaly_benchmark(entry.path, entry.split, entry.name, entry.layout), entry)
+        for entry in config.pebal.benchmark_entries
+    )
+    label_set = label_set_for(config.data)
+    check_unique_names((b for b, _ in benchmarks), taken=[mixed_validation_name(label_set)])
     outliers = split_outliers(config.pebal.anomalymix)
     pretrained = None
     if config.pebal.pretrained is not None:
@@ -91,7 +100,7 @@ def check_inputs(config: ExperimentConfig, progress: bool = False) -> Inputs:
             )
         pretrained = state["model"]
         model = UNet.from_checkpoint(pretrained)
-        expected = label_set_for(config.data).num_classes
+        expected = label_set.num_classes
         if model.num_classes != expected:
             raise CheckpointError(
                 f"{config.pebal.pretrained}: the segmenter has {model.num_classes} classes, "
@@ -106,7 +115,7 @@ def check_inputs(config: ExperimentConfig, progress: bool = False) -> Inputs:
 def inputs_or_exit(config: ExperimentConfig, progress: bool = False) -> Inputs:
     try:
         return check_inputs(config, progress)
-    except (DataError, CheckpointError) as error:
+    except (DataError, CheckpointError, ValueError) as error:
         sys.exit(f"input error: {error}")
     except KeyError as error:  # a pebal.trainable module the segmenter lacks
         sys.exit(f"config error: pebal.trainable: {error.args[0]}")
@@ -115,7 +124,8 @@ def inputs_or_exit(config: ExperimentConfig, progress: bool = False) -> Inputs:
 def train_segmenter(
     config: ExperimentConfig, storage: Path, name: str, progress: bool = False
 ) -> tuple[dict, dict]:
-    """Train the segmenter with the ``train`` section on Ray Train: (UNet.to_checkpoint(), best metrics)."""
+    """Train the segmenter with the ``train`` section (on Ray Train, or here with ``scaling.num_workers: 0``):
+    (UNet.to_checkpoint(), best metrics)."""
     data, label_set = config.data, label_set_for(config.data)
     train_set, val_set = datasets_for(data, progress=progress)
     job = TrainingJob(
@@ -151,20 +161,36 @@ def pretrained_segmenter(
 
 
 def evaluation_sets(
-    config: ExperimentConfig, benchmarks: tuple[AnomalyBenchmark, ...], mixed_val
-) -> list:
-    """(name, dataset) pairs: every benchmark, resized like the training images, then the mixed validation split."""
+    config: ExperimentConfig,
+    benchmarks: tuple[tuple[AnomalyBenchmark, BenchmarkConfig], ...],
+    mixed_val=None,
+) -> list[EvaluationSet]:
+    """Every benchmark under ``pebal.evaluation``'s protocol, then the mixed validation split (if given)
+    at the training size."""
     size = None if config.data.image_size is None else tuple(config.data.image_size)
-    sets = [(b.name, b.dataset(SampleTransform(size=size))) for b in benchmarks]
-    return sets + [(mixed_val.name, mixed_val)]
+    batch_size = config.pebal.finetune.batch_size
+    sets = [
+        benchmark_set(benchmark, entry, config.pebal.evaluation, size, batch_size)
+        for benchmark, entry in benchmarks
+    ]
+    if mixed_val is not None:
+        where = "the file size" if size is None else f"{size[0]}x{size[1]}"
+        protocol = f"AnomalyMix'd validation split at the training size ({where})"
+        sets.append(EvaluationSet(mixed_val.name, mixed_val, protocol, batch_size))
+    return sets
 
 
 def evaluate_models(
-    config: ExperimentConfig, original: UNet, finetuned: UNet, sets: list, progress: bool = False
+    config: ExperimentConfig,
+    models: dict[str, UNet],
+    sets: list[EvaluationSet],
+    progress: bool = False,
 ) -> list[DatasetResult]:
-    """PEBAL and the baselines on every (name, dataset), on the driver (``pebal.finetune.device``)."""
+    """The methods whose model is in ``models`` (:data:`ORIGINAL`: the segmenter's baselines, :data:`PEBAL`:
+    the fine-tuned score) on every set, in this process (``pebal.finetune.device``)."""
     device = resolve_device(config.pebal.finetune.device)
-    models = {ORIGINAL: original.to(device).eval(), PEBAL: finetuned.to(device).eval()}
+    models = {key: model.to(device).eval() for key, model in models.items()}
+    methods = tuple(m for m in default_methods() if m.model in models)
     smoothing = (config.pebal.smoothing_kernel, config.pebal.smoothing_sigma)
     if progress:
         from tqdm import tqdm
@@ -173,14 +199,18 @@ def evaluate_models(
     return [
         evaluate_anomaly(
             models,
-            dataset,
-            name,
+            evaluation_set.dataset,
+            evaluation_set.name,
+            methods,
             smoothing=smoothing,
             device=device,
-            batch_size=config.pebal.finetune.batch_size,
+            batch_size=evaluation_set.batch_size,
             panel_images=config.pebal.panel_images,
+            panel_methods=tuple(m.name for m in methods if m.name in (PEBAL, "energy")),
+            components=evaluation_set.components,
+            protocol=evaluation_set.protocol,
         )
-        for name, dataset in sets
+        for evaluation_set in sets
     ]
 
 
@@ -210,7 +240,8 @@ def main(argv: list[str] | None = None) -> list[DatasetResult]:
     torch.manual_seed(config.seed)
     inputs = inputs_or_exit(config, progress)
     run_dir = (Path(config.output_dir) / config.name).absolute()
-    init_ray()
+    if config.scaling.num_workers > 0:  # 0: training in this process, no Ray at all
+        init_ray()
     with experiment_run(
         config.tracking.tracking_uri,
         config.tracking.experiment,
@@ -258,8 +289,7 @@ def main(argv: list[str] | None = None) -> list[DatasetResult]:
         log_artifact(checkpoint, "model")
         results = evaluate_models(
             config,
-            UNet.from_checkpoint(pretrained),
-            load_finetuned(checkpoint),
+            {ORIGINAL: UNet.from_checkpoint(pretrained), PEBAL: load_finetuned(checkpoint)},
             evaluation_sets(config, inputs.benchmarks, job.val_set),
             progress,
         )

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segxal.data.anomaly import anomaly_benchmark, detect_anomaly_layout
+from segxal.data.anomaly import anomaly_benchmark, check_unique_names, detect_anomaly_layout
 from segxal.data.io import DataError
 
 H, W = 6, 8
@@ -92,9 +92,81 @@ def test_segment_me_if_you_can_without_labels_is_an_error(tmp_path):
     write_image(root / "images" / "test_1.jpg")
     (root / "labels_masks").mkdir()
     with pytest.raises(
-        DataError, match="labels_masks: no \\*_labels_semantic.png .* withholds test labels"
+        DataError,
+        match="no label file for any image of images/ \\(for images/test_1.jpg looked for "
+        "labels_masks/test_1.png and labels_masks/test_1_labels_semantic.png\\) .* withholds its test labels",
     ):
         anomaly_benchmark(root)
+
+
+def write_pack(root, suffix=".webp"):
+    """A validation-pack set: images/<i><suffix> with labels_masks/<i>.png (0 / 1 / 255)."""
+    for stem in ("0", "1"):
+        write_image(root / "images" / f"{stem}{suffix}")
+        write_label(root / "labels_masks" / f"{stem}.png", [0, 1, 255])
+
+
+def test_the_validation_pack_with_same_stem_labels(tmp_path):
+    for folder in ("fs_lost_and_found", "RoadAnomaly21", "RoadObsticle21"):
+        write_pack(tmp_path / "pack" / folder)
+    names = {}
+    for folder in ("fs_lost_and_found", "RoadAnomaly21", "RoadObsticle21"):
+        bench = anomaly_benchmark(tmp_path / "pack" / folder)
+        assert bench.layout == "same_stem" and bench.manifest.num_rows == 2
+        assert mapped(bench, [0, 1, 255]) == [0, 1, 255]
+        names[folder] = bench.name
+    # the folder's own name: RoadObsticle21 (sic, as distributed) no longer becomes road_anomaly_21
+    assert names == {
+        "fs_lost_and_found": "fs_lost_and_found",
+        "RoadAnomaly21": "roadanomaly21",
+        "RoadObsticle21": "roadobsticle21",
+    }
+    named = anomaly_benchmark(tmp_path / "pack" / "RoadObsticle21", name="road_obstacle_21")
+    assert named.manifest.column("sample_id").to_pylist() == [
+        "road_obstacle_21/0",
+        "road_obstacle_21/1",
+    ]
+
+
+def test_a_pack_folder_without_labels_names_the_files_it_looked_for(tmp_path):
+    root = tmp_path / "fs_static"
+    write_image(root / "images" / "7.png")
+    (root / "labels_masks").mkdir()
+    with pytest.raises(DataError) as error:
+        anomaly_benchmark(root)
+    assert (
+        "for images/7.png looked for labels_masks/7.png and labels_masks/7_labels_semantic.png"
+        in str(error.value)
+    )
+    assert "SegmentMeIfYouCan" not in str(error.value)
+
+
+def test_both_label_namings_in_one_folder_is_an_error_unless_the_layout_is_given(tmp_path):
+    root = tmp_path / "RoadAnomaly21"
+    write_pack(root, ".jpg")
+    write_label(root / "labels_masks" / "0_labels_semantic.png", [0, 1, 255])
+    with pytest.raises(
+        DataError, match="both label namings are there, 1 images with .* and 2 with"
+    ):
+        anomaly_benchmark(root)
+    assert anomaly_benchmark(root, layout="same_stem").manifest.num_rows == 2
+    assert anomaly_benchmark(root, layout="smiyc").manifest.num_rows == 1
+    with pytest.raises(ValueError, match="unknown anomaly layout 'pack'"):
+        anomaly_benchmark(root, layout="pack")
+
+
+def test_two_benchmarks_with_one_name_are_an_input_error(tmp_path):
+    write_pack(tmp_path / "a" / "RoadAnomaly21")
+    write_pack(tmp_path / "b" / "RoadAnomaly21")
+    first, second = (anomaly_benchmark(tmp_path / k / "RoadAnomaly21") for k in "ab")
+    check_unique_names([first, anomaly_benchmark(tmp_path / "b" / "RoadAnomaly21", name="other")])
+    with pytest.raises(
+        DataError,
+        match="two anomaly benchmarks are named 'roadanomaly21' \\(.*a/RoadAnomaly21 and .*b/RoadAnomaly21\\): give one a name",
+    ):
+        check_unique_names([first, second])
+    with pytest.raises(DataError, match="named 'roadanomaly21' .* and another evaluation set"):
+        check_unique_names([first], taken=["roadanomaly21"])
 
 
 def test_road_anomaly_release(tmp_path):

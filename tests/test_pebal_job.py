@@ -84,16 +84,37 @@ def test_a_missing_pretrained_checkpoint_stops_before_training(
     assert no_run_started(tmp_path, tracking_uri)
 
 
+def test_two_benchmarks_with_one_name_stop_before_training(tmp_path, synthetic_root, tracking_uri):
+    folder = str(synthetic_root / "anomaly")
+    config = write_config(
+        tmp_path, synthetic_root, tracking_uri, benchmarks=[folder, {"path": folder}]
+    )
+    with pytest.raises(SystemExit) as caught:
+        main(["--config", config, "--quiet"])
+    assert "input error: two anomaly benchmarks are named 'synthetic'" in str(caught.value.code)
+    assert no_run_started(tmp_path, tracking_uri)
+
+
 @pytest.mark.slow
-def test_job_pretrains_finetunes_evaluates_and_logs(
-    local_ray, tmp_path, synthetic_root, tracking_uri, capsys
+def test_job_pretrains_finetunes_evaluates_and_logs_without_ray(
+    tmp_path, synthetic_root, tracking_uri, capsys, monkeypatch
 ):
-    results = main(["--config", write_config(tmp_path, synthetic_root, tracking_uri), "--quiet"])
+    def no_ray():
+        raise AssertionError("scaling.num_workers: 0 needs no Ray")
+
+    monkeypatch.setattr("jobs.pebal.init_ray", no_ray)
+    config = write_config(tmp_path, synthetic_root, tracking_uri)
+    results = main(["--config", config, "--quiet", "--set", "scaling.num_workers=0"])
     methods = [m.name for m in default_methods()]
     assert [r.name for r in results] == list(DATASETS)
     table = capsys.readouterr().out
     assert (
-        "| method | synthetic AP | synthetic FPR95 | synthetic AUROC | cityscapes_anomalymix_val AP |"
+        "| method | synthetic AP | synthetic FPR95 | synthetic AUROC | synthetic sIoU | synthetic PPV "
+        "| synthetic mF1 | cityscapes_anomalymix_val AP |" in table
+    )
+    assert "- synthetic: label_resolution: scored at height 64 with the aspect kept" in table
+    assert (
+        "- cityscapes_anomalymix_val: AnomalyMix'd validation split at the training size (64x128)"
         in table
     )
     assert all(f"| {method} |" in table for method in methods)
@@ -108,6 +129,7 @@ def test_job_pretrains_finetunes_evaluates_and_logs(
                 assert metrics[f"anomaly/{result.name}/{method}/{key}"] == pytest.approx(
                     result.metrics[method][key]
                 )
+    assert 0.0 <= metrics["anomaly/synthetic/pebal/mean_f1"] <= 1.0
     assert 0.0 <= metrics["pretrain/val/miou"] <= 1.0
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/ap")] == [0, 1]
     assert run.data.params["pebal.m_in_used"] == "-4.0" and run.data.params["pebal.benchmarks"]

@@ -224,8 +224,8 @@ def test_evaluation_tables_metric_names_and_plots(tmp_path):
         f"anomaly/toy/{m}/{k}" for m in ("perfect", "inverted") for k in ("ap", "fpr95", "auroc")
     }
     csv = table_csv([result]).splitlines()
-    assert csv[0] == "dataset,method,ap,fpr95,auroc" and csv[1].startswith(
-        "toy,perfect,1.000000,0.000000,1.000000"
+    assert csv[0] == "dataset,method,auroc,ap,fpr95,protocol" and csv[1].startswith(
+        "toy,perfect,1.000000,1.000000,0.000000,"
     )
     markdown = table_markdown([result, replace(result, name="other")])
     assert "| method | toy AP | toy FPR95 | toy AUROC | other AP |" in markdown

@@ -11,17 +11,39 @@ from torch.utils.data import Dataset
 
 from segxal.data.io import DataError, check_same_size, read_disparity, read_label, read_rgb
 from segxal.data.labels import IGNORE_INDEX, LabelSet
-from segxal.data.transforms import normalize, random_crop_flip, resize_image, resize_nearest, to_tensor
+from segxal.data.transforms import (
+    normalize,
+    random_crop_flip,
+    resize_image,
+    resize_nearest,
+    to_tensor,
+)
 
 
 @dataclass(frozen=True)
 class SampleTransform:
-    """``size``: (H, W) every sample is resized to (None keeps the file's size); ``crop_size`` and
-    ``flip`` apply only when ``augment`` is on (training)."""
+    """``size``: (H, W) every sample is resized to (None keeps the file's size); or ``height``: each
+    sample is resized to that height, its width by the file's aspect. ``crop_size`` and ``flip`` apply
+    only when ``augment`` is on (training). ``label_at_file_size``: only the image (and depth) is resized,
+    the label keeps the file's resolution (evaluation at the label's resolution)."""
 
     size: tuple[int, int] | None = None
     augment: bool = False
     crop_size: tuple[int, int] | None = None
+    height: int | None = None
+    label_at_file_size: bool = False
+
+    def __post_init__(self) -> None:
+        if self.size is not None and self.height is not None:
+            raise ValueError("SampleTransform: give size or height, not both")
+        if self.augment and self.label_at_file_size:
+            raise ValueError("SampleTransform: augmentation needs the label resized with the image")
+
+    def target_size(self, file_size: tuple[int, int]) -> tuple[int, int] | None:
+        """The (H, W) a file of ``file_size`` is resized to; None keeps it."""
+        if self.height is not None:
+            return self.height, max(1, round(self.height * file_size[1] / file_size[0]))
+        return self.size
 
 
 class SegmentationDataset(Dataset):
@@ -40,7 +62,9 @@ class SegmentationDataset(Dataset):
     ) -> None:
         if transform.augment and not load_label:
             raise ValueError("augmentation moves the label with the image: it needs load_label")
-        self.rows = manifest.select(["sample_id", "image_path", "label_path", "depth_path"]).to_pylist()
+        self.rows = manifest.select(
+            ["sample_id", "image_path", "label_path", "depth_path"]
+        ).to_pylist()
         self.label_set = label_set
         self.transform = transform
         self.load_depth = load_depth
@@ -75,14 +99,22 @@ class SegmentationDataset(Dataset):
         image = to_tensor(image_np)
         label = None if label_np is None else torch.from_numpy(label_np.astype(np.int64))
         depth = None if depth_np is None else torch.from_numpy(depth_np)
-        if self.transform.size is not None:
-            image = resize_image(image, self.transform.size)
-            label = None if label is None else resize_nearest(label, self.transform.size)
-            depth = None if depth is None else resize_nearest(depth, self.transform.size)
+        size = self.transform.target_size(image_np.shape[:2])
+        if size is not None:
+            image = resize_image(image, size)
+            depth = None if depth is None else resize_nearest(depth, size)
+            if label is not None and not self.transform.label_at_file_size:
+                label = resize_nearest(label, size)
         if self.transform.augment:
             assert label is not None  # checked in __init__
-            image, label, depth = random_crop_flip(image, label, self.transform.crop_size, extra=depth)
-        item: dict = {"image": normalize(image), "index": index, "sample_id": self.rows[index]["sample_id"]}
+            image, label, depth = random_crop_flip(
+                image, label, self.transform.crop_size, extra=depth
+            )
+        item: dict = {
+            "image": normalize(image),
+            "index": index,
+            "sample_id": self.rows[index]["sample_id"],
+        }
         if label is not None:
             item["label"] = label
         if depth is not None:

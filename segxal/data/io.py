@@ -80,7 +80,9 @@ def write_disparity(path: str | Path, disparity: np.ndarray) -> None:
     Image.fromarray(raw).save(path)
 
 
-def check_same_size(image_path: str, image_hw: tuple[int, int], other_path: str, other_hw: tuple[int, int]) -> None:
+def check_same_size(
+    image_path: str, image_hw: tuple[int, int], other_path: str, other_hw: tuple[int, int]
+) -> None:
     if tuple(image_hw) != tuple(other_hw):
         raise DataError(
             f"{other_path}: size {other_hw[0]}x{other_hw[1]} does not match image {image_path} "

@@ -46,14 +46,20 @@ def build_manifest(samples: list[SampleFiles], source: str) -> pa.Table:
             if other is not None:
                 if not other.is_file():
                     raise DataError(f"{other}: {kind} not found for image {sample.image_path}")
-                check_same_size(str(sample.image_path), (height, width), str(other), image_size(other))
+                check_same_size(
+                    str(sample.image_path), (height, width), str(other), image_size(other)
+                )
         rows.append(
             {
                 "sample_id": sample.sample_id,
                 "split": sample.split,
                 "image_path": str(sample.image_path.absolute()),
-                "label_path": None if sample.label_path is None else str(sample.label_path.absolute()),
-                "depth_path": None if sample.depth_path is None else str(sample.depth_path.absolute()),
+                "label_path": None
+                if sample.label_path is None
+                else str(sample.label_path.absolute()),
+                "depth_path": None
+                if sample.depth_path is None
+                else str(sample.depth_path.absolute()),
                 "height": height,
                 "width": width,
             }

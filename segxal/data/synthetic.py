@@ -48,7 +48,9 @@ class SyntheticConfig:
 
     def __post_init__(self) -> None:
         if self.height < 32 or self.width < 32:
-            raise ValueError(f"synthetic scenes need at least 32x32 pixels, got {self.height}x{self.width}")
+            raise ValueError(
+                f"synthetic scenes need at least 32x32 pixels, got {self.height}x{self.width}"
+            )
         for field in ("num_train", "num_val", "num_anomaly"):
             if getattr(self, field) < 0:
                 raise ValueError(f"SyntheticConfig.{field} must be >= 0")
@@ -107,8 +109,18 @@ class _Renderer:
     def texture(self, base, noise=8.0, blotch=0.15, scale=16):
         """Base colour with per-pixel noise and low-frequency multiplicative blotches."""
         rng = self.rng
-        grid = rng.uniform(1 - blotch, 1 + blotch, (max(2, self.h // scale), max(2, self.w // scale), 1))
-        low = np.asarray(Image.fromarray((grid[..., 0] * 127).astype(np.uint8)).resize((self.w, self.h), Image.Resampling.BILINEAR), np.float32)[..., None] / 127
+        grid = rng.uniform(
+            1 - blotch, 1 + blotch, (max(2, self.h // scale), max(2, self.w // scale), 1)
+        )
+        low = (
+            np.asarray(
+                Image.fromarray((grid[..., 0] * 127).astype(np.uint8)).resize(
+                    (self.w, self.h), Image.Resampling.BILINEAR
+                ),
+                np.float32,
+            )[..., None]
+            / 127
+        )
         jitter = np.asarray(base, np.float32) * rng.uniform(0.85, 1.15, 3)
         return jitter * low + rng.normal(0, noise, (self.h, self.w, 3)).astype(np.float32)
 
@@ -129,7 +141,10 @@ class _Renderer:
     # -- scene parts ----------------------------------------------------------------------------
     def sky(self):
         rng = self.rng
-        top, bottom = rng.uniform([40, 90, 150], [110, 160, 230]), rng.uniform([150, 180, 200], [230, 235, 250])
+        top, bottom = (
+            rng.uniform([40, 90, 150], [110, 160, 230]),
+            rng.uniform([150, 180, 200], [230, 235, 250]),
+        )
         t = np.clip(self.rows / max(self.horizon, 1), 0, 1)[..., None]
         color = top * (1 - t) + bottom * t + rng.normal(0, 2, (self.h, self.w, 3))
         self.sky_color = bottom
@@ -145,11 +160,23 @@ class _Renderer:
         sidewalk = below & (ax >= self.road_half) & (ax < self.road_half + self.sidewalk)
         terrain = below & ~road & ~sidewalk
         asphalt = self.texture(self.rng.uniform([60, 60, 60], [110, 105, 110]), noise=7, blotch=0.2)
-        marking = ((np.abs(x) < 0.08) & (np.mod(z, 9.0) < 4.0)) | (np.abs(ax - (self.road_half - 0.25)) < 0.08)
+        marking = ((np.abs(x) < 0.08) & (np.mod(z, 9.0) < 4.0)) | (
+            np.abs(ax - (self.road_half - 0.25)) < 0.08
+        )
         asphalt[marking & road] = self.rng.uniform(200, 240)
         self.canvas.paint(road, z, ID["road"], asphalt)
-        self.canvas.paint(sidewalk, z, ID["sidewalk"], self.texture(self.rng.uniform([150, 120, 130], [200, 170, 190]), noise=6, scale=8))
-        self.canvas.paint(terrain, z, ID["terrain"], self.texture(self.rng.uniform([90, 140, 60], [140, 190, 100]), noise=12, scale=6))
+        self.canvas.paint(
+            sidewalk,
+            z,
+            ID["sidewalk"],
+            self.texture(self.rng.uniform([150, 120, 130], [200, 170, 190]), noise=6, scale=8),
+        )
+        self.canvas.paint(
+            terrain,
+            z,
+            ID["terrain"],
+            self.texture(self.rng.uniform([90, 140, 60], [140, 190, 100]), noise=12, scale=6),
+        )
         self.ground_x, self.ground_z = x, z
 
     def roadside(self):
@@ -162,7 +189,9 @@ class _Renderer:
             z = rng.uniform(2.0, 8.0)
             while z < 250:
                 length = rng.uniform(8, 35)
-                kind = rng.choice(["building", "vegetation", "fence", "gap"], p=[0.5, 0.25, 0.1, 0.15])
+                kind = rng.choice(
+                    ["building", "vegetation", "fence", "gap"], p=[0.5, 0.25, 0.1, 0.15]
+                )
                 span = (z_col >= z) & (z_col < z + length)
                 if kind == "building":
                     self._facade(span, z_col, rng.uniform(6, 30), x_plane)
@@ -183,7 +212,11 @@ class _Renderer:
         color = self.texture(rng.uniform([70, 60, 55], [190, 170, 160]), noise=5, blotch=0.08)
         storey, bay = rng.uniform(2.8, 3.6), rng.uniform(2.5, 4.5)
         height_px = self.cam_h + (self.horizon - self.rows) * z_col / self.f
-        windows = (np.mod(height_px, storey) > storey * 0.35) & (np.mod(z_col, bay) < bay * 0.55) & (height_px > 2.5)
+        windows = (
+            (np.mod(height_px, storey) > storey * 0.35)
+            & (np.mod(z_col, bay) < bay * 0.55)
+            & (height_px > 2.5)
+        )
         color[windows] = color[windows] * 0.35 + rng.uniform(20, 60)
         self.canvas.paint(mask, z_col, ID["building"], color)
 
@@ -191,8 +224,12 @@ class _Renderer:
         rng = self.rng
         raw_noise = rng.uniform(0.6, 1.0, self.w).astype(np.float32)
         top_noise = np.convolve(raw_noise, np.ones(9) / 9, mode="same")
-        mask = self._vertical_span(span, z_col, height_m * top_noise[None, :]) & (self.rows < self.row_of_height(z_col, 0.0))
-        color = self.texture(rng.uniform([40, 80, 20], [90, 140, 60]), noise=18, blotch=0.3, scale=4)
+        mask = self._vertical_span(span, z_col, height_m * top_noise[None, :]) & (
+            self.rows < self.row_of_height(z_col, 0.0)
+        )
+        color = self.texture(
+            rng.uniform([40, 80, 20], [90, 140, 60]), noise=18, blotch=0.3, scale=4
+        )
         self.canvas.paint(mask, z_col, ID["vegetation"], color)
 
     def _fence(self, span, z_col):
@@ -208,36 +245,74 @@ class _Renderer:
             z = rng.uniform(5, 20)
             while z < 90:
                 height = rng.uniform(3.5, 6.5)
-                self.canvas.paint(self.box(x, z, 0.15, 0.0, height), z, ID["pole"], np.array(rng.uniform(110, 170, 3), np.float32))
+                self.canvas.paint(
+                    self.box(x, z, 0.15, 0.0, height),
+                    z,
+                    ID["pole"],
+                    np.array(rng.uniform(110, 170, 3), np.float32),
+                )
                 roll = rng.uniform()
                 if roll < 0.45:
-                    sign = self.box(x, z - 0.05, 0.7, height - 0.8, height) if rng.uniform() < 0.5 else self.ellipse(x, z - 0.05, height - 0.4, 0.38, 0.38)
-                    color = np.array([[230, 30, 30], [30, 60, 200], [240, 220, 20]][rng.integers(3)], np.float32)
+                    sign = (
+                        self.box(x, z - 0.05, 0.7, height - 0.8, height)
+                        if rng.uniform() < 0.5
+                        else self.ellipse(x, z - 0.05, height - 0.4, 0.38, 0.38)
+                    )
+                    color = np.array(
+                        [[230, 30, 30], [30, 60, 200], [240, 220, 20]][rng.integers(3)], np.float32
+                    )
                     self.canvas.paint(sign, z - 0.05, ID["traffic sign"], color)
                 elif roll < 0.65:
                     housing = self.box(x, z - 0.05, 0.35, height - 1.0, height)
-                    self.canvas.paint(housing, z - 0.05, ID["traffic light"], np.array([30, 30, 30], np.float32))
+                    self.canvas.paint(
+                        housing, z - 0.05, ID["traffic light"], np.array([30, 30, 30], np.float32)
+                    )
                     lamp = self.ellipse(x, z - 0.06, height - rng.choice([0.2, 0.5, 0.8]), 0.1, 0.1)
-                    self.canvas.paint(lamp, z - 0.06, ID["traffic light"], np.array([[255, 40, 40], [255, 200, 0], [40, 255, 80]][rng.integers(3)], np.float32))
+                    self.canvas.paint(
+                        lamp,
+                        z - 0.06,
+                        ID["traffic light"],
+                        np.array(
+                            [[255, 40, 40], [255, 200, 0], [40, 255, 80]][rng.integers(3)],
+                            np.float32,
+                        ),
+                    )
                 z += rng.uniform(12, 35)
 
     def cars(self):
         rng = self.rng
-        lanes = [-self.road_half / 2, self.road_half / 2, -(self.road_half - 1.1), self.road_half - 1.1]
+        lanes = [
+            -self.road_half / 2,
+            self.road_half / 2,
+            -(self.road_half - 1.1),
+            self.road_half - 1.1,
+        ]
         for _ in range(rng.integers(0, 7)):
             x = rng.choice(lanes) + rng.uniform(-0.4, 0.4)
             z = rng.uniform(4.0, 70.0)
             width, height = rng.uniform(1.6, 2.0), rng.uniform(1.35, 1.8)
             body_color = np.array(rng.uniform(20, 235, 3), np.float32)
-            body = self.box(x, z, width, 0.25, height * 0.6) | self.box(x, z, width * 0.85, height * 0.6, height)
-            color = np.broadcast_to(body_color, (self.h, self.w, 3)).copy() + rng.normal(0, 4, (self.h, self.w, 3))
+            body = self.box(x, z, width, 0.25, height * 0.6) | self.box(
+                x, z, width * 0.85, height * 0.6, height
+            )
+            color = np.broadcast_to(body_color, (self.h, self.w, 3)).copy() + rng.normal(
+                0, 4, (self.h, self.w, 3)
+            )
             glass = self.box(x, z, width * 0.75, height * 0.63, height * 0.95)
             color[glass] = rng.uniform(20, 60)
-            wheels = self.box(x - width * 0.35, z, 0.4, 0.0, 0.45) | self.box(x + width * 0.35, z, 0.4, 0.0, 0.45)
+            wheels = self.box(x - width * 0.35, z, 0.4, 0.0, 0.45) | self.box(
+                x + width * 0.35, z, 0.4, 0.0, 0.45
+            )
             color[wheels] = 15
-            lights = self.box(x - width * 0.4, z, 0.2, 0.7, 0.85) | self.box(x + width * 0.4, z, 0.2, 0.7, 0.85)
+            lights = self.box(x - width * 0.4, z, 0.2, 0.7, 0.85) | self.box(
+                x + width * 0.4, z, 0.2, 0.7, 0.85
+            )
             color[lights] = (200, 20, 20)
-            shadow = (self.ground_z > z - 0.5) & (self.ground_z < z + 3.5) & (np.abs(self.ground_x - x) < width * 0.55)
+            shadow = (
+                (self.ground_z > z - 0.5)
+                & (self.ground_z < z + 3.5)
+                & (np.abs(self.ground_x - x) < width * 0.55)
+            )
             shadow &= self.canvas.label == ID["road"]
             self.canvas.color[shadow] *= 0.55
             self.canvas.paint(body | wheels, z, ID["car"], color)
@@ -249,7 +324,9 @@ class _Renderer:
             x = side * (self.road_half + rng.uniform(0.5, max(self.sidewalk - 0.3, 0.6)))
             z = rng.uniform(4.0, 40.0)
             height = rng.uniform(1.5, 1.9)
-            legs = self.box(x - 0.12, z, 0.16, 0.0, height * 0.47) | self.box(x + 0.12, z, 0.16, 0.0, height * 0.47)
+            legs = self.box(x - 0.12, z, 0.16, 0.0, height * 0.47) | self.box(
+                x + 0.12, z, 0.16, 0.0, height * 0.47
+            )
             torso = self.box(x, z, 0.48, height * 0.45, height * 0.85)
             head = self.ellipse(x, z, height * 0.92, 0.11, 0.13)
             color = np.empty((self.h, self.w, 3), np.float32)
@@ -273,13 +350,19 @@ class _Renderer:
             else:
                 cx, cy = self.col_of(x, z), self.row_of_height(z, size * 0.4)
                 angle = np.arctan2(self.rows - cy, self.cols - cx)
-                radius = self.f * size * 0.5 / z * (1 + 0.35 * np.sin(3 * angle + rng.uniform(0, 6)))
+                radius = (
+                    self.f * size * 0.5 / z * (1 + 0.35 * np.sin(3 * angle + rng.uniform(0, 6)))
+                )
                 mask = np.hypot(self.rows - cy, self.cols - cx) <= radius
             mask &= self.rows <= self.ground_row(z)
             color = np.empty((self.h, self.w, 3), np.float32)
-            color[:] = [[240, 20, 200], [20, 230, 230], [255, 140, 0], [140, 255, 20]][rng.integers(4)]
+            color[:] = [[240, 20, 200], [20, 230, 230], [255, 140, 0], [140, 255, 20]][
+                rng.integers(4)
+            ]
             if rng.uniform() < 0.5:
-                color[(np.floor(self.cols / 4) + np.floor(self.rows / 4)) % 2 == 0] = rng.uniform(0, 255, 3)
+                color[(np.floor(self.cols / 4) + np.floor(self.rows / 4)) % 2 == 0] = rng.uniform(
+                    0, 255, 3
+                )
             self.canvas.paint(mask, z, ID["dynamic"], color, anomaly=True)
 
     def ego_vehicle(self):
@@ -288,7 +371,9 @@ class _Renderer:
         band = self.h * self.rng.uniform(0.05, 0.1)
         curve = band * (1 - ((self.cols - self.w / 2) / (self.w / 2)) ** 2 * 0.5)
         mask = self.rows >= self.h - curve
-        self.canvas.paint(mask, 1.0, ID["ego vehicle"], self.texture(self.rng.uniform(10, 60, 3), noise=3))
+        self.canvas.paint(
+            mask, 1.0, ID["ego vehicle"], self.texture(self.rng.uniform(10, 60, 3), noise=3)
+        )
 
     def finish(self) -> np.ndarray:
         rng = self.rng
@@ -303,7 +388,15 @@ class _Renderer:
 
     def camera(self) -> dict:
         return {
-            "extrinsic": {"baseline": BASELINE_M, "x": 0.0, "y": 0.0, "z": self.cam_h, "pitch": 0.0, "roll": 0.0, "yaw": 0.0},
+            "extrinsic": {
+                "baseline": BASELINE_M,
+                "x": 0.0,
+                "y": 0.0,
+                "z": self.cam_h,
+                "pitch": 0.0,
+                "roll": 0.0,
+                "yaw": 0.0,
+            },
             "intrinsic": {"fx": self.f, "fy": self.f, "u0": self.vx, "v0": self.horizon},
         }
 
@@ -340,10 +433,16 @@ def _write_scene(root: Path, seed: int, split: str, index: int, height: int, wid
         Image.fromarray(scene.image).save(root / "anomaly" / "original" / f"{stem}.png")
         Image.fromarray(label).save(root / "anomaly" / "labels" / f"{stem}.png")
         return
-    Image.fromarray(scene.image).save(root / "leftImg8bit" / split / CITY / f"{stem}_leftImg8bit.png")
-    Image.fromarray(scene.label_ids).save(root / "gtFine" / split / CITY / f"{stem}_gtFine_labelIds.png")
+    Image.fromarray(scene.image).save(
+        root / "leftImg8bit" / split / CITY / f"{stem}_leftImg8bit.png"
+    )
+    Image.fromarray(scene.label_ids).save(
+        root / "gtFine" / split / CITY / f"{stem}_gtFine_labelIds.png"
+    )
     disparity = BASELINE_M * scene.camera["intrinsic"]["fx"] / scene.depth
-    disparity[scene.label_ids == ID["ego vehicle"]] = 0  # unknown, as stereo gives nothing usable on the hood
+    disparity[scene.label_ids == ID["ego vehicle"]] = (
+        0  # unknown, as stereo gives nothing usable on the hood
+    )
     write_disparity(root / "disparity" / split / CITY / f"{stem}_disparity.png", disparity)
     (root / "camera" / split / CITY / f"{stem}_camera.json").write_text(json.dumps(scene.camera))
 
@@ -352,14 +451,19 @@ def _write_job(job: tuple) -> None:
     _write_scene(*job)
 
 
-def generate_synthetic(root: str | Path, config: SyntheticConfig = SyntheticConfig(), progress: bool = False) -> Path:
+def generate_synthetic(
+    root: str | Path, config: SyntheticConfig = SyntheticConfig(), progress: bool = False
+) -> Path:
     """Write the dataset under ``root`` unless a marker says it was already written with ``config``.
 
     The marker is written last, so an interrupted generation is redone on the next call.
     """
     root = Path(root)
     marker = root / MARKER
-    settings = {"generator_version": GENERATOR_VERSION, **{k: v for k, v in asdict(config).items() if k != "workers"}}
+    settings = {
+        "generator_version": GENERATOR_VERSION,
+        **{k: v for k, v in asdict(config).items() if k != "workers"},
+    }
     if marker.is_file() and json.loads(marker.read_text()) == settings:
         return root
     for split in ("train", "val"):
@@ -369,7 +473,9 @@ def generate_synthetic(root: str | Path, config: SyntheticConfig = SyntheticConf
         (root / "anomaly" / sub).mkdir(parents=True, exist_ok=True)
     jobs = [
         (root, config.seed, split, index, config.height, config.width)
-        for split, count in zip(SPLITS, (config.num_train, config.num_val, config.num_anomaly))
+        for split, count in zip(
+            SPLITS, (config.num_train, config.num_val, config.num_anomaly), strict=True
+        )
         for index in range(count)
     ]
     workers = min(config.workers or os.cpu_count() or 1, max(len(jobs), 1))

@@ -113,6 +113,70 @@ class FinetuneConfig(TrainConfig):
     lr: float = 5e-3
 
 
+AnomalyLayout = Literal["original_labels", "smiyc", "same_stem", "road_anomaly", "lost_and_found"]
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """One ``pebal.benchmarks`` entry written as a mapping (a plain path is the same with the defaults).
+
+    ``name``: the benchmark's name in tables and metrics (default: from the folder); ``layout``: one of
+    :data:`segxal.data.anomaly.LAYOUTS` when detection should not decide; ``split``: LostAndFound only;
+    ``min_predicted_component`` / ``min_gt_component``: this benchmark's component-size filters (pixels
+    at the label resolution; default: ``pebal.evaluation``'s)."""
+
+    path: str
+    name: str | None = None
+    layout: AnomalyLayout | None = None
+    split: str | None = None
+    min_predicted_component: int | None = None
+    min_gt_component: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(bool(self.path), "BenchmarkConfig.path must not be empty")
+        _require(
+            self.name is None or bool(self.name.strip()), "BenchmarkConfig.name must not be empty"
+        )
+        for field in ("min_predicted_component", "min_gt_component"):
+            value = getattr(self, field)
+            _require(
+                value is None or value >= 0, f"BenchmarkConfig.{field} must be >= 0, got {value}"
+            )
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """How the anomaly benchmarks are scored (the AnomalyMix'd validation split stays at the training size).
+
+    ``protocol``:
+    - ``label_resolution`` (default): each image is scored at ``input_height`` with its aspect kept
+      (``training``: the height of ``data.image_size``; ``native``: the file's own size), the score maps
+      are upsampled bilinearly to the label's resolution and every metric is computed there;
+    - ``training_size``: image and label are both resized to ``data.image_size`` (squashes the aspect
+      and loses small anomalies; kept to compare with older tables).
+
+    Component metrics (SegmentMeIfYouCan's sIoU, PPV and mean F1) binarise each method's score at its
+    best pixel-wise F1 threshold on the benchmark, drop predicted components under
+    ``min_predicted_component`` pixels and count ground-truth components under ``min_gt_component`` as
+    void (SMIYC: 500 / 100 on the anomaly track, 50 / 10 on the obstacle track, at 2048 x 1024).
+    """
+
+    protocol: Literal["label_resolution", "training_size"] = "label_resolution"
+    input_height: int | Literal["training", "native"] = "training"
+    min_predicted_component: int = 500
+    min_gt_component: int = 100
+
+    def __post_init__(self) -> None:
+        _require(
+            not isinstance(self.input_height, int) or self.input_height >= 8,
+            f"EvaluationConfig.input_height must be >= 8 pixels, got {self.input_height}",
+        )
+        _require(
+            self.min_predicted_component >= 0 and self.min_gt_component >= 0,
+            "EvaluationConfig.min_predicted_component and min_gt_component must be >= 0",
+        )
+
+
 @dataclass(frozen=True)
 class PebalConfig:
     """Losses, model surgery, AnomalyMix and scoring settings (names follow DESIGN.md §2).
@@ -132,8 +196,8 @@ class PebalConfig:
     small U-Nets). ``pretrained``: a segxal checkpoint of the trained segmenter (``model`` =
     ``UNet.to_checkpoint()``, as ``jobs.train`` and Ray Train write them); without it the job first trains
     the segmenter with the ``train`` section. ``benchmarks``: anomaly dataset folders (any layout of
-    :func:`segxal.data.anomaly.anomaly_benchmark`) evaluated after fine-tuning, besides the AnomalyMix'd
-    validation split. ``margin_quantiles``: (q_in, q_out) to calibrate the margins from the pre-trained
+    :func:`segxal.data.anomaly.anomaly_benchmark`), as paths or :class:`BenchmarkConfig` mappings, evaluated
+    after fine-tuning besides the AnomalyMix'd validation split, as ``evaluation`` says. ``margin_quantiles``: (q_in, q_out) to calibrate the margins from the pre-trained
     model instead of taking ``m_in``/``m_out`` as given: m_in and m_out become those quantiles of its free
     energy on inlier training pixels. The paper's -12/-6 fit a WideResNet38 whose inlier energy sits far
     below; a small U-Net's sits near -3, where those margins are never active. ``panel_images``: images
@@ -154,7 +218,8 @@ class PebalConfig:
     anomalymix: AnomalyMixConfig = AnomalyMixConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     pretrained: str | None = None
-    benchmarks: tuple[str, ...] = ()
+    benchmarks: tuple[str | BenchmarkConfig, ...] = ()
+    evaluation: EvaluationConfig = EvaluationConfig()
     margin_quantiles: tuple[float, float] | None = None
     panel_images: int = 3
 
@@ -206,6 +271,13 @@ class PebalConfig:
         _require(
             self.panel_images >= 0,
             f"PebalConfig.panel_images must be >= 0, got {self.panel_images}",
+        )
+
+    @property
+    def benchmark_entries(self) -> tuple[BenchmarkConfig, ...]:
+        """Every ``benchmarks`` entry as a :class:`BenchmarkConfig`."""
+        return tuple(
+            BenchmarkConfig(entry) if isinstance(entry, str) else entry for entry in self.benchmarks
         )
 
     @property

@@ -25,15 +25,24 @@ from typing import cast
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from segxal.data.labels import IGNORE_INDEX
+from segxal.component_metrics import (
+    COMPONENT_METRICS,
+    best_f1_threshold,
+    image_components,
+    summarize,
+)
+from segxal.data.anomaly import AnomalyBenchmark
+from segxal.data.dataset import SampleTransform
+from segxal.data.labels import IGNORE_INDEX, LabelSet
 from segxal.data.transforms import denormalize
 from segxal.markdown import markdown_table
 from segxal.metrics import anomaly_metrics, roc_points
 from segxal.pebal.anomalymix import AnomalyMix, CocoOutliers
-from segxal.pebal.config import AnomalyMixConfig, PebalConfig
+from segxal.pebal.config import AnomalyMixConfig, BenchmarkConfig, EvaluationConfig, PebalConfig
 from segxal.pebal.scores import anomaly_score, free_energy
 
 PEBAL = "pebal"
@@ -87,6 +96,11 @@ def split_outliers(
     return CocoOutliers(train), CocoOutliers(val)
 
 
+def mixed_validation_name(label_set: LabelSet) -> str:
+    """The name of the AnomalyMix'd validation split in tables and metrics."""
+    return f"{label_set.name}_anomalymix_val"
+
+
 class MixedValidationSet(Dataset):
     """A segmentation dataset with AnomalyMix outliers pasted into every image, reproducibly.
 
@@ -132,10 +146,100 @@ class Panel:
 @dataclass
 class DatasetResult:
     name: str
-    metrics: dict[str, dict[str, float]]  # method -> {"ap", "fpr95", "auroc"}
+    metrics: dict[str, dict[str, float]]  # method -> {"ap", "fpr95", "auroc"[, component metrics]}
     scores: dict[str, np.ndarray] = field(repr=False)  # method -> pooled non-void pixel scores
     labels: np.ndarray = field(repr=False)  # pooled non-void labels, 1 = anomaly
     panels: list[Panel] = field(default_factory=list, repr=False)
+    protocol: str = ""  # how the images were scored and compared (in every table)
+
+
+@dataclass(frozen=True)
+class ComponentSizes:
+    """SegmentMeIfYouCan's component filters, in pixels at the label's resolution."""
+
+    min_predicted: int = 500
+    min_gt: int = 100
+
+
+@dataclass(frozen=True)
+class EvaluationSet:
+    """A dataset to evaluate, how (``protocol``, in every table) and with which component filters."""
+
+    name: str
+    dataset: Dataset
+    protocol: str
+    batch_size: int = 4
+    components: ComponentSizes | None = None
+
+
+def benchmark_set(
+    benchmark: AnomalyBenchmark,
+    entry: BenchmarkConfig,
+    evaluation: EvaluationConfig,
+    image_size: tuple[int, int] | None,
+    batch_size: int,
+) -> EvaluationSet:
+    """``benchmark`` under ``evaluation``'s protocol (``image_size``: the training size, data.image_size)."""
+    sizes = ComponentSizes(
+        evaluation.min_predicted_component
+        if entry.min_predicted_component is None
+        else entry.min_predicted_component,
+        evaluation.min_gt_component if entry.min_gt_component is None else entry.min_gt_component,
+    )
+    if evaluation.protocol == "training_size":
+        where = "each file's own size" if image_size is None else f"{image_size[0]}x{image_size[1]}"
+        protocol = (
+            f"training_size: images and labels resized to {where} (data.image_size), metrics there"
+        )
+        dataset = benchmark.dataset(SampleTransform(size=image_size))
+        return EvaluationSet(benchmark.name, dataset, protocol, batch_size, sizes)
+    height: int | None
+    if evaluation.input_height == "training":
+        height = None if image_size is None else image_size[0]
+    elif evaluation.input_height == "native":
+        height = None
+    else:
+        height = evaluation.input_height
+    if height is None:
+        protocol = (
+            "label_resolution: scored at each file's own size, metrics at the label resolution"
+        )
+        transform = SampleTransform(label_at_file_size=True)
+    else:
+        protocol = (
+            f"label_resolution: scored at height {height} with the aspect kept, scores upsampled "
+            "bilinearly to the label resolution, metrics there"
+        )
+        transform = SampleTransform(height=height, label_at_file_size=True)
+    # images of one benchmark may differ in size: one per batch
+    return EvaluationSet(benchmark.name, benchmark.dataset(transform), protocol, 1, sizes)
+
+
+def _at_label_size(maps: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """(B, h, w) score maps upsampled bilinearly to the label's (B, H, W) when the sizes differ."""
+    if maps.shape[-2:] == label.shape[-2:]:
+        return maps
+    return F.interpolate(
+        maps[:, None].float(), size=label.shape[-2:], mode="bilinear", align_corners=False
+    )[:, 0]
+
+
+def _component_metrics(
+    scores: np.ndarray, labels: np.ndarray, valid_masks: list[np.ndarray], sizes: ComponentSizes
+) -> dict[str, float]:
+    """sIoU, PPV and mean F1 at the best pixel-F1 threshold, the images rebuilt from the pooled
+    non-void pixels (``valid_masks``: each image's non-void pixels, in the pooling order)."""
+    threshold = best_f1_threshold(scores, labels)
+    images, start = [], 0
+    for valid in valid_masks:
+        count = int(valid.sum())
+        predicted = np.zeros(valid.shape, dtype=bool)
+        label = np.full(valid.shape, IGNORE_INDEX, dtype=np.uint8)
+        predicted[valid] = scores[start : start + count] >= threshold
+        label[valid] = labels[start : start + count]
+        images.append(image_components(predicted, label, sizes.min_predicted, sizes.min_gt))
+        start += count
+    return {**summarize(images), "threshold": threshold}
 
 
 @torch.no_grad()
@@ -149,11 +253,15 @@ def evaluate_anomaly(
     batch_size: int = 4,
     panel_images: int = 0,
     panel_methods: tuple[str, ...] = (PEBAL, "energy"),
+    components: ComponentSizes | None = None,
+    protocol: str = "",
 ) -> DatasetResult:
-    """Pooled AUROC / AP / FPR95 of every method on ``dataset`` (items with ``image`` and 0/1/255 ``label``).
+    """Pooled AUROC / AP / FPR95 of every method on ``dataset`` (items with ``image`` and 0/1/255 ``label``),
+    and with ``components`` SegmentMeIfYouCan's sIoU, PPV and mean F1 (:mod:`segxal.component_metrics`).
 
     ``models`` maps the ``model`` keys of ``methods`` to networks (put in eval mode here; each runs
-    once per batch). ``smoothing``: kernel and σ of the smoothed scores. The first ``panel_images``
+    once per batch). ``smoothing``: kernel and σ of the smoothed scores. Score maps are upsampled
+    bilinearly to the label's size where it differs from the image's. The first ``panel_images``
     images keep their maps of ``panel_methods`` for :func:`plot_panels`.
     """
     needed = {method.model for method in methods}
@@ -164,6 +272,7 @@ def evaluate_anomaly(
         models[key].eval()
     scores: dict[str, list[np.ndarray]] = {method.name: [] for method in methods}
     labels: list[np.ndarray] = []
+    valid_masks: list[np.ndarray] = []
     panels: list[Panel] = []
     for batch in DataLoader(dataset, batch_size=batch_size):
         image, label = batch["image"].to(device), batch["label"].to(device)
@@ -171,11 +280,12 @@ def evaluate_anomaly(
         valid = label != IGNORE_INDEX
         maps = {}
         for method in methods:
-            maps[method.name] = anomaly_score(
-                logits[method.model], method.score, method.abstention, *smoothing
-            )
+            score = anomaly_score(logits[method.model], method.score, method.abstention, *smoothing)
+            maps[method.name] = _at_label_size(score, label)
             scores[method.name].append(maps[method.name][valid].float().cpu().numpy())
         labels.append(label[valid].to(torch.uint8).cpu().numpy())
+        if components is not None:
+            valid_masks.extend(valid.cpu().numpy())
         for index in range(min(panel_images - len(panels), image.shape[0])):
             panels.append(
                 Panel(
@@ -195,7 +305,12 @@ def evaluate_anomaly(
         }
     except ValueError as error:
         raise ValueError(f"{name}: {error}") from error
-    return DatasetResult(name, metrics, pooled, pooled_labels, panels)
+    if components is not None:
+        for method_name, values in pooled.items():
+            metrics[method_name].update(
+                _component_metrics(values, pooled_labels, valid_masks, components)
+            )
+    return DatasetResult(name, metrics, pooled, pooled_labels, panels, protocol)
 
 
 @torch.no_grad()
@@ -251,46 +366,75 @@ def metric_name(dataset: str, method: str, metric: str) -> str:
     return f"anomaly/{dataset}/{method}/{metric}"
 
 
+def result_metrics(result: DatasetResult) -> tuple[str, ...]:
+    """The table's metrics of ``result``: AP, FPR95, AUROC, then sIoU, PPV, mean F1 when computed."""
+    first = next(iter(result.metrics.values()), {})
+    return METRICS + (COMPONENT_METRICS if COMPONENT_METRICS[0] in first else ())
+
+
 def flat_metrics(results: Iterable[DatasetResult]) -> dict[str, float]:
-    """``{"anomaly/<dataset>/<method>/<ap|fpr95|auroc>": value}`` for MLflow."""
+    """``{"anomaly/<dataset>/<method>/<metric>": value}`` for MLflow (every metric computed)."""
     return {
-        metric_name(r.name, method, key): values[key]
+        metric_name(r.name, method, key): value
         for r in results
         for method, values in r.metrics.items()
-        for key in METRICS
+        for key, value in values.items()
     }
 
 
 def table_rows(results: Iterable[DatasetResult]) -> list[dict]:
-    """One row per (dataset, method) with ap, fpr95 and auroc."""
+    """One row per (dataset, method) with every metric computed (empty where a dataset has none) and
+    the dataset's protocol."""
+    results = list(results)
+    keys = list(dict.fromkeys(k for r in results for v in r.metrics.values() for k in v))
     return [
-        {"dataset": r.name, "method": method, **{key: values[key] for key in METRICS}}
+        {
+            "dataset": r.name,
+            "method": method,
+            **{k: values.get(k, "") for k in keys},
+            "protocol": r.protocol,
+        }
         for r in results
         for method, values in r.metrics.items()
     ]
 
 
 def table_csv(results: Iterable[DatasetResult]) -> str:
+    rows = table_rows(results)
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["dataset", "method", *METRICS], lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else [], lineterminator="\n")
     writer.writeheader()
-    for row in table_rows(results):
+    for row in rows:
         writer.writerow({k: f"{v:.6f}" if isinstance(v, float) else v for k, v in row.items()})
     return buffer.getvalue()
 
 
+HEADINGS = {
+    "ap": "AP",
+    "fpr95": "FPR95",
+    "auroc": "AUROC",
+    "siou": "sIoU",
+    "ppv": "PPV",
+    "mean_f1": "mF1",
+}
+
+
 def table_markdown(results: Sequence[DatasetResult]) -> str:
-    """Methods down, datasets across (AP / FPR95 / AUROC in %, side by side)."""
+    """Methods down, datasets across (each dataset's metrics in %, side by side), then each dataset's
+    protocol."""
     methods = list(dict.fromkeys(m for r in results for m in r.metrics))
-    header = ["method"] + [f"{r.name} {key.upper()}" for r in results for key in METRICS]
+    header = ["method"] + [
+        f"{r.name} {HEADINGS[key]}" for r in results for key in result_metrics(r)
+    ]
     rows = []
     for method in methods:
         cells = [method]
         for r in results:
             values = r.metrics.get(method)
-            cells += [f"{100 * values[key]:.2f}" if values else "-" for key in METRICS]
+            cells += [f"{100 * values[key]:.2f}" if values else "-" for key in result_metrics(r)]
         rows.append(cells)
-    return markdown_table(header, rows)
+    protocols = "".join(f"\n- {r.name}: {r.protocol}" for r in results if r.protocol)
+    return markdown_table(header, rows) + (f"\nProtocol:{protocols}\n" if protocols else "")
 
 
 def _thinned(x: np.ndarray, y: np.ndarray, resolution: int = 1000) -> tuple[np.ndarray, np.ndarray]:
