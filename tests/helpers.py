@@ -32,7 +32,7 @@ from orchestrator.run_layout import RunLayout
 from orchestrator.strategies import RegionSpec, ScoreKind
 from segxal.data.cityscapes import cityscapes_manifest
 from segxal.data.dataset import SampleTransform, SegmentationDataset
-from segxal.data.labels import CITYSCAPES
+from segxal.data.labels import CITYSCAPES, IGNORE_INDEX
 from segxal.data.region_labels import labelled_mask, read_region_labels
 from segxal.eem.config import EEMConfig
 from segxal.eem.regions import cell_regions, extract_regions, queried_region_map
@@ -357,3 +357,24 @@ def accept(pool, ids, cycle, oracle, dice, cost, label_paths):
 def return_to_pool(pool, ids, cycle, oracle, dice, cost=0.0):
     """The gate returns every one of ``ids``: one transition of ``pool``."""
     pool.record_decisions(ids, cycle, oracle, dice, cost, [False] * len(ids), [None] * len(ids))
+
+
+def sklearn_miou(model, dataset, num_classes: int) -> float:
+    """mIoU of ``model`` on ``dataset`` from scikit-learn's confusion matrix over the labelled pixels
+    (the classes in the labels or the prediction, as mmsegmentation's nan-mean counts them)."""
+    from sklearn.metrics import confusion_matrix
+    from torch.utils.data import DataLoader
+
+    truth, predicted = [], []
+    with torch.no_grad():
+        for batch in DataLoader(dataset, batch_size=4):
+            label = batch["label"].numpy().ravel()
+            keep = label != IGNORE_INDEX
+            truth.append(label[keep])
+            predicted.append(model(batch["image"]).argmax(1).numpy().ravel()[keep])
+    matrix = confusion_matrix(
+        np.concatenate(truth), np.concatenate(predicted), labels=range(num_classes)
+    )
+    union = matrix.sum(0) + matrix.sum(1) - np.diag(matrix)
+    present = union > 0
+    return float((np.diag(matrix)[present] / union[present]).mean())

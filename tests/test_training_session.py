@@ -1,18 +1,15 @@
 """Training in the driver (``scaling.num_workers: 0``): LocalSession's checkpoints and resume, and
 :func:`actors.ray_train.run_training` without Ray Train."""
 
-import numpy as np
 import pytest
 import torch
-from helpers import tiny_training_job
-from sklearn.metrics import confusion_matrix
-from torch.utils.data import DataLoader
+from helpers import sklearn_miou, tiny_training_job
 
 from actors.ray_train import TrainingRunFailed, manifest_table, run_training, train_segmenter_job
 from orchestrator.config import ScalingConfig
 from segxal.checkpoint import load_checkpoint
 from segxal.data.dataset import SegmentationDataset
-from segxal.data.labels import IGNORE_INDEX, LABEL_SETS
+from segxal.data.labels import LABEL_SETS
 from segxal.models.unet import UNet
 from segxal.training_session import LocalSession
 
@@ -35,25 +32,6 @@ def test_local_session_keeps_the_best_and_the_last_and_resumes(tmp_path):
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 3  # a tie: the later epoch
 
 
-def sklearn_miou(model: UNet, job) -> float:
-    """Validation mIoU of ``model`` from scikit-learn's confusion matrix over the labelled pixels."""
-    label_set = LABEL_SETS[job.label_set]
-    dataset = SegmentationDataset(manifest_table(job.val_manifest), label_set, job.val_transform)
-    truth, predicted = [], []
-    with torch.no_grad():
-        for batch in DataLoader(dataset, batch_size=4):
-            label = batch["label"].numpy().ravel()
-            keep = label != IGNORE_INDEX
-            truth.append(label[keep])
-            predicted.append(model(batch["image"]).argmax(1).numpy().ravel()[keep])
-    matrix = confusion_matrix(
-        np.concatenate(truth), np.concatenate(predicted), labels=range(label_set.num_classes)
-    )
-    union = matrix.sum(0) + matrix.sum(1) - np.diag(matrix)
-    present = matrix.sum(1) > 0
-    return float((np.diag(matrix)[present] / union[present]).mean())
-
-
 def test_training_in_the_driver_returns_the_best_epochs_checkpoint(synthetic_root, tmp_path):
     job = tiny_training_job(synthetic_root, epochs=3)
     result = train_segmenter_job(job, ScalingConfig(num_workers=0), tmp_path, "driver")
@@ -62,7 +40,11 @@ def test_training_in_the_driver_returns_the_best_epochs_checkpoint(synthetic_roo
     assert last["epoch"] == 2 and best["epoch"] == result.best_metrics["epoch"]
     assert result.best_metrics["val/miou"] == pytest.approx(last["best_miou"])
     model = UNet.from_checkpoint(best["model"]).eval()
-    assert sklearn_miou(model, job) == pytest.approx(result.best_metrics["val/miou"], abs=1e-6)
+    label_set = LABEL_SETS[job.label_set]
+    dataset = SegmentationDataset(manifest_table(job.val_manifest), label_set, job.val_transform)
+    assert sklearn_miou(model, dataset, label_set.num_classes) == pytest.approx(
+        result.best_metrics["val/miou"], abs=1e-6
+    )
 
 
 def fails_after_one_epoch(session, loop_config):
