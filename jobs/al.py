@@ -53,9 +53,20 @@ from orchestrator.records import LABELLED, VALIDATION
 from orchestrator.run import ActiveLearningRun, Progress
 from orchestrator.run_layout import RunLayout, cycle_name
 from orchestrator.run_lock import RunFolderInUse, exclusive_run
-from orchestrator.tracking import experiment_run, log_artifact, log_metrics, set_tags
+from orchestrator.tracking import (
+    experiment_run,
+    log_artifact,
+    log_dataset,
+    log_image,
+    log_metrics,
+    log_segmenter,
+    log_table,
+    set_tags,
+)
 from orchestrator.typed_config import ConfigError, to_dict
+from segxal.checkpoint import load_checkpoint
 from segxal.files import write_atomically
+from segxal.models.unet import UNet
 from segxal.training import check_class_weights
 
 log = logging.getLogger("jobs.al")
@@ -309,6 +320,28 @@ def write_failure(error: OSError, run_dir: Path) -> str:
     )
 
 
+def log_cycle_records(layout: RunLayout, cycle: int, artifacts: list[Path]) -> None:
+    """A cycle's files in MLflow: EEM panels as images at ``step = cycle`` (``panel_<k>``: the k-th
+    query of the cycle), the gate's decisions as a table, the pools it trained, validated and scored on
+    as datasets, the rest (prompt regions, pool snapshot) as artifacts."""
+    name = cycle_name(cycle)
+    panels = [path for path in artifacts if path.suffix == ".png"]
+    for rank, path in enumerate(panels, 1):
+        log_image(path, key=f"panel_{rank}", step=cycle)
+    for path in artifacts:
+        if path.suffix != ".png":
+            log_artifact(path, name)
+    if layout.decisions(cycle).is_file():
+        log_table(layout.decisions(cycle), f"{name}/decisions.json")
+    pools = [(layout.train_manifest(cycle), "labelled", "training")]
+    pools.append((layout.candidates(cycle), "candidates", "scoring"))  # D^S
+    if cycle == 0:
+        pools.append((layout.val_manifest(cycle), "validation", "validation"))
+    for path, pool, context in pools:
+        if path.is_file():
+            log_dataset(path, f"{pool}@{name}", context, ["sample_id", "image_path", "label_path"])
+
+
 WAITING_TAG = "waiting_for"
 STOP_TAG = "stop/reason"
 
@@ -326,8 +359,7 @@ def run_cycles_logged(
 
     def on_cycle(cycle: int, metrics: dict, artifacts: list[Path]) -> None:
         log_metrics(metrics, step=cycle)
-        for path in artifacts:
-            log_artifact(path, cycle_name(cycle) + ("/panels" if path.suffix == ".png" else ""))
+        log_cycle_records(layout, cycle, artifacts)
 
     bar = None
     if show:
@@ -365,6 +397,7 @@ def run_cycles_logged(
                   if waiting else "nothing"})  # fmt: skip
         if not waiting:
             log_artifact(progress.checkpoint, "model")
+            log_segmenter(UNet.from_checkpoint(load_checkpoint(progress.checkpoint)["model"]))
         if progress.stopped is not None:
             set_tags({STOP_TAG: progress.stopped})
             print(f"the run stopped early: {progress.stopped}")

@@ -38,7 +38,14 @@ from actors.ray_train import TrainingJob, train_segmenter_job
 from jobs.common import check_tracking_or_exit, init_ray, parse_job_args, show_progress
 from orchestrator.config import ExperimentConfig
 from orchestrator.datasets import datasets_for, label_set_for, manifest_for
-from orchestrator.tracking import experiment_run, log_artifact, log_metrics, log_params, set_tags
+from orchestrator.tracking import (
+    experiment_run,
+    log_artifact,
+    log_metrics,
+    log_params,
+    log_segmenter,
+    set_tags,
+)
 from segxal.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from segxal.data.anomaly import AnomalyBenchmark, anomaly_benchmark, check_unique_names
 from segxal.data.io import DataError
@@ -287,6 +294,7 @@ def main(argv: list[str] | None = None) -> list[DatasetResult]:
         checkpoint = run_dir / "pebal_checkpoint.pt"
         shutil.copyfile(result.best_checkpoint, checkpoint)
         log_artifact(checkpoint, "model")
+        log_segmenter(load_finetuned(checkpoint), name="pebal_model")
         results = evaluate_models(
             config,
             {ORIGINAL: UNet.from_checkpoint(pretrained), PEBAL: load_finetuned(checkpoint)},

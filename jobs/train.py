@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader
 
 from jobs.common import check_tracking_or_exit, parse_job_args, print_results_hint, show_progress
 from orchestrator.datasets import datasets_for, label_set_for
-from orchestrator.tracking import experiment_run, log_artifact, log_metrics, set_tags
+from orchestrator.tracking import experiment_run, log_artifact, log_metrics, log_segmenter, set_tags
+from segxal.checkpoint import load_checkpoint
 from segxal.models.unet import UNet
 from segxal.training import check_class_weights, fit
 
@@ -68,6 +69,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         )
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         log_artifact(run_dir / "checkpoints" / "best.pt", "model")
+        log_segmenter(
+            UNet.from_checkpoint(load_checkpoint(run_dir / "checkpoints" / "best.pt")["model"])
+        )
         log_artifact(run_dir / "metrics.json")
     print(
         f"validation mIoU: {metrics['val/miou']:.4f}  (pixel accuracy {metrics['val/pixel_accuracy']:.4f})"

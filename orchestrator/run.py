@@ -55,7 +55,7 @@ from orchestrator.records import (
     WORK_MANIFEST_SCHEMA,
     Metric,
 )
-from orchestrator.run_layout import RunLayout
+from orchestrator.run_layout import RunLayout, file_name
 from orchestrator.selection import budget_count, cycle_rng, spend_on_regions, subset_positions
 from orchestrator.stopping import stop_reason
 from orchestrator.strategies import Candidates, RegionSpec, ScoreKind, get_strategy
@@ -134,7 +134,9 @@ class Query:
 
     requests: list[AnnotationRequest]  # the selected images, best first
     metrics: dict[str, float]  # time/score_s, time/select_s, time/explain_s
-    artifacts: list[Path]  # the prompt regions (JSON) and EEM panels
+    artifacts: list[
+        Path
+    ]  # the prompt regions (JSON), then the EEM panels in the order of the requests
 
 
 class Handoff(Protocol):
@@ -357,7 +359,8 @@ class ActiveLearningRun:
         regions_file = self.layout.regions_file(cycle)
         regions_file.write_text(json.dumps({r.sample_id: r.regions for r in requests}, indent=1))
         metrics = {**timer.seconds, Metric.MEAN_SCORE: mean_score}
-        return Query(requests, metrics, [regions_file, *sorted(panel_dir.glob("*.png"))])
+        panels = [panel_dir / (file_name(r.sample_id) + ".png") for r in requests]
+        return Query(requests, metrics, [regions_file, *(p for p in panels if p.is_file())])
 
     def _score_and_select(
         self, backend: CycleBackend, cycle: int, checkpoint: Path

@@ -162,8 +162,9 @@ def retrying(call: Callable[[], T], what: str, tracking_uri: str | None = None) 
 def experiment_run(
     tracking_uri: str, experiment: str, run_name: str | None, config: Any, run_id: str | None = None
 ) -> Iterator[mlflow.ActiveRun]:
-    """Start (and always end) an MLflow run with the flattened ``config`` logged as params; with
-    ``run_id``, continue that run (a resumed experiment) instead."""
+    """Start (and always end) an MLflow run with the flattened ``config`` logged as params and system
+    metrics (CPU, memory, GPU: psutil) sampled while it runs; with ``run_id``, continue that run (a
+    resumed experiment) instead."""
     mlflow.set_tracking_uri(tracking_uri)
     found = mlflow.set_experiment(experiment)
     if (
@@ -175,7 +176,9 @@ def experiment_run(
             ),
             "set_experiment_tag",
         )
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name) as run:
+    with mlflow.start_run(
+        run_id=run_id, run_name=None if run_id else run_name, log_system_metrics=True
+    ) as run:
         if run_id is None:
             log_params(flatten(config))
         log.info("MLflow run %s in experiment %r at %s", run.info.run_id, experiment, tracking_uri)
@@ -217,4 +220,59 @@ def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
     retrying(
         lambda: mlflow.log_artifact(str(path), artifact_path=artifact_path),
         f"log_artifact {Path(path).name}",
+    )
+
+
+def log_image(path: str | Path, key: str, step: int) -> None:
+    """A PNG as an MLflow image under ``key`` at ``step``: the UI shows a step slider per key."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()
+    retrying(lambda: mlflow.log_image(image, key=key, step=step, synchronous=True), "log_image")
+
+
+def log_table(path: str | Path, artifact_file: str) -> None:
+    """A Parquet file as an MLflow table (the UI's artifact view shows and filters its rows)."""
+    import pyarrow.parquet as pq
+
+    frame = pq.read_table(path).to_pandas()
+    retrying(lambda: mlflow.log_table(frame, artifact_file=artifact_file), "log_table")
+
+
+def log_dataset(path: str | Path, name: str, context: str, columns: list[str]) -> None:
+    """``columns`` of a Parquet manifest as an MLflow dataset input (name, digest, schema, row count)."""
+    import pyarrow.parquet as pq
+    from mlflow.data.pandas_dataset import from_pandas
+
+    frame = pq.read_table(path, columns=columns).to_pandas()
+    dataset = from_pandas(frame, source=str(Path(path).absolute()), name=name)
+    retrying(lambda: mlflow.log_input(dataset, context=context), "log_input")
+
+
+def log_segmenter(model, name: str = "segmenter") -> None:
+    """``model`` (images (N, 3, H, W) float32 -> logits (N, C, H, W)) with MLflow's PyTorch flavour,
+    a signature of any batch and image size and a small input example, so that it is listed under
+    Logged models and can be registered."""
+    import mlflow.pytorch
+    import numpy as np
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    example = np.zeros((1, 3, 16, 16), dtype=np.float32)
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, model.num_classes, -1, -1))]),
+    )
+    model = model.cpu().eval()
+    retrying(
+        lambda: mlflow.pytorch.log_model(
+            model,
+            name=name,
+            signature=signature,
+            input_example=example,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        ),
+        "log_model",
     )

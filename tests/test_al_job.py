@@ -2,13 +2,16 @@
 ``scaling.num_workers: 0``; one test on Ray Train with 1 worker), SQLite MLflow."""
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
 
 import mlflow
+import mlflow.pytorch
 import pyarrow.parquet as pq
 import pytest
+import torch
 from helpers import SERVICE_WAIT_S, THETA, comparable_pool_state, ids_with_role, tiny
 
 from jobs import al as al_job
@@ -22,6 +25,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def straight_run(local_ray, synthetic_root, tmp_path_factory):
+    os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"  # a sample within this short run
     root = tmp_path_factory.mktemp("al")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     history = al_job.main(tiny(synthetic_root, root / "runs", uri, "straight", 2))
@@ -81,10 +85,41 @@ def test_two_cycles_on_ray(straight_run):
     assert (
         "cycle_01/pool_state.parquet" in artifacts and "cycle_01/cycle_01_regions.json" in artifacts
     )
-    assert any(
-        a.path.endswith(".png") for a in client.list_artifacts(run.info.run_id, "cycle_01/panels")
-    )
     assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/model.pt"]
+
+
+def test_mlflow_has_panels_by_step_decision_tables_datasets_a_logged_model_and_system_metrics(
+    straight_run,
+):
+    run_dir, uri, _ = straight_run
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    (run,) = mlflow.search_runs(experiment_names=["al-test"], output_format="list")
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    # one image per cycle for the first query (al.panels 1): the UI's step slider
+    steps = [
+        i.split("+")[2] for i in images if i.startswith("images/panel_1+") and i.endswith(".png")
+    ]
+    assert sorted(steps) == ["1", "2"]
+    decisions = mlflow.load_table("cycle_01/decisions.json", run_ids=[run.info.run_id])
+    on_disk = pq.read_table(run_dir / "cycles" / "cycle_01" / "decisions.parquet").to_pandas()
+    assert decisions["sample_id"].tolist() == on_disk["sample_id"].tolist()
+    assert decisions["dice"].tolist() == pytest.approx(on_disk["dice"].tolist())
+    names = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert {
+        "labelled@cycle_00",
+        "labelled@cycle_02",
+        "candidates@cycle_01",
+        "validation@cycle_00",
+    } <= set(names)
+    assert json.loads(names["labelled@cycle_00"].dataset.profile)["num_rows"] == 4
+    (model,) = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id], output_format="list"
+    )
+    assert model.source_run_id == run.info.run_id and model.name == "segmenter"
+    loaded = mlflow.pytorch.load_model(model.model_uri)
+    assert loaded(torch.zeros(1, 3, 32, 64)).shape == (1, 19, 32, 64)
+    assert any(key.startswith("system/") for key in run.data.metrics)
 
 
 def test_resume_after_cycle_one_matches_uninterrupted(straight_run, synthetic_root, tmp_path):
