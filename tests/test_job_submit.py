@@ -124,10 +124,11 @@ NO_AGENT = "No available agent to submit job"  # the head's job agent is not up 
 
 
 def submit(address: str, env: dict, entrypoint: list[str]) -> str:
-    """``ray job submit`` from the repository root, once the head's job agent takes it; returns the
-    job's output."""
+    """``ray job submit`` from the repository root under a readable submission id (as the README does),
+    once the head's job agent takes it; returns the job's output."""
     deadline = time.monotonic() + SERVICE_WAIT_S
     while True:
+        submission_id = f"segxal-{entrypoint[1].removeprefix('jobs.')}-{secrets.token_hex(3)}"
         done = ray_cli(
             [
                 "job",
@@ -136,6 +137,8 @@ def submit(address: str, env: dict, entrypoint: list[str]) -> str:
                 address,
                 "--working-dir",
                 ".",
+                "--submission-id",
+                submission_id,
                 "--",
                 "python",
                 *entrypoint,
@@ -151,8 +154,8 @@ def submit(address: str, env: dict, entrypoint: list[str]) -> str:
             f"(SEGXAL_TEST_SERVICE_WAIT_S sets the wait):\n{output}"
         )
         time.sleep(2)
-    match = re.search(r"Job '(raysubmit_\w+)'", output)
-    assert match, output
+    match = re.search(r"Job '(segxal-[\w-]+)'", output)
+    assert match and match.group(1) == submission_id, output
     status = ray_cli(["job", "status", "--address", address, match.group(1)], env)
     assert re.search(rf"Job '{match.group(1)}' succeeded", plain(status.stdout + status.stderr)), (
         output
