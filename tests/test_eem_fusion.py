@@ -227,6 +227,22 @@ def test_panel_is_written(tmp_path):
     assert magenta(with_prompts) > magenta(without) + 10
 
 
+def test_the_eem_overlay_shows_the_image_where_the_eem_is_low():
+    from matplotlib import colormaps
+
+    from segxal.eem.panels import OVERLAY_OPACITY, heat_overlay
+
+    rgb = np.full((2, 2, 3), 0.2)
+    heat = np.array([[0.0, 1.0], [2.0, 4.0]])
+    blended = heat_overlay(rgb, heat)
+    assert np.allclose(blended[0, 0], 0.2)  # no EEM: the image itself
+    top = colormaps["inferno"](1.0)[:3]
+    assert np.allclose(blended[1, 1], (1 - OVERLAY_OPACITY) * 0.2 + OVERLAY_OPACITY * np.array(top))
+    half = colormaps["inferno"](0.5)[:3]  # 2 of a maximum of 4
+    opacity = OVERLAY_OPACITY * 0.5
+    assert np.allclose(blended[1, 0], (1 - opacity) * 0.2 + opacity * np.array(half))
+
+
 def test_region_map_matches_region_records():
     from segxal.eem.regions import extract_regions, region_map
 

@@ -21,7 +21,7 @@ from orchestrator.labelstudio.rle import mask_to_rle
 from orchestrator.oracles import AnnotationRequest
 from segxal.data.labels import LabelSet
 from segxal.data.transforms import resize_nearest
-from segxal.eem.panels import PROMPT_COLOUR
+from segxal.eem.panels import PROMPT_COLOUR, hex_colour
 
 # tag names in the labelling config; every result's from_name / to_name is one of them
 IMAGE, BRUSH, POLYGON, PROMPT, QUERY, NOTE = "image", "label", "polygon", "prompt", "query", "note"
@@ -35,10 +35,6 @@ def prompt_label(rank: int) -> str:
 
 def query_label(rank: int) -> str:
     return f"Region {rank}"
-
-
-def hex_colour(rgb: tuple[int, int, int]) -> str:
-    return "#{:02x}{:02x}{:02x}".format(*rgb)
 
 
 def labelling_config(label_set: LabelSet, max_prompts: int, regions: bool = False) -> str:

@@ -14,8 +14,27 @@ from segxal.data.transforms import denormalize
 PROMPT_COLOUR = "#ff00ff"  # magenta, as in Label Studio and the paper's Fig. 3: it reads on the EEM
 
 
+OVERLAY_OPACITY = 0.75  # the heat map's opacity where the EEM is at its maximum
+
+
 def _numpy(array: torch.Tensor | np.ndarray) -> np.ndarray:
     return array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
+
+
+def hex_colour(rgb: Sequence[int]) -> str:
+    return "#{:02x}{:02x}{:02x}".format(*rgb)
+
+
+def heat_overlay(rgb: np.ndarray, heat: np.ndarray, cmap: str = "inferno") -> np.ndarray:
+    """``rgb`` (H, W, 3) in [0, 1] under the colour-mapped ``heat`` (H, W), blended per pixel with
+    opacity ``OVERLAY_OPACITY x heat / max(heat)``: the image shows where the map is low."""
+    from matplotlib import colormaps
+
+    scale = max(float(heat.max()), 1e-12)
+    level = np.clip(heat / scale, 0.0, 1.0)
+    colours = colormaps[cmap](level)[..., :3]
+    opacity = (OVERLAY_OPACITY * level)[..., None]
+    return (1 - opacity) * rgb + opacity * colours
 
 
 def save_panel(
@@ -32,11 +51,16 @@ def save_panel(
 ) -> Path:
     """Write a 2x3 panel for one image: ``image`` ImageNet-normalised (3, H, W), the rest (H, W).
 
-    Prompt points of ``regions`` are marked and numbered on the EEM. Uses matplotlib's Agg canvas
-    directly, so no global backend is switched.
+    The prediction has a legend of the classes it holds (with ``label_set``); the last tile is the EEM
+    over the image (:func:`heat_overlay`) with the prompt points of ``regions``, numbered by rank, and a
+    legend saying so. Uses matplotlib's Agg canvas directly, so no global backend is switched.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     if image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(f"image must be (3, H, W), got shape {tuple(image.shape)}")
@@ -68,7 +92,7 @@ def save_panel(
         ("entropy (normalised)", _numpy(entropy), "magma", (0, 1)),
         ("proximity (1 = near)", _numpy(proximity), "viridis", (0, 1)),
         ("ProxGradCAM", _numpy(proxgradcam), "jet", (0, 1)),
-        ("EEM + prompts", eem_np, "inferno", (0, max(float(eem_np.max()), 1e-6))),
+        ("EEM over the image + prompts", heat_overlay(rgb, eem_np), None, None),
     ]
     for axis, (name, values, cmap, limits) in zip(axes.flat, tiles, strict=False):
         shown = axis.imshow(
@@ -83,6 +107,19 @@ def save_panel(
         if limits is not None:
             figure.colorbar(shown, ax=axis, fraction=0.046, pad=0.02)
     eem_axis = axes.flat[-1]
+    eem_scale = ScalarMappable(Normalize(0, max(float(eem_np.max()), 1e-6)), "inferno")
+    figure.colorbar(eem_scale, ax=eem_axis, fraction=0.046, pad=0.02)
+    if label_set is not None:
+        present = np.unique(pred[(pred >= 0) & (pred < label_set.num_classes)])
+        patches = [
+            Patch(color=hex_colour(label_set.colors[c]), label=label_set.class_names[c])
+            for c in present
+        ]
+        axes.flat[1].legend(handles=patches, fontsize=6, loc="lower left", framealpha=0.7, ncols=2)
+    if regions:
+        marker = Line2D([], [], marker="o", linestyle="", markerfacecolor=PROMPT_COLOUR,
+                        markeredgecolor="black", label="prompt k: region k by EEM rank")  # fmt: skip
+        eem_axis.legend(handles=[marker], fontsize=7, loc="lower left", framealpha=0.7)
     for region in regions:
         x, y = region["prompt"]["x"], region["prompt"]["y"]
         eem_axis.plot(
