@@ -7,6 +7,8 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 # tracking.experiment of jobs/configs/demo.yaml, compared at the end of `make demo`
 DEMO_EXPERIMENT := segxal-demo
+# one name per `make demo`: its EEM run and its random baseline are <name>-eem and <name>-random
+DEMO_NAME := demo-$(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: demo test lint install bench-train clean
 
@@ -20,8 +22,9 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m jobs.al --config jobs/configs/demo.yaml --set name=demo-$$(date +%Y%m%d-%H%M%S)
-	$(PY) -m jobs.compare --experiment $(DEMO_EXPERIMENT)
+	$(PY) -m jobs.al --config jobs/configs/demo.yaml --set name=$(DEMO_NAME)-eem
+	$(PY) -m jobs.al --config jobs/configs/demo.yaml --set name=$(DEMO_NAME)-random --set al.strategy=random
+	$(PY) -m jobs.compare --experiment $(DEMO_EXPERIMENT) --filter "params.name LIKE '$(DEMO_NAME)-%'"
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -65,6 +65,7 @@ class RayCycleBackend:
                 "label_set": label_set.name,
                 "size": size,
                 "batch_size": al.scorer_batch_size,
+                "loader_workers": config.data.loader_workers,
             },
             cpus=al.scorer_cpus,
             gpus=al.scorer_gpus,

@@ -20,7 +20,7 @@ import pyarrow as pa
 import ray
 import torch
 import torch.nn.functional as F
-from torch.utils.data import default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from actors.dispatch import map_on_idle_actors
 from orchestrator.oracles import AnnotationRequest
@@ -117,6 +117,23 @@ def _region_values(
     return maps.eem.cpu().numpy(), maps.prediction.cpu().numpy()
 
 
+class ReadableOrNot(Dataset):
+    """A dataset whose item is the sample, or, for a file that cannot be read, its ``sample_id`` and
+    the reason under ``UNREADABLE`` (so that a DataLoader worker does not fail on it)."""
+
+    def __init__(self, dataset: SegmentationDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            return self.dataset[index]
+        except DataError as error:
+            return {"sample_id": self.dataset.rows[index]["sample_id"], UNREADABLE: str(error)}
+
+
 class PoolScorer:
     def __init__(
         self,
@@ -125,8 +142,10 @@ class PoolScorer:
         size: tuple[int, int] | None,
         batch_size: int,
         device: str = "auto",
+        loader_workers: int = 0,
     ) -> None:
         self.eem = eem
+        self.loader_workers = loader_workers
         self.label_set = LABEL_SETS[label_set]
         self.transform = SampleTransform(size=None if size is None else tuple(size))
         self.batch_size = batch_size
@@ -139,23 +158,33 @@ class PoolScorer:
         self.model = UNet.from_checkpoint(checkpoint).to(self.device).eval()
 
     def _batches(self, rows: pa.Table, unreadable: dict[str, str]) -> Iterator[dict]:
-        """Batches of the readable rows, in order; each unreadable one goes into ``unreadable`` instead."""
-        dataset = SegmentationDataset(
-            rows,
-            self.label_set,
-            self.transform,
-            load_depth=self.eem.depth.backend == "dataset",
-            load_label=False,  # scoring and explaining never use it
+        """Batches of the readable rows, in order; each unreadable one goes into ``unreadable`` instead.
+        With ``loader_workers``, that many processes decode ahead (DataLoader prefetching)."""
+        dataset = ReadableOrNot(
+            SegmentationDataset(
+                rows,
+                self.label_set,
+                self.transform,
+                load_depth=self.eem.depth.backend == "dataset",
+                load_label=False,  # scoring and explaining never use it
+            )
+        )
+        decoded = DataLoader(
+            dataset,
+            batch_size=None,  # one sample at a time: an unreadable one leaves the batch, not fails it
+            num_workers=self.loader_workers,
+            prefetch_factor=2 * self.batch_size if self.loader_workers else None,
+            generator=torch.Generator(),  # its own: the global one drives MC dropout (BALD)
         )
         samples = []
-        for index in range(len(dataset)):
-            try:
-                samples.append(dataset[index])
-            except DataError as error:
-                sample_id = rows["sample_id"][index].as_py()
-                log.warning("%s cannot be read and is left out: %s", sample_id, error)
-                unreadable[sample_id] = str(error)
+        for sample in decoded:
+            if UNREADABLE in sample:
+                log.warning(
+                    "%s cannot be read and is left out: %s", sample["sample_id"], sample[UNREADABLE]
+                )
+                unreadable[sample["sample_id"]] = sample[UNREADABLE]
                 continue
+            samples.append(sample)
             if len(samples) == self.batch_size:
                 yield default_collate(samples)
                 samples = []

@@ -32,6 +32,9 @@ class DataConfig:
     crop_size: tuple[int, int] | None = None  # random training crop (H, W) after resizing
     max_train_images: int | None = None  # first N of the sorted manifest, for quick runs
     max_val_images: int | None = None
+    # DataLoader processes that decode ahead, per training process (jobs.train, Ray Train workers,
+    # training in the driver) and per scoring actor: up to the CPUs each has (scaling.cpus_per_worker,
+    # al.scorer_cpus); 0 decodes in the process itself
     loader_workers: int = 0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 

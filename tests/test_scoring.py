@@ -110,6 +110,28 @@ def test_an_unreadable_image_is_set_aside_with_its_reason_and_the_rest_scored_as
     np.testing.assert_allclose(good["score"].to_numpy(), expected["score"].to_numpy(), rtol=1e-5)
 
 
+def test_loader_workers_decode_ahead_and_give_the_same_scores_and_reasons(
+    scorer, model, rows, tmp_path
+):
+    damaged, broken = with_broken_image(rows, 3, tmp_path)
+    prefetching = PoolScorer(
+        scorer.eem, "cityscapes", SIZE, batch_size=4, device="cpu", loader_workers=2
+    )
+    prefetching.load_model(model.to_checkpoint())
+    expected, scores = (
+        scorer.score(damaged, ScoreKind.EEM),
+        prefetching.score(damaged, ScoreKind.EEM),
+    )
+    assert scores["sample_id"].equals(expected["sample_id"])
+    assert scores[UNREADABLE].to_pylist() == expected[UNREADABLE].to_pylist()
+    assert broken in scores.filter(pc.is_valid(scores[UNREADABLE]))[UNREADABLE][0].as_py()
+    np.testing.assert_allclose(
+        scores["score"].to_numpy(zero_copy_only=False),
+        expected["score"].to_numpy(zero_copy_only=False),
+        rtol=1e-6,
+    )
+
+
 def test_core_set_embeddings_leave_an_unreadable_image_null(scorer, rows, tmp_path):
     damaged, _ = with_broken_image(rows, 0, tmp_path)
     table = scorer.score(damaged, ScoreKind.EMBEDDING)
