@@ -438,6 +438,10 @@ class ScorerPool:
         self.version = 0
         self.model_box: list = []
 
+    def wait_ready(self) -> None:
+        """Until every actor is constructed (its process started, the depth model loaded)."""
+        ray.get([actor.__ray_ready__.remote() for actor in self.actors])
+
     def load_model(self, checkpoint: dict) -> None:
         self.version += 1
         self.model_box = [ray.put(checkpoint)]

@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import multiprocessing
+import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timezone
@@ -49,7 +50,7 @@ from orchestrator.oracles import (
     SimulatedOracle,
 )
 from orchestrator.pool_state import PoolState
-from orchestrator.records import LABELLED, VALIDATION
+from orchestrator.records import LABELLED, VALIDATION, Metric
 from orchestrator.run import ActiveLearningRun, Progress
 from orchestrator.run_layout import RunLayout, cycle_name
 from orchestrator.run_lock import RunFolderInUse, exclusive_run
@@ -286,12 +287,19 @@ def run_job(args: argparse.Namespace, config: ExperimentConfig, layout: RunLayou
     if handoff is not None and export_file is None and is_exported(run_dir, first_cycle):
         print(instructions(run_dir, first_cycle))  # still waiting for the people
         return []
+    start = time.perf_counter()
     init_ray()
     from actors.al_backend import RayCycleBackend  # imports ray; after the input checks
 
+    ray_started = time.perf_counter()
     backend = RayCycleBackend(config, layout, run.label_set, progress=show)
+    backend.scorers.wait_ready()
+    start_up = {
+        Metric.stage_seconds("ray_start"): ray_started - start,
+        Metric.stage_seconds("actors_start"): time.perf_counter() - ray_started,
+    }
     try:
-        history, waiting = run_cycles_logged(run, backend, config, progress, layout, show)
+        history, waiting = run_cycles_logged(run, backend, config, progress, layout, show, start_up)
     except OSError as error:
         if isinstance(error, ConnectionError) or error.errno is None:
             raise
@@ -353,9 +361,11 @@ def run_cycles_logged(
     progress: Progress,
     layout: RunLayout,
     show: bool,
+    start_up: dict[str, float],
 ) -> tuple[list[dict], bool]:
-    """The run's cycles inside its MLflow run; returns their metrics and whether the run now waits for
-    people."""
+    """The run's cycles inside its MLflow run (``start_up``: the seconds Ray and the scoring actors
+    took to start, logged at the first cycle's step); returns their metrics and whether the run now
+    waits for people."""
 
     def on_cycle(cycle: int, metrics: dict, artifacts: list[Path]) -> None:
         log_metrics(metrics, step=cycle)
@@ -388,6 +398,7 @@ def run_cycles_logged(
                     "dataset": config.data.dataset,
                 }
             )
+        log_metrics(start_up, step=progress.completed_cycle + 1)
         history = run.run(
             backend, config.al.cycles, on_cycle, **({"progress_bar": bar} if bar else {})
         )
