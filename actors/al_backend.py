@@ -71,6 +71,7 @@ class RayCycleBackend:
             gpus=al.scorer_gpus,
             progress=progress,
         )
+        self.scorers.wait_ready()  # the actors' start-up belongs to the backend's, not the first pass
         self.progress = progress
         self.loaded: Path | None = None
 

@@ -293,7 +293,6 @@ def run_job(args: argparse.Namespace, config: ExperimentConfig, layout: RunLayou
 
     ray_started = time.perf_counter()
     backend = RayCycleBackend(config, layout, run.label_set, progress=show)
-    backend.scorers.wait_ready()
     start_up = {
         Metric.stage_seconds("ray_start"): ray_started - start,
         Metric.stage_seconds("actors_start"): time.perf_counter() - ray_started,

@@ -1,7 +1,8 @@
 """Frozen dataclasses from YAML, with errors that name the key.
 
-Supported field types: bool, int, float, str, ``Literal[...]``, ``X | None``, ``tuple[X, ...]``,
-``tuple[X, Y]`` and nested frozen dataclasses. Ints are accepted where floats are expected.
+Supported field types: bool, int, float, str, ``Literal[...]``, unions such as ``X | None`` or
+``str | SomeConfig`` (each option tried in turn), ``tuple[X, ...]``, ``tuple[X, Y]`` and nested frozen
+dataclasses. Ints are accepted where floats are expected.
 """
 
 from __future__ import annotations

@@ -84,8 +84,8 @@ def _allowed(tp) -> bool:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is typing.Literal:
         return True
-    if origin in (typing.Union, types.UnionType):
-        return type(None) in args and all(_allowed(a) for a in args if a is not type(None))
+    if origin in (typing.Union, types.UnionType):  # each option is tried in turn
+        return all(_allowed(a) for a in args if a is not type(None))
     if origin is tuple:
         return all(a is Ellipsis or _allowed(a) for a in args)
     return False

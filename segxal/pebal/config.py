@@ -1,7 +1,7 @@
 """PEBAL settings: the ``pebal:`` section of an experiment config.
 
-Every field is an int, float, str, bool, Literal, ``X | None``, tuple or a nested frozen dataclass, so
-the experiment YAML loader can build it. Values are validated on construction.
+Every field is an int, float, str, bool, Literal, a union of those (``X | None``), tuple or a nested
+frozen dataclass, so the experiment YAML loader can build it. Values are validated on construction.
 
 Regulariser weights: the paper (eq. 8 and sec. 4.2) gives β1 = 5e-4 to smoothness and β2 = 3e-6 to
 sparsity; the authors' code swaps them (smoothness 3e-6, sparsity 5e-4). ``beta_smooth`` and
