@@ -7,14 +7,14 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
-from segxal.data.io import DataError, check_same_size, read_disparity, read_label, read_rgb
+from segxal.data.io import DataError, check_same_size, open_rgb, read_disparity, read_label
 from segxal.data.labels import IGNORE_INDEX, LabelSet
 from segxal.data.transforms import (
     normalize,
     random_crop_flip,
-    resize_image,
     resize_nearest,
     to_tensor,
 )
@@ -73,35 +73,41 @@ class SegmentationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def load_raw(self, index: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        """Decoded (image uint8 HxWx3, train-id label uint8 HxW or None without ``load_label``,
-        disparity float HxW or None), validated."""
+    def load_raw(
+        self, index: int
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, tuple[int, int] | None]:
+        """Decoded and validated: (image uint8 HxWx3, already at the transform's size; train-id label
+        uint8 or None without ``load_label``; disparity float or None; both at the file's size; the
+        transform's size, None to keep the file's). The image is resized by Pillow on its 8-bit pixels,
+        before any copy into numpy: the decode-and-resize costs what Pillow alone does."""
         row = self.rows[index]
-        image = read_rgb(row["image_path"])
+        image = open_rgb(row["image_path"])
+        file_size = (image.height, image.width)
         label: np.ndarray | None = None
         if self.load_label and row["label_path"] is not None:
             raw = read_label(row["label_path"])
-            check_same_size(row["image_path"], image.shape[:2], row["label_path"], raw.shape)
+            check_same_size(row["image_path"], file_size, row["label_path"], raw.shape)
             label = self.label_set.to_train_ids(raw, row["label_path"])
         elif self.load_label:
-            label = np.full(image.shape[:2], IGNORE_INDEX, dtype=np.uint8)
+            label = np.full(file_size, IGNORE_INDEX, dtype=np.uint8)
         depth = None
         if self.load_depth:
             if row["depth_path"] is not None:
                 depth = read_disparity(row["depth_path"])
-                check_same_size(row["image_path"], image.shape[:2], row["depth_path"], depth.shape)
+                check_same_size(row["image_path"], file_size, row["depth_path"], depth.shape)
             else:
-                depth = np.zeros(image.shape[:2], dtype=np.float32)
-        return image, label, depth
+                depth = np.zeros(file_size, dtype=np.float32)
+        size = self.transform.target_size(file_size)
+        if size is not None and size != file_size:  # antialiased bilinear when shrinking
+            image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+        return np.asarray(image), label, depth, size
 
     def __getitem__(self, index: int) -> dict:
-        image_np, label_np, depth_np = self.load_raw(index)
+        image_np, label_np, depth_np, size = self.load_raw(index)
         image = to_tensor(image_np)
         label = None if label_np is None else torch.from_numpy(label_np.astype(np.int64))
         depth = None if depth_np is None else torch.from_numpy(depth_np)
-        size = self.transform.target_size(image_np.shape[:2])
         if size is not None:
-            image = resize_image(image, size)
             depth = None if depth is None else resize_nearest(depth, size)
             if label is not None and not self.transform.label_at_file_size:
                 label = resize_nearest(label, size)

@@ -36,21 +36,26 @@ def image_size(path: str | Path) -> tuple[int, int]:
     return height, width
 
 
-def read_rgb(path: str | Path) -> np.ndarray:
-    """(H, W, 3) uint8. 16-bit grey images are scaled by their bit depth (65535 -> 255; Pillow itself
-    reads 16-bit colour PNGs as 8 bits per channel); 32-bit integer and floating-point images have no
-    range to scale by and are refused, naming the file."""
+def open_rgb(path: str | Path) -> Image.Image:
+    """The decoded image as 8-bit RGB. 16-bit grey images are scaled by their bit depth (65535 -> 255;
+    Pillow itself reads 16-bit colour PNGs as 8 bits per channel); 32-bit integer and floating-point
+    images have no range to scale by and are refused, naming the file."""
     image = _open(path)
     if image.mode.startswith("I;16"):
         grey = np.round(np.asarray(image, dtype=np.float64) / 257.0).astype(np.uint8)
-        return np.repeat(grey[..., None], 3, axis=2)
+        return Image.fromarray(np.repeat(grey[..., None], 3, axis=2))
     if image.mode in ("I", "F"):
         kind = "32-bit integer" if image.mode == "I" else "floating-point"
         raise DataError(
             f"{path}: a {kind} image (mode {image.mode}) has no defined range: "
             "convert it to 8- or 16-bit RGB or grey"
         )
-    return np.asarray(image.convert("RGB"))
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """(H, W, 3) uint8 of :func:`open_rgb`."""
+    return np.asarray(open_rgb(path))
 
 
 def read_label(path: str | Path) -> np.ndarray:

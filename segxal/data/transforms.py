@@ -30,15 +30,6 @@ def denormalize(image: torch.Tensor) -> torch.Tensor:
     return image * std + mean
 
 
-def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear (antialiased when shrinking) resize of (C, H, W)."""
-    if tuple(image.shape[-2:]) == tuple(size):
-        return image
-    return F.interpolate(
-        image[None], size=size, mode="bilinear", align_corners=False, antialias=True
-    )[0]
-
-
 def resize_nearest(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Nearest-neighbour resize of an (H, W) label or depth map, keeping its dtype."""
     if tuple(mask.shape[-2:]) == tuple(size):
