@@ -305,10 +305,6 @@ def run_job(args: argparse.Namespace, config: ExperimentConfig, layout: RunLayou
         raise SystemExit(write_failure(error, run_dir)) from error
     finally:
         backend.shutdown()
-    for cycle, metrics in enumerate(history, start=first_cycle):
-        print(
-            f"cycle {cycle}: mIoU {metrics['val/miou']:.4f}  labelled {100 * metrics['pool/labelled_fraction']:.1f} %"
-        )
     if waiting:
         print(instructions(run_dir, handoff.handed_over))
     print_results_hint(config.tracking.tracking_uri, run_dir)
@@ -325,6 +321,21 @@ def write_failure(error: OSError, run_dir: Path) -> str:
         f"last completed step: fix the cause (free disk space), then continue with "
         f"python -m jobs.al --resume {run_dir}"
     )
+
+
+def cycle_summary(cycle: int, metrics: dict) -> str:
+    """The cycle's line in the terminal: mIoU, labelled share, the gate's verdicts, cost and time."""
+    parts = [
+        f"cycle {cycle}: mIoU {100 * metrics[Metric.VAL_MIOU]:.2f} %",
+        f"labelled {100 * metrics[Metric.LABELLED_FRACTION]:.1f} %",
+    ]
+    if Metric.ACCEPTED in metrics:
+        parts.append(
+            f"accepted {metrics[Metric.ACCEPTED]:.0f} / returned {metrics[Metric.RETURNED]:.0f}"
+        )
+        parts.append(f"cost {metrics[Metric.CYCLE_COST]:g}")
+    seconds = sum(v for k, v in metrics.items() if k.startswith("time/"))
+    return "  ".join(parts) + f"  ({seconds:.0f} s)"
 
 
 def log_cycle_records(layout: RunLayout, cycle: int, artifacts: list[Path]) -> None:
@@ -369,6 +380,13 @@ def run_cycles_logged(
     def on_cycle(cycle: int, metrics: dict, artifacts: list[Path]) -> None:
         log_metrics(metrics, step=cycle)
         log_cycle_records(layout, cycle, artifacts)
+        line = cycle_summary(cycle, metrics)
+        if show:
+            from tqdm import tqdm
+
+            tqdm.write(line)  # above the progress bars
+        else:
+            print(line, flush=True)
 
     bar = None
     if show:

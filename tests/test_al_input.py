@@ -89,3 +89,21 @@ def test_label_ids_outside_the_table_in_the_first_pools_fail_before_ray(
     assert "label ids [250] are not in the cityscapes label table" in message
     assert any(str(path) in message for path in labels)
     assert not ray.is_initialized()
+
+
+def test_the_cycle_line_says_miou_labelled_share_verdicts_cost_and_time():
+    first = {"val/miou": 0.05291, "pool/labelled_fraction": 0.2, "time/train_s": 12.4}
+    assert al_job.cycle_summary(0, first) == "cycle 0: mIoU 5.29 %  labelled 20.0 %  (12 s)"
+    later = {
+        "val/miou": 0.2735,
+        "pool/labelled_fraction": 0.35,
+        "gate/accepted": 7.0,
+        "gate/returned": 1.0,
+        "oracle/cost": 8.0,
+        "time/score_s": 3.2,
+        "time/explain_s": 1.1,
+        "time/train_s": 20.0,
+    }
+    assert al_job.cycle_summary(3, later) == (
+        "cycle 3: mIoU 27.35 %  labelled 35.0 %  accepted 7 / returned 1  cost 8  (24 s)"
+    )
