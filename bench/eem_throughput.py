@@ -42,6 +42,15 @@ from segxal.models.depth import DatasetDepth
 from segxal.models.unet import UNet, UNetConfig
 
 
+def first_pass(model: UNet, image, depth, config: EEMConfig):
+    """What every method computes before Grad-CAM: logits, entropy, prediction, proximity, near."""
+    with torch.no_grad():
+        logits = model(image)
+    proximity = DatasetDepth().proximity(image, depth)
+    near = near_region(proximity, config.threshold, config.quantile, config.fixed, config.otsu_bins)
+    return logits, normalized_entropy(logits), logits.argmax(1), proximity, near
+
+
 def _gated_eem(cam, near, entropy, config: EEMConfig, image_size, multiple: int) -> torch.Tensor:
     """Image scores from a raw (B, h, w) Grad-CAM at the target layer, as the EEM builds them."""
     height, width = image_size
@@ -66,19 +75,11 @@ def captum_scores(
     from captum.attr import LayerGradCam
 
     model.requires_grad_(False)
-    backend = DatasetDepth()
     layer = model.layer(model.last_decoder_layer)
     scores = []
     for i in range(0, images.shape[0], batch_size):
         image, depth = images[i : i + batch_size], disparity[i : i + batch_size]
-        with torch.no_grad():
-            logits = model(image)
-        entropy = normalized_entropy(logits)
-        prediction = logits.argmax(1)
-        proximity = backend.proximity(image, depth)
-        near = near_region(
-            proximity, config.threshold, config.quantile, config.fixed, config.otsu_bins
-        )
+        logits, entropy, prediction, proximity, near = first_pass(model, image, depth, config)
         target = F.one_hot(prediction, logits.shape[1]).permute(0, 3, 1, 2) * near[:, None]
 
         def region_score(x, target=target):
@@ -97,20 +98,12 @@ def full_backward_loop_scores(
     model: UNet, images: torch.Tensor, disparity: torch.Tensor, config: EEMConfig
 ) -> torch.Tensor:
     """Per-image EEM scores, one image at a time, Grad-CAM by hooks and a full backward."""
-    backend = DatasetDepth()
     layer = model.layer(model.last_decoder_layer)
     multiple = 2**model.config.depth
     scores = []
     for index in range(images.shape[0]):
         image, depth = images[index : index + 1], disparity[index : index + 1]
-        with torch.no_grad():
-            logits = model(image)
-        entropy = normalized_entropy(logits)
-        prediction = logits.argmax(1)
-        proximity = backend.proximity(image, depth)
-        near = near_region(
-            proximity, config.threshold, config.quantile, config.fixed, config.otsu_bins
-        )
+        logits, entropy, prediction, proximity, near = first_pass(model, image, depth, config)
         informed = depth_informed_image(image, proximity, near, config.mask)
         saved = {}
 
