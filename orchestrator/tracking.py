@@ -253,7 +253,8 @@ def log_dataset(path: str | Path, name: str, context: str, columns: list[str]) -
 def log_segmenter(model, name: str = "segmenter") -> None:
     """``model`` (images (N, 3, H, W) float32 -> logits (N, C, H, W)) with MLflow's PyTorch flavour,
     a signature of any batch and image size and a small input example, so that it is listed under
-    Logged models and can be registered."""
+    Logged models and can be registered. Saved as the module itself (``pickle``): ``torch.export``
+    would fix the example's batch and image size."""
     import mlflow.pytorch
     import numpy as np
     import torch
@@ -266,13 +267,22 @@ def log_segmenter(model, name: str = "segmenter") -> None:
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, model.num_classes, -1, -1))]),
     )
     model = model.cpu().eval()
-    retrying(
-        lambda: mlflow.pytorch.log_model(
-            model,
-            name=name,
-            signature=signature,
-            input_example=example,
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-        ),
-        "log_model",
-    )
+    # mlflow.pytorch warns on every pickled save that loading an untrusted pickle runs its code; this
+    # is the job's own model, and the warning would be the one line of noise in each run's output
+    pickle_warning = logging.getLogger("mlflow.pytorch")
+    level = pickle_warning.level
+    pickle_warning.setLevel(logging.ERROR)
+    try:
+        retrying(
+            lambda: mlflow.pytorch.log_model(
+                model,
+                name=name,
+                signature=signature,
+                input_example=example,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                serialization_format="pickle",
+            ),
+            "log_model",
+        )
+    finally:
+        pickle_warning.setLevel(level)
