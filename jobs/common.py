@@ -36,7 +36,9 @@ def parse_job_args(
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
     parser.add_argument(
-        "--verbose", action="store_true", help="also Ray Train's per-epoch reports and checkpoints"
+        "--verbose",
+        action="store_true",
+        help="also every epoch's line, Ray Train's reports and checkpoints, and MLflow's notes",
     )
     if add_arguments is not None:
         add_arguments(parser)
@@ -46,6 +48,11 @@ def parse_job_args(
     except ConfigError as error:
         parser.exit(2, f"config error: {error}\n")
     setup_logging(logging.WARNING if args.quiet else logging.INFO)
+    # with --verbose: the project's own detail (every epoch, every cycle's log line) and MLflow's notes
+    # (store set-up, the system metrics monitor)
+    for package in ("segxal", "orchestrator", "actors", "jobs"):
+        logging.getLogger(package).setLevel(logging.DEBUG if args.verbose else logging.NOTSET)
+    logging.getLogger("mlflow").setLevel(logging.NOTSET if args.verbose else logging.WARNING)
     if args.verbose:
         os.environ[VERBOSE] = "1"  # Ray Train's workers and controller read it (actors.ray_train)
     return args, config

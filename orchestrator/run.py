@@ -320,7 +320,7 @@ class ActiveLearningRun:
             self.al.stop, self.progress.trace, self.state.total_annotation_cost
         )
         self.progress.save(self.layout)
-        log.info(
+        log.debug(  # the job prints its own line per cycle
             "cycle %d: mIoU %.4f, labelled %.1f %%",
             cycle,
             metrics.get(Metric.VAL_MIOU, float("nan")),

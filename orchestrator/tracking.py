@@ -14,6 +14,7 @@ import sqlite3
 import time
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -246,7 +247,10 @@ def log_dataset(path: str | Path, name: str, context: str, columns: list[str]) -
     from mlflow.data.pandas_dataset import from_pandas
 
     frame = pq.read_table(path, columns=columns).to_pandas()
-    dataset = from_pandas(frame, source=str(Path(path).absolute()), name=name)
+    with warnings.catch_warnings():
+        # MLflow 3.17 registers its local-file source class twice and warns that a path matches both
+        warnings.filterwarnings("ignore", "The specified dataset source can be interpreted")
+        dataset = from_pandas(frame, source=str(Path(path).absolute()), name=name)
     retrying(lambda: mlflow.log_input(dataset, context=context), "log_input")
 
 

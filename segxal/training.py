@@ -205,7 +205,7 @@ def train_segmenter(
             continue
         # the unwrapped model: DDP's forward would wait for the other ranks
         metrics.update(validation_metrics(model, val_loader, class_names, session.device))
-        log.info("epoch %d: loss %.4f, val mIoU %.4f", epoch, stats["loss"], metrics["val/miou"])
+        log.debug("epoch %d: loss %.4f, val mIoU %.4f", epoch, stats["loss"], metrics["val/miou"])
         best_miou = max(best_miou, metrics["val/miou"])
         session.report(
             metrics, training_state(model, optimizer, epoch, best_miou=best_miou, metrics=metrics)
