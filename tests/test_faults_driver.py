@@ -83,14 +83,20 @@ def test_driver_killed_mid_cycle_then_resumed_matches_an_uninterrupted_run(
         tmp_path / "runs" / "killed",
     )
     straight_log, killed_log = tmp_path / "straight.log", tmp_path / "killed.log"
+    # on Ray Train: its start-up keeps cycle 1's training going for seconds after the gate's decisions,
+    # where the kill lands (training in the driver would be over before the kill)
+    on_ray_train = ["--set", "scaling.num_workers=1"]
     # the uninterrupted run alongside the interrupted one: most of a job's time is Ray starting up
     straight = start_job(
-        tiny(synthetic_root, runs, f"sqlite:///{tmp_path / 'straight.db'}", "straight", 1),
+        tiny(synthetic_root, runs, f"sqlite:///{tmp_path / 'straight.db'}", "straight", 1)
+        + on_ray_train,
         straight_log,
     )
     with (
         cleaned_up(straight),
-        cleaned_up(start_job(tiny(synthetic_root, runs, uri, "killed", 1), killed_log)) as killed,
+        cleaned_up(
+            start_job(tiny(synthetic_root, runs, uri, "killed", 1) + on_ray_train, killed_log)
+        ) as killed,
     ):
         ray_processes = kill_when(
             killed, killed_log, killed_dir / "cycles" / "cycle_01" / "decisions.parquet"
