@@ -31,7 +31,7 @@ from jobs.pebal import evaluate_models, evaluation_sets, inputs_or_exit, write_r
 from orchestrator.config import ExperimentConfig
 from orchestrator.datasets import datasets_for, label_set_for, manifest_for
 from orchestrator.tracking import experiment_run, log_artifact, log_metrics, set_tags
-from segxal.checkpoint import CheckpointError, load_checkpoint
+from segxal.checkpoint import CheckpointError, load_segmenter
 from segxal.data.dataset import SegmentationDataset
 from segxal.data.io import DataError
 from segxal.markdown import markdown_table
@@ -53,10 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def load_model(path: str | Path, num_classes: int) -> tuple[UNet, bool]:
     """(model, is_pebal): a segmenter of ``num_classes`` classes or a PEBAL one with the abstention
     class; anything else is a :class:`CheckpointError` naming the file."""
-    state = load_checkpoint(path)
-    if not isinstance(state.get("model"), dict) or "unet_config" not in state["model"]:
-        raise CheckpointError(f"{path}: not a segmenter checkpoint (no 'model' with 'unet_config')")
-    model = UNet.from_checkpoint(state["model"]).eval()
+    model = UNet.from_checkpoint(load_segmenter(path)).eval()
     if model.num_classes not in (num_classes, num_classes + 1):
         raise CheckpointError(
             f"{path}: the model has {model.num_classes} classes; the dataset's label set has "

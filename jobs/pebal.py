@@ -46,7 +46,7 @@ from orchestrator.tracking import (
     log_segmenter,
     set_tags,
 )
-from segxal.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from segxal.checkpoint import CheckpointError, load_checkpoint, load_segmenter, save_checkpoint
 from segxal.data.anomaly import AnomalyBenchmark, anomaly_benchmark, check_unique_names
 from segxal.data.io import DataError
 from segxal.data.synthetic import generate_synthetic
@@ -99,13 +99,7 @@ def check_inputs(config: ExperimentConfig, progress: bool = False) -> Inputs:
     outliers = split_outliers(config.pebal.anomalymix)
     pretrained = None
     if config.pebal.pretrained is not None:
-        state = load_checkpoint(config.pebal.pretrained)
-        if not isinstance(state.get("model"), dict) or "unet_config" not in state["model"]:
-            raise CheckpointError(
-                f"{config.pebal.pretrained}: not a segmenter checkpoint (no 'model' entry "
-                "written by UNet.to_checkpoint(); jobs.train and Ray Train write such files)"
-            )
-        pretrained = state["model"]
+        pretrained = load_segmenter(config.pebal.pretrained)
         model = UNet.from_checkpoint(pretrained)
         expected = label_set.num_classes
         if model.num_classes != expected:
@@ -213,7 +207,6 @@ def evaluate_models(
             device=device,
             batch_size=evaluation_set.batch_size,
             panel_images=config.pebal.panel_images,
-            panel_methods=tuple(m.name for m in methods if m.name in (PEBAL, "energy")),
             components=evaluation_set.components,
             protocol=evaluation_set.protocol,
         )
@@ -294,10 +287,11 @@ def main(argv: list[str] | None = None) -> list[DatasetResult]:
         checkpoint = run_dir / "pebal_checkpoint.pt"
         shutil.copyfile(result.best_checkpoint, checkpoint)
         log_artifact(checkpoint, "model")
-        log_segmenter(load_finetuned(checkpoint), name="pebal_model")
+        finetuned = load_finetuned(checkpoint)
+        log_segmenter(finetuned, name="pebal_model")
         results = evaluate_models(
             config,
-            {ORIGINAL: UNet.from_checkpoint(pretrained), PEBAL: load_finetuned(checkpoint)},
+            {ORIGINAL: UNet.from_checkpoint(pretrained), PEBAL: finetuned},
             evaluation_sets(config, inputs.benchmarks, job.val_set),
             progress,
         )

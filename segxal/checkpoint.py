@@ -27,3 +27,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises several types for corrupt or unsafe files
         raise CheckpointError(f"{path}: cannot load checkpoint ({error})") from error
+
+
+def load_segmenter(path: str | Path) -> dict:
+    """The ``model`` entry of a segmenter checkpoint (``UNet.to_checkpoint()``, as ``jobs.train``, the
+    active-learning cycles and Ray Train write it); any other file is a :class:`CheckpointError`
+    naming it."""
+    state = load_checkpoint(path)
+    if not isinstance(state.get("model"), dict) or "unet_config" not in state["model"]:
+        raise CheckpointError(
+            f"{path}: not a segmenter checkpoint (no 'model' entry written by UNet.to_checkpoint(); "
+            "jobs.train and Ray Train write such files)"
+        )
+    return state["model"]

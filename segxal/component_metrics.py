@@ -39,10 +39,9 @@ def best_f1_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
     non-void pixels (labels 1 anomaly, 0 inlier)."""
     keep = labels != IGNORE_INDEX
     scores, positives = scores[keep].astype(np.float64), labels[keep] == 1
-    tps, fps = roc_points(scores, positives)
+    tps, fps, thresholds = roc_points(scores, positives)
     f1 = 2 * tps / np.maximum(2 * tps + fps + (positives.sum() - tps), 1)
-    distinct = np.sort(np.unique(scores))[::-1]  # roc_points' thresholds, highest first
-    return float(distinct[int(np.argmax(f1))])
+    return float(thresholds[int(np.argmax(f1))])
 
 
 @dataclass(frozen=True)

@@ -114,14 +114,17 @@ def _pooled(scores, labels, ignore_index: int) -> tuple[np.ndarray, np.ndarray]:
     return scores, labels.astype(bool)
 
 
-def roc_points(scores: np.ndarray, positives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Cumulative true and false positives at each distinct threshold, highest score first."""
+def roc_points(
+    scores: np.ndarray, positives: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cumulative true and false positives at each distinct threshold, and those thresholds (a pixel
+    is predicted positive at ``score >= threshold``), highest score first."""
     order = np.argsort(-scores, kind="mergesort")
     scores, positives = scores[order], positives[order]
     last_of_group = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]
     tps = np.cumsum(positives)[last_of_group]
     fps = (last_of_group + 1) - tps
-    return tps.astype(np.float64), fps.astype(np.float64)
+    return tps.astype(np.float64), fps.astype(np.float64), scores[last_of_group]
 
 
 def fpr_at_recall(tps: np.ndarray, fps: np.ndarray, n_neg: int, level: float = 0.95) -> float:
@@ -149,7 +152,7 @@ def anomaly_metrics(scores, labels, ignore_index: int = IGNORE_INDEX) -> dict[st
         raise ValueError(
             f"need both anomaly and inlier pixels, got {n_pos} anomaly and {n_neg} inlier"
         )
-    tps, fps = roc_points(scores, positives)
+    tps, fps, _ = roc_points(scores, positives)
     tpr = np.r_[0.0, tps / n_pos]
     fpr = np.r_[0.0, fps / n_neg]
     precision = tps / (tps + fps)

@@ -449,7 +449,7 @@ def _thinned(x: np.ndarray, y: np.ndarray, resolution: int = 1000) -> tuple[np.n
 
 def _curves(scores: np.ndarray, labels: np.ndarray):
     """((fpr, tpr), (recall, precision)) over every threshold, thinned for plotting."""
-    tps, fps = roc_points(scores.astype(np.float64), labels.astype(bool))
+    tps, fps, _ = roc_points(scores.astype(np.float64), labels.astype(bool))
     positives, negatives = max(int(labels.sum()), 1), max(int(labels.size - labels.sum()), 1)
     roc = _thinned(np.r_[0.0, fps / negatives], np.r_[0.0, tps / positives])
     pr = _thinned(tps / positives, tps / np.maximum(tps + fps, 1))
