@@ -35,6 +35,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import pyarrow as pa
@@ -73,7 +74,8 @@ KNOWN_NAMES = {
     "dataset_anomalytrack": "road_anomaly_21",
     "dataset_obstacletrack": "road_obstacle_21",
 }
-LAYOUTS = ("original_labels", "smiyc", "same_stem", "road_anomaly", "lost_and_found")
+AnomalyLayout = Literal["original_labels", "smiyc", "same_stem", "road_anomaly", "lost_and_found"]
+LAYOUTS: tuple[str, ...] = get_args(AnomalyLayout)
 
 
 def folder_name(folder: Path) -> str:

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Literal
 
+from segxal.data.anomaly import AnomalyLayout
 from segxal.training import TrainConfig
 
 Variant = Literal["paper", "reference"]
@@ -111,9 +112,6 @@ class FinetuneConfig(TrainConfig):
 
     epochs: int = 5
     lr: float = 5e-3
-
-
-AnomalyLayout = Literal["original_labels", "smiyc", "same_stem", "road_anomaly", "lost_and_found"]
 
 
 @dataclass(frozen=True)
