@@ -134,9 +134,8 @@ class Query:
 
     requests: list[AnnotationRequest]  # the selected images, best first
     metrics: dict[str, float]  # time/score_s, time/select_s, time/explain_s
-    artifacts: list[
-        Path
-    ]  # the prompt regions (JSON), then the EEM panels in the order of the requests
+    # the prompt regions (JSON), then the EEM panels in the order of the requests
+    artifacts: list[Path]
 
 
 class Handoff(Protocol):
