@@ -65,6 +65,7 @@ def settings(args: argparse.Namespace, name: str, seed: int) -> list[str]:
         "model.depth": 4,
         "model.dropout": args.dropout,
         "train.epochs": args.epochs,
+        "train.min_steps": args.min_steps,
         "train.batch_size": 8,
         # training in the driver (both cores, the scorers idle meanwhile): no Ray Train start-up per cycle
         "scaling.num_workers": 0,
@@ -166,10 +167,18 @@ def main() -> None:
         "--budget", type=float, default=0.06, help="al.budget: images per cycle, a fraction"
     )
     parser.add_argument(
-        "--full-epochs", type=int, help="epochs of full supervision (default: --epochs)"
+        "--full-epochs",
+        type=int,
+        help="epochs of full supervision (default: --epochs; 0: no full-supervision run)",
     )
     parser.add_argument(
         "--epochs", type=int, default=8, help="epochs per cycle (warm start from the last model)"
+    )
+    parser.add_argument(
+        "--min-steps",
+        type=int,
+        default=0,
+        help="train.min_steps: optimiser steps per cycle for every strategy, whatever its pool holds",
     )
     parser.add_argument("--size", type=int, nargs=2, default=(72, 96), metavar=("H", "W"))
     parser.add_argument("--width", type=int, default=8, help="U-Net base width")
@@ -186,9 +195,13 @@ def main() -> None:
     timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
     start = time.perf_counter()
     for seed in args.seeds:
-        timed(
-            timing, timing_path, f"full-s{seed}", lambda seed=seed: run_full_supervision(args, seed)
-        )
+        if args.full_epochs != 0:
+            timed(
+                timing,
+                timing_path,
+                f"full-s{seed}",
+                lambda seed=seed: run_full_supervision(args, seed),
+            )
         for strategy in args.strategies:
             timed(
                 timing,

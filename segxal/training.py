@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -26,6 +26,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """``min_steps``: at least this many optimiser steps per training run, over its ``epochs``: where a
+    pass over the training set is shorter than :meth:`steps_per_epoch`, an epoch passes over it again
+    (reshuffled) until then. An active-learning benchmark sets it so that every strategy trains the same
+    steps whatever its pool holds (region labels spread over many images, whole images over few), and
+    validates ``epochs`` times; 0: one pass per epoch."""
+
     epochs: int = 5
     batch_size: int = 8
     lr: float = 1e-3
@@ -34,6 +40,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     class_weights: tuple[float, ...] | None = None  # one per class: a class-balanced loss
+    min_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.class_weights is not None and not all(
@@ -44,8 +51,14 @@ class TrainConfig:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.min_steps < 0:
+            raise ValueError(f"min_steps must be >= 0, got {self.min_steps}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+
+    def steps_per_epoch(self, batches_per_pass: int) -> int:
+        """The optimiser steps of one epoch over a training set of ``batches_per_pass`` batches."""
+        return max(batches_per_pass, -(-self.min_steps // self.epochs))
 
 
 def check_class_weights(config: TrainConfig, class_names: Sequence[str]) -> None:
@@ -93,15 +106,35 @@ def segmentation_loss(
     return total / count.clamp_min(1e-12) if bool(valid.any()) else total * 0.0
 
 
+def passes(loader: Iterable[dict], steps: int | None) -> Iterator[dict]:
+    """The batches of one pass over ``loader``, or of as many passes (each reshuffled by the loader) as
+    ``steps`` batches take; the last pass stops at ``steps``."""
+    if steps is None:
+        yield from loader
+        return
+    taken = 0
+    while taken < steps:
+        before = taken
+        for batch in loader:
+            yield batch
+            taken += 1
+            if taken == steps:
+                return
+        if taken == before:
+            return  # an empty loader
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable[dict],
     optimizer: torch.optim.Optimizer,
     device: torch.device,
     class_weights: Sequence[float] | None = None,
+    steps: int | None = None,
 ) -> dict[str, float]:
-    """One pass of :func:`segmentation_loss`; returns mean loss, images/s and the labelled pixels of
-    each class seen (``class_pixels/<c>``: what class-balanced acquisition weighs by)."""
+    """One pass of :func:`segmentation_loss`, or ``steps`` batches (see :func:`passes`); returns mean
+    loss, images/s and the labelled pixels of each class seen (``class_pixels/<c>``: what
+    class-balanced acquisition weighs by)."""
     model.train()
     weights = (
         None
@@ -110,7 +143,7 @@ def train_one_epoch(
     )
     total_loss, images, start = 0.0, 0, time.perf_counter()
     class_pixels: torch.Tensor | None = None
-    for batch in loader:
+    for batch in passes(loader, steps):
         image = batch["image"].to(device, non_blocking=True)
         label = batch["label"].to(device, non_blocking=True)
         logits = model(image)
@@ -194,10 +227,11 @@ def train_segmenter(
         log.info("resuming at epoch %d", first_epoch)
     loader = session.prepare_loader(train_loader)
     show = progress and session.rank == 0
+    steps = config.steps_per_epoch(len(loader))
     for epoch in session.epochs(first_epoch, config.epochs, "train epochs", show):
         session.set_epoch(loader, epoch)
         stats = train_one_epoch(
-            trained_model, loader, optimizer, session.device, config.class_weights
+            trained_model, loader, optimizer, session.device, config.class_weights, steps
         )
         metrics = {"epoch": epoch, **{f"train/{k}": v for k, v in stats.items()}}
         if session.rank != 0:

@@ -18,6 +18,7 @@ from segxal.training import (
     check_class_weights,
     evaluate,
     fit,
+    passes,
     segmentation_loss,
 )
 
@@ -81,6 +82,44 @@ def test_fit_resumes_from_last_checkpoint(loaders, tmp_path):
         on_epoch=lambda e, m: epochs_run.append(e),
     )
     assert epochs_run == [1, 2]
+
+
+def test_min_steps_spreads_over_the_epochs():
+    assert TrainConfig(epochs=2, min_steps=0).steps_per_epoch(5) == 5
+    assert TrainConfig(epochs=2, min_steps=10).steps_per_epoch(5) == 5  # one pass is enough
+    assert TrainConfig(epochs=2, min_steps=11).steps_per_epoch(5) == 6
+    assert TrainConfig(epochs=6, min_steps=258).steps_per_epoch(1) == 43
+    assert TrainConfig(epochs=6, min_steps=258).steps_per_epoch(50) == 50
+    with pytest.raises(ValueError, match="min_steps must be >= 0"):
+        TrainConfig(min_steps=-1)
+
+
+def test_passes_repeat_the_loader_until_the_steps():
+    assert list(passes([1, 2, 3], None)) == [1, 2, 3]
+    assert list(passes([1, 2, 3], 7)) == [1, 2, 3, 1, 2, 3, 1]
+    assert list(passes([1, 2, 3], 2)) == [1, 2]
+    assert list(passes([], 4)) == []
+
+
+def test_fit_trains_min_steps_and_validates_once_per_epoch(loaders):
+    train_loader, val_loader = loaders
+    batches = len(train_loader)
+    model = tiny_model()
+    steps = []
+    model.register_forward_pre_hook(
+        lambda module, args: steps.append(1) if module.training else None
+    )
+    epochs_run = []
+    fit(
+        model,
+        train_loader,
+        val_loader,
+        TrainConfig(epochs=2, min_steps=4 * batches + 1, device="cpu"),
+        CITYSCAPES.class_names,
+        on_epoch=lambda e, m: epochs_run.append(e),
+    )
+    assert epochs_run == [0, 1]
+    assert len(steps) == 2 * (2 * batches + 1)
 
 
 def test_checkpoint_errors_name_the_file(tmp_path):
