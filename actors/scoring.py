@@ -262,10 +262,11 @@ class PoolScorer:
                         eem.min_region_area,
                         eem.max_regions,
                         names,
+                        eem.otsu_bins,
                     )
                 weights = dict.fromkeys((r["id"] for r in records), 1.0)
                 if class_weights is not None and records:
-                    area = queried_region_map(values[i], labelled, records, eem.region_threshold)
+                    area = queried_region_map(values[i], labelled, records)
                     pixel_weight = np.asarray(class_weights)[predictions[i]]
                     sums = np.bincount(area.ravel(), pixel_weight.ravel(), area.max() + 1)
                     counts = np.bincount(area.ravel(), minlength=area.max() + 1)
@@ -315,11 +316,11 @@ class PoolScorer:
                 eem = maps.eem[i].cpu()
                 row = int(batch["index"][i])
                 if queried is None:
-                    shown, area = regions[i], region_map(eem, regions[i], config.region_threshold)
+                    shown, area = regions[i], region_map(eem, regions[i])
                 else:
                     shown = queried[sample_id]
                     labelled = self._labelled(rows, row, tuple(eem.shape))
-                    area = queried_region_map(eem, labelled, shown, config.region_threshold)
+                    area = queried_region_map(eem, labelled, shown)
                 requests.append(
                     AnnotationRequest(
                         sample_id=sample_id,

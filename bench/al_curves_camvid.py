@@ -38,7 +38,8 @@ VARIANTS = {
     "random": ["al.strategy=random"],
     "coreset": ["al.strategy=coreset"],
     "bald": ["al.strategy=bald"],
-    "eem+bald": ["al.strategy=eem", "eem.uncertainty=bald"],
+    # BALD's scale is far below the entropy's: no pixel reaches the absolute region threshold
+    "eem+bald": ["al.strategy=eem", "eem.uncertainty=bald", "eem.region_threshold=otsu"],
     "entropy+cb": ["al.strategy=entropy", "al.class_balance=true"],
 }
 STRATEGIES = ("eem", "entropy", "random", "coreset")

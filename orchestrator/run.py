@@ -188,6 +188,12 @@ class StageTimer:
         self.seconds[Metric.stage_seconds(stage)] = time.perf_counter() - start
 
 
+NO_EEM_REGION_HINT = (
+    "no pixel reaches eem.region_threshold; eem.region_threshold: otsu follows the EEM's own scale, "
+    "which with eem.uncertainty: bald lies far below the entropy's"
+)
+
+
 def unreadable_of(scores: pa.Table) -> dict[str, str]:
     """sample id -> why, for the rows of a scores table whose image could not be read."""
     broken = scores.filter(pc.is_valid(scores[UNREADABLE]))
@@ -355,6 +361,13 @@ class ActiveLearningRun:
                 explained = backend.explain(*arguments, queried=queried)
         self.quarantine(cycle, explained.unreadable)
         requests = explained.requests
+        if requests and not self.regions and not any(r.regions for r in requests):
+            log.warning(
+                "cycle %d: no selected image has an EEM region (%s), so the oracle corrects none of "
+                "them and they join the pool as the model's own prediction",
+                cycle,
+                NO_EEM_REGION_HINT,
+            )
         regions_file = self.layout.regions_file(cycle)
         regions_file.write_text(json.dumps({r.sample_id: r.regions for r in requests}, indent=1))
         metrics = {**timer.seconds, Metric.MEAN_SCORE: mean_score}
@@ -467,7 +480,10 @@ class ActiveLearningRun:
         self.quarantine(cycle, unreadable)
         queried: dict[str, list[dict]] = {}
         if chosen is None:
-            log.warning("cycle %d: D^S holds no queryable region; the cycle queries nothing", cycle)
+            hint = f" ({NO_EEM_REGION_HINT})" if spec.source == "eem" else ""
+            log.warning(
+                "cycle %d: D^S holds no queryable region%s; the cycle queries nothing", cycle, hint
+            )
             return queried, math.nan
         scored = self.strategy.score_kind is not None
         mean_score = float(pc.mean(chosen["score"]).as_py()) if scored else math.nan

@@ -29,6 +29,8 @@ class ConfigError(ValueError):
 def _describe(tp: Any) -> str:
     if get_origin(tp) is Literal:
         return " | ".join(repr(v) for v in get_args(tp))
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        return " | ".join(_describe(a) for a in get_args(tp))
     return getattr(tp, "__name__", str(tp))
 
 

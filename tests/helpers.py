@@ -209,7 +209,7 @@ class FakeBackend:
             else:
                 labelled = labelled_mask(read_region_labels(mask_path, SIZE))
                 regions = queried[i]
-                area = queried_region_map(self.values(i), labelled, regions, FAKE_THRESHOLD)
+                area = queried_region_map(self.values(i), labelled, regions)
             requests.append(
                 AnnotationRequest(
                     i,

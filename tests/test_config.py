@@ -61,6 +61,14 @@ def test_errors_name_the_key(tmp_path, text, overrides, key):
     assert str(error.value).startswith(key)
 
 
+def test_a_value_of_no_union_member_lists_the_members(tmp_path):
+    config = load_experiment(write(tmp_path, ""), ["eem.region_threshold=otsu"])
+    assert config.eem.region_threshold == "otsu"
+    with pytest.raises(ConfigError) as error:
+        load_experiment(write(tmp_path, ""), ["eem.region_threshold=median"])
+    assert str(error.value) == "eem.region_threshold: 'median' matches none of float | 'otsu'"
+
+
 def test_bad_override_syntax_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         apply_overrides({}, ["train.epochs"])

@@ -252,7 +252,7 @@ def test_region_map_matches_region_records():
     eem[6, 6] = 0.8
     eem[0, 7] = 0.95  # too small
     records = extract_regions(eem, np.zeros((8, 8), int), threshold=0.5, min_area=2)
-    mapping = region_map(eem, records, 0.5)
+    mapping = region_map(eem, records)
     assert [r["id"] for r in records] == [1, 2]
     assert (mapping == 1).sum() == 4 and mapping[1, 1] == 1
     assert (mapping == 2).sum() == 12 and mapping[6, 6] == 2
@@ -404,3 +404,42 @@ def test_score_batch_equals_maps_computed_independently():
             assert record["class_id"] == np.bincount(prediction[image][component]).argmax()
         peaks = [r["peak_eem"] for r in records]
         assert peaks == sorted(peaks, reverse=True)  # highest peak first
+
+
+def _best_split_by_brute_force(values: np.ndarray) -> float:
+    """The cut between two sorted distinct levels of ``values`` maximising the between-class variance."""
+    best, cut = -1.0, np.inf
+    levels = np.unique(values)
+    for low, high in zip(levels[:-1], levels[1:], strict=True):
+        upper = values >= high
+        w1, w0 = upper.mean(), 1 - upper.mean()
+        between = w0 * w1 * (values[upper].mean() - values[~upper].mean()) ** 2
+        if between > best:
+            best, cut = between, (low + high) / 2
+    return cut
+
+
+def test_otsu_regions_follow_the_scale_of_a_bald_like_map():
+    from segxal.eem.regions import extract_regions, otsu_region_threshold, region_map
+
+    eem = np.zeros((10, 10))
+    eem[0:3, :] = 0.002  # 30 pixels of mild mutual information
+    eem[6:8, 2:7] = 0.01  # 10 pixels of high mutual information: still far below 0.5
+    eem[9, 9] = -np.inf  # out of play (labelled)
+    assert extract_regions(eem, np.zeros((10, 10), int), threshold=0.5, min_area=2) == []
+    finite = eem[np.isfinite(eem)]
+    cut = _best_split_by_brute_force(finite)
+    threshold = otsu_region_threshold(eem)
+    assert (finite >= threshold).sum() == (finite >= cut).sum() == 10
+    records = extract_regions(eem, np.zeros((10, 10), int), threshold="otsu", min_area=2)
+    assert [r["area"] for r in records] == [10]
+    assert records[0]["threshold"] == pytest.approx(threshold)
+    assert (region_map(eem, records) == 1).sum() == 10
+    assert otsu_region_threshold(np.full((4, 4), 0.3)) == np.inf  # a flat map has no split
+
+
+def test_region_threshold_is_a_value_or_otsu():
+    assert EEMConfig(region_threshold="otsu").region_threshold == "otsu"
+    for bad in (-0.1, "median"):
+        with pytest.raises(ValueError, match="region_threshold must be >= 0 or 'otsu'"):
+            EEMConfig(region_threshold=bad)

@@ -3,13 +3,14 @@ spending a budget in clicks or pixels, region-only oracles, the per-region gate,
 accumulate over cycles, cost counting, resume, and bad input."""
 
 import json
+import logging
 from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import SIZE, fake_run, loop_pool
+from helpers import SIZE, FakeBackend, fake_run, loop_pool
 from PIL import Image
 from sklearn.metrics import f1_score
 
@@ -104,7 +105,7 @@ def test_cells_cover_the_unlabelled_pixels_with_their_means_by_hand():
     assert by_id[3]["mean_eem"] == pytest.approx((19 + 20) / 2 / 24)
     assert by_id[3]["prompt"] == {"x": 2, "y": 3}  # the peak of its unlabelled pixels
     assert by_id[4]["bbox"] == {"x0": 3, "y0": 3, "x1": 5, "y1": 3}
-    area = queried_region_map(values, labelled, [by_id[3]], threshold=0.5)
+    area = queried_region_map(values, labelled, [by_id[3]])
     assert np.argwhere(area == 3).tolist() == [[3, 1], [3, 2]]
     assert (area[area != 3] == 0).all()
 
@@ -117,7 +118,7 @@ def test_eem_regions_leave_labelled_pixels_out():
     masked = np.where(labelled, -np.inf, eem)
     records = extract_regions(masked, np.zeros((6, 8), np.int64), 0.5, min_area=2)
     assert sorted(r["area"] for r in records) == [8, 12]  # columns 1-3 and 5-6, rows 1-4
-    area = queried_region_map(eem, labelled, records, 0.5)
+    area = queried_region_map(eem, labelled, records)
     assert not area[labelled].any()
     assert sorted(np.bincount(area.ravel())[1:].tolist()) == [8, 12]
 
@@ -252,6 +253,26 @@ def test_a_region_cycle_queries_the_top_regions_of_d_s_and_gates_each_by_its_dic
     assert {(d["sample_id"], d["region"]) for d in returned} <= again
     accepted = {(d["sample_id"], d["region"]) for d in decisions if d["accepted"]}
     assert not accepted & again
+
+
+class FaintEEMBackend(FakeBackend):
+    """An EEM a hundred times fainter (BALD's scale): no pixel reaches the absolute threshold."""
+
+    def values(self, sample_id):
+        return super().values(sample_id) / 100
+
+
+def test_an_eem_below_the_region_threshold_queries_nothing_and_says_which_key(
+    pool, tmp_path, caplog
+):
+    state, truth = pool
+    al = ActiveLearningConfig(**{**REGION_AL, "strategy": "eem"}, theta=0.0)
+    backend = FaintEEMBackend(truth, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="orchestrator.run"):
+        _, _, history = fake_run(tmp_path, state, truth, 1, al, backend=backend, image_size=SIZE)
+    assert history[1]["gate/selected"] == 0
+    assert "D^S holds no queryable region (no pixel reaches eem.region_threshold" in caplog.text
+    assert "eem.region_threshold: otsu" in caplog.text
 
 
 def test_region_labels_hold_the_accepted_regions_and_training_reads_only_them(pool, tmp_path):

@@ -97,8 +97,11 @@ class EEMConfig:
     rescale to max 1: pixels whose input was removed carry no evidence, and Grad-CAM would otherwise
     give them whatever the masked baseline's features score. Image score:
     ``reduction`` ``mean`` or ``topk`` (mean of the top ``topk_percent`` % pixels). Regions: connected
-    areas with EEM >= ``region_threshold`` (an absolute EEM value; the EEM lies in [0, alpha+beta+gamma]) and at least ``min_region_area`` pixels, at most
-    ``max_regions`` per image (largest peak first).
+    areas with EEM >= ``region_threshold`` and at least ``min_region_area`` pixels, at most
+    ``max_regions`` per image (largest peak first). ``region_threshold``: an EEM value (the EEM lies in
+    [0, alpha+beta+gamma]), or ``otsu``: each image's Otsu edge over its EEM's range, for an EEM whose
+    scale is not the entropy's (with ``uncertainty: bald`` the MC-dropout mutual information is often
+    far below 0.01, so no pixel reaches 0.5 and no image has a region).
     ``precision``: the segmenter's arithmetic while scoring: ``fp32`` (exact, the default), or autocast to
     ``bf16`` (CPUs with native bfloat16, e.g. AVX512-BF16 or AMX, and GPUs) or ``fp16`` (GPUs only):
     faster where bfloat16 is native, with scores within 3e-3 of fp32 (the ranking kept; bench/RESULTS.md);
@@ -122,7 +125,7 @@ class EEMConfig:
     gate_cam: bool = True
     reduction: Literal["mean", "topk"] = "mean"
     topk_percent: float = 10.0
-    region_threshold: float = 0.5
+    region_threshold: float | Literal["otsu"] = 0.5
     min_region_area: int = 16
     max_regions: int = 10
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -154,9 +157,11 @@ class EEMConfig:
         if self.otsu_bins < 2:
             raise ValueError(f"EEMConfig.otsu_bins must be >= 2, got {self.otsu_bins}")
         _check_range("EEMConfig", "topk_percent", self.topk_percent, 0.0, 100.0, low_open=True)
-        if not self.region_threshold >= 0:
+        if self.region_threshold != "otsu" and not (
+            isinstance(self.region_threshold, int | float) and self.region_threshold >= 0
+        ):
             raise ValueError(
-                f"EEMConfig.region_threshold must be >= 0, got {self.region_threshold!r}"
+                f"EEMConfig.region_threshold must be >= 0 or 'otsu', got {self.region_threshold!r}"
             )
         if self.min_region_area < 1:
             raise ValueError(f"EEMConfig.min_region_area must be >= 1, got {self.min_region_area}")

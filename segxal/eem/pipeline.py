@@ -49,6 +49,7 @@ class EEMMaps:
                 config.min_region_area,
                 config.max_regions,
                 class_names,
+                config.otsu_bins,
             )
             for eem, prediction in zip(self.eem.cpu(), self.prediction.cpu(), strict=False)
         ]

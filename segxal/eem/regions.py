@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from scipy import ndimage
+
+from segxal.eem.proximity import otsu_threshold
 
 
 def _as_numpy(name: str, array: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -19,44 +22,65 @@ def _as_numpy(name: str, array: torch.Tensor | np.ndarray) -> np.ndarray:
     return array
 
 
+RegionThreshold = float | Literal["otsu"]
+
+
+def otsu_region_threshold(eem: np.ndarray, bins: int = 64) -> float:
+    """The Otsu edge of the finite values of ``eem`` (-inf marks pixels out of play), over their own
+    range: a threshold that follows the map's scale (BALD's, say, far below the entropy's); +inf where
+    the values do not split."""
+    values = eem[np.isfinite(eem)]
+    if values.size == 0:
+        return math.inf
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return math.inf
+    unit = torch.from_numpy((values - low) / (high - low)).reshape(1, 1, -1)
+    edge = float(otsu_threshold(unit, bins)[0])
+    return low + edge * (high - low) if math.isfinite(edge) else math.inf
+
+
 def extract_regions(
     eem: torch.Tensor | np.ndarray,
     prediction: torch.Tensor | np.ndarray,
-    threshold: float = 0.5,
+    threshold: RegionThreshold = 0.5,
     min_area: int = 16,
     max_regions: int = 10,
     class_names: Sequence[str] | None = None,
+    otsu_bins: int = 64,
 ) -> list[dict]:
-    """JSON-ready records of the 8-connected areas with EEM >= ``threshold`` and >= ``min_area`` pixels,
-    highest peak first (ids 1, 2, ... in that order), at most ``max_regions``.
+    """JSON-ready records of the 8-connected areas with EEM >= ``threshold`` (a value, or ``otsu``:
+    :func:`otsu_region_threshold` of this map) and >= ``min_area`` pixels, highest peak first (ids 1,
+    2, ... in that order), at most ``max_regions``.
 
     Each record: ``id``, ``prompt`` {x, y} (the EEM peak), ``area``, ``mean_eem``, ``peak_eem``,
     ``class_id`` and ``class_name`` (the dominant predicted class; name None without ``class_names``),
-    ``bbox`` {x0, y0, x1, y1} (inclusive pixel bounds).
+    ``bbox`` {x0, y0, x1, y1} (inclusive pixel bounds), ``threshold`` (the EEM value it lies above).
     """
     eem_np = _as_numpy("eem", eem).astype(np.float64)
     pred_np = _as_numpy("prediction", prediction).astype(np.int64)
     if eem_np.shape != pred_np.shape:
         raise ValueError(f"eem shape {eem_np.shape} != prediction shape {pred_np.shape}")
+    if threshold == "otsu":
+        threshold = otsu_region_threshold(eem_np, otsu_bins)
     labels, count = ndimage.label(eem_np >= threshold, structure=np.ones((3, 3), dtype=bool))
     candidates = []
     for index, window in enumerate(ndimage.find_objects(labels), start=1):
         inside = labels[window] == index
         if int(inside.sum()) >= min_area:
-            candidates.append(_record(inside, eem_np, pred_np, window, class_names))
+            record = _record(inside, eem_np, pred_np, window, class_names)
+            candidates.append({**record, "threshold": float(threshold)})
     candidates.sort(key=lambda r: (-r["peak_eem"], -r["area"], r["prompt"]["y"], r["prompt"]["x"]))
     return [
         {"id": number, **record} for number, record in enumerate(candidates[:max_regions], start=1)
     ]
 
 
-def region_map(
-    eem: torch.Tensor | np.ndarray, regions: Sequence[dict], threshold: float
-) -> np.ndarray:
+def region_map(eem: torch.Tensor | np.ndarray, regions: Sequence[dict]) -> np.ndarray:
     """(H, W) int32 map of the areas behind ``regions`` (records of :func:`extract_regions` for the same
-    map and threshold): each pixel holds its region's ``id``, 0 elsewhere."""
+    map): each pixel holds its region's ``id``, 0 elsewhere."""
     shape = _as_numpy("eem", eem).shape
-    return queried_region_map(eem, np.zeros(shape, dtype=bool), regions, threshold)
+    return queried_region_map(eem, np.zeros(shape, dtype=bool), regions)
 
 
 def _record(
@@ -121,30 +145,33 @@ def cell_regions(
 
 
 def queried_region_map(
-    eem: torch.Tensor | np.ndarray,
-    labelled: np.ndarray,
-    regions: Sequence[dict],
-    threshold: float,
+    eem: torch.Tensor | np.ndarray, labelled: np.ndarray, regions: Sequence[dict]
 ) -> np.ndarray:
     """(H, W) int32 map of the unlabelled pixels of ``regions``, each its record's ``id``, 0 elsewhere.
-    A cell is its box; an EEM region is the area above ``threshold`` of this ``eem`` (unlabelled
-    pixels only) that holds its prompt, or, where recomputing moved the prompt below the threshold,
-    the area above it in its box (the whole box when none is)."""
+    A cell is its box; an EEM region is the area above its record's ``threshold`` of this ``eem``
+    (unlabelled pixels only) that holds its prompt, or, where recomputing moved the prompt below the
+    threshold, the area above it in its box (the whole box when none is)."""
     eem_np = np.where(labelled, -np.inf, _as_numpy("eem", eem).astype(np.float64))
-    components, _ = ndimage.label(eem_np >= threshold, structure=np.ones((3, 3), dtype=bool))
+    components: dict[float, np.ndarray] = {}  # the connected areas above each threshold
     out = np.zeros(eem_np.shape, dtype=np.int32)
     for region in regions:
         box = region["bbox"]
         window = (slice(box["y0"], box["y1"] + 1), slice(box["x0"], box["x1"] + 1))
         in_box = np.zeros(eem_np.shape, dtype=bool)
         in_box[window] = True
-        component = components[region["prompt"]["y"], region["prompt"]["x"]]
         if "cell" in region:
-            area = in_box
-        elif component > 0:
-            area = components == component
+            out[in_box & ~labelled] = region["id"]
+            continue
+        threshold = region["threshold"]
+        if threshold not in components:
+            above = eem_np >= threshold
+            components[threshold] = ndimage.label(above, structure=np.ones((3, 3), dtype=bool))[0]
+        labels = components[threshold]
+        component = labels[region["prompt"]["y"], region["prompt"]["x"]]
+        if component > 0:
+            area = labels == component
         else:
-            above = in_box & (eem_np >= threshold)
-            area = above if above.any() else in_box
+            above_in_box = in_box & (eem_np >= threshold)
+            area = above_in_box if above_in_box.any() else in_box
         out[area & ~labelled] = region["id"]
     return out
