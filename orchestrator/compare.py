@@ -359,10 +359,17 @@ def write_report(comparison: Comparison, out_dir: Path) -> tuple[str, list[Path]
     files = []
     summary = al_summary(comparison.al_runs) if not comparison.al_runs.empty else None
     differences = paired_differences(comparison.curves) if summary is not None else None
+    units = set(comparison.curves["unit"]) if not comparison.curves.empty else set()
+    to_image_random = (
+        paired_differences(comparison.curves, baseline_unit="image")
+        if {"image", "region"} <= units
+        else None
+    )
     tables = {
         "al_runs.csv": comparison.al_runs,
         "al_summary.csv": summary,
         "differences.csv": differences,
+        "differences_to_image_random.csv": to_image_random,
         "anomaly.csv": comparison.anomaly,
         "supervised.csv": comparison.supervised,
     }
@@ -374,6 +381,8 @@ def write_report(comparison: Comparison, out_dir: Path) -> tuple[str, list[Path]
     if differences is not None and not differences.empty:
         markdown += "\n" + differences_markdown(differences)
         files.append(plot_differences(differences, out_dir / "difference_to_random.png"))
+    if to_image_random is not None and not to_image_random.empty:
+        markdown += "\n" + differences_markdown(to_image_random, "random at image level")
     (out_dir / "comparison.md").write_text(markdown)
     files.append(out_dir / "comparison.md")
     if not comparison.curves.empty:

@@ -38,18 +38,28 @@ def bootstrap_interval(
     return float(low), float(high)
 
 
-def paired_differences(curves: pd.DataFrame, baseline: str = BASELINE) -> pd.DataFrame:
+def paired_differences(
+    curves: pd.DataFrame, baseline: str = BASELINE, baseline_unit: str | None = None
+) -> pd.DataFrame:
     """One row per (strategy, unit, oracle, depth backend, cycle) other than the baseline, from cycle 1
     (cycle 0 trains on the shared initial pool): the seeds paired with a baseline run, the mean costs of
-    both, the mean mIoU difference and its interval."""
+    both, the mean mIoU difference and its interval. The baseline runs are those of the row's own unit,
+    or, with ``baseline_unit``, of that unit (the rows then are the other units' strategies, random
+    included: region labels against whole images at the same labelled pixels per cycle)."""
     rows = []
-    base = curves[curves["strategy"] == baseline]
-    others = curves[(curves["strategy"] != baseline) & (curves["cycle"] > 0)]
+    if baseline_unit is None:
+        base = curves[curves["strategy"] == baseline]
+        others = curves[(curves["strategy"] != baseline) & (curves["cycle"] > 0)]
+    else:
+        base = curves[(curves["strategy"] == baseline) & (curves["unit"] == baseline_unit)]
+        others = curves[(curves["unit"] != baseline_unit) & (curves["cycle"] > 0)]
     columns = ["strategy", *PAIR_KEYS, "depth_backend", "cycle"]
     for key, group in others.groupby(columns, sort=True):
         strategy, unit, oracle, depth, cycle = key
         partner = base[
-            (base["unit"] == unit) & (base["oracle"] == oracle) & (base["cycle"] == cycle)
+            (base["unit"] == (baseline_unit or unit))
+            & (base["oracle"] == oracle)
+            & (base["cycle"] == cycle)
         ]
         paired = group.merge(partner, on="seed", suffixes=("", "_base"))
         if paired.empty:
@@ -89,7 +99,7 @@ def differences_markdown(differences: pd.DataFrame, baseline: str = BASELINE) ->
     """The table of differences to the baseline, in mIoU points, with the interval and its verdict."""
     header = [
         "strategy", "unit", "oracle", "cycle", "seeds", "labelled pixels (%)",
-        f"mIoU - {baseline} (points)", f"{CONFIDENCE:.0%} interval", "verdict",
+        "baseline's pixels (%)", f"mIoU - {baseline} (points)", f"{CONFIDENCE:.0%} interval", "verdict",
     ]  # fmt: skip
     rows = [
         [
@@ -99,6 +109,7 @@ def differences_markdown(differences: pd.DataFrame, baseline: str = BASELINE) ->
             str(row["cycle"]),
             str(row["seeds"]),
             f"{100 * row['labelled_pixel_fraction']:.2f}",
+            f"{100 * row['baseline_labelled_pixel_fraction']:.2f}",
             f"{100 * row['difference']:+.2f}",
             "-"
             if np.isnan(row["ci_low"])

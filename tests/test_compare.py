@@ -317,3 +317,41 @@ def test_a_bootstrap_interval_by_hand():
     assert low == pytest.approx(reference.low, abs=2e-3)  # other resamples: close, not equal
     assert high == pytest.approx(reference.high, abs=2e-3)
     assert low < values.mean() < high
+
+
+def test_region_runs_are_paired_with_image_level_random_of_their_seed(
+    store, tracking_uri, tmp_path
+):
+    experiment_id = store.get_experiment_by_name(EXPERIMENT).experiment_id
+    for strategy, offset in (("random", 0.05), ("entropy", 0.08)):
+        for seed in (0, 1):
+            log_run(
+                store,
+                experiment_id,
+                f"al-{strategy}-region-s{seed}",
+                {"strategy": strategy, "unit": "region", "oracle": "simulated",
+                 "depth_backend": "geometric"},
+                {"seed": seed},
+                [
+                    Metric(key, value, 3000 + cycle, cycle)
+                    for cycle in range(3)
+                    for key, value in (
+                        ("val/miou", 0.3 + offset + cycle / 10 + seed / 50),
+                        ("pool/labelled_fraction", 0.5),
+                        ("pool/labelled_pixel_fraction", 0.1 + cycle / 100),
+                    )
+                ],
+            )  # fmt: skip
+    comparison = run_compare(tracking_uri, tmp_path, "--no-log")
+    table = pd.read_csv(tmp_path / "differences_to_image_random.csv")
+    assert set(table["strategy"]) == {"random", "entropy"} and set(table["unit"]) == {"region"}
+    runs = comparison.al_runs.set_index(["strategy", "unit", "seed"])
+    for _, row in table.iterrows():
+        column = f"cycle_{row['cycle']}"
+        by_hand = [
+            runs.loc[(row["strategy"], "region", seed), column]
+            - runs.loc[("random", "image", seed), column]
+            for seed in (0, 1)
+        ]
+        assert row["seeds"] == 2 and row["difference"] == pytest.approx(np.mean(by_hand))
+    assert "paired difference to random at image level" in (tmp_path / "comparison.md").read_text()
