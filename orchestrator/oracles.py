@@ -165,7 +165,7 @@ class DatasetGroundTruth:
             }
         )
         return (
-            SegmentationDataset(row, self.label_set, self.transform)[0]["label"]
+            SegmentationDataset(row, self.label_set, self.transform, load_image=False)[0]["label"]
             .numpy()
             .astype(np.uint8)
         )

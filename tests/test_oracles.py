@@ -93,10 +93,19 @@ def test_shape_mismatch_names_the_sample():
         oracle.annotate([request(np.zeros((3, 3)), np.zeros((3, 3)))])
 
 
-def test_dataset_ground_truth_reads_the_requests_label_file_at_the_scoring_size(synthetic_root):
+def test_dataset_ground_truth_reads_the_requests_label_file_at_the_scoring_size(
+    synthetic_root, monkeypatch
+):
     manifest = cityscapes_manifest(synthetic_root, "train")
     size = (32, 64)
     expected = SegmentationDataset(manifest, CITYSCAPES, SampleTransform(size=size))
+    expected_labels = [expected[i]["label"].numpy() for i in range(2)]
+
+    def no_decoding(path):
+        raise AssertionError(f"{path}: the ground truth decoded the image")
+
+    # the image's pixels are never decoded: a selected image is decoded to score and to explain only
+    monkeypatch.setattr("segxal.data.dataset.open_rgb", no_decoding)
     truth = DatasetGroundTruth(CITYSCAPES, size)
     first, second = manifest.slice(0, 2).to_pylist()
     blank = np.zeros(size)
@@ -109,7 +118,7 @@ def test_dataset_ground_truth_reads_the_requests_label_file_at_the_scoring_size(
             label_path=first["label_path"],
         )
     )
-    assert got.dtype == np.uint8 and np.array_equal(got, expected[0]["label"].numpy())
+    assert got.dtype == np.uint8 and np.array_equal(got, expected_labels[0])
     # the path decides, not the id: nothing is looked up in a pool-wide index
     other = truth(
         request(
@@ -120,7 +129,7 @@ def test_dataset_ground_truth_reads_the_requests_label_file_at_the_scoring_size(
             label_path=second["label_path"],
         )
     )
-    assert np.array_equal(other, expected[1]["label"].numpy()) and not np.array_equal(other, got)
+    assert np.array_equal(other, expected_labels[1]) and not np.array_equal(other, got)
 
 
 def test_the_simulated_oracle_holds_nothing_pool_sized():

@@ -10,7 +10,14 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from segxal.data.io import DataError, check_same_size, open_rgb, read_disparity, read_label
+from segxal.data.io import (
+    DataError,
+    check_same_size,
+    image_size,
+    open_rgb,
+    read_disparity,
+    read_label,
+)
 from segxal.data.labels import IGNORE_INDEX, LabelSet
 from segxal.data.transforms import (
     normalize,
@@ -50,7 +57,9 @@ class SegmentationDataset(Dataset):
     """Items are dicts: ``image`` (3, H, W) float normalised, ``label`` (H, W) int64 train ids with
     255 = ignore (all-ignore when the manifest has no label), ``depth`` (H, W) float disparity (0 where
     unknown) when ``load_depth``, ``index`` and ``sample_id``. With ``load_label`` off (scoring, which
-    needs no label) the label file is never read and items carry no ``label``."""
+    needs no label) the label file is never read and items carry no ``label``; with ``load_image`` off
+    (the ground truth of a simulated annotator) the image's pixels are never decoded (its size comes
+    from the file's header) and items carry no ``image``."""
 
     def __init__(
         self,
@@ -59,9 +68,12 @@ class SegmentationDataset(Dataset):
         transform: SampleTransform = SampleTransform(),
         load_depth: bool = False,
         load_label: bool = True,
+        load_image: bool = True,
     ) -> None:
-        if transform.augment and not load_label:
-            raise ValueError("augmentation moves the label with the image: it needs load_label")
+        if transform.augment and not (load_label and load_image):
+            raise ValueError(
+                "augmentation moves the label with the image: it needs load_label and load_image"
+            )
         self.rows = manifest.select(
             ["sample_id", "image_path", "label_path", "depth_path"]
         ).to_pylist()
@@ -69,20 +81,24 @@ class SegmentationDataset(Dataset):
         self.transform = transform
         self.load_depth = load_depth
         self.load_label = load_label
+        self.load_image = load_image
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def load_raw(
         self, index: int
-    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, tuple[int, int] | None]:
-        """Decoded and validated: (image uint8 HxWx3, already at the transform's size; train-id label
+    ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, tuple[int, int] | None]:
+        """Decoded and validated: (image uint8 HxWx3, already at the transform's size, or None without
+        ``load_image``; train-id label
         uint8 or None without ``load_label``; disparity float or None; both at the file's size; the
         transform's size, None to keep the file's). The image is resized by Pillow on its 8-bit pixels,
         before any copy into numpy: the decode-and-resize costs what Pillow alone does."""
         row = self.rows[index]
-        image = open_rgb(row["image_path"])
-        file_size = (image.height, image.width)
+        image = open_rgb(row["image_path"]) if self.load_image else None
+        file_size = (
+            (image.height, image.width) if image is not None else image_size(row["image_path"])
+        )
         label: np.ndarray | None = None
         if self.load_label and row["label_path"] is not None:
             raw = read_label(row["label_path"])
@@ -98,29 +114,29 @@ class SegmentationDataset(Dataset):
             else:
                 depth = np.zeros(file_size, dtype=np.float32)
         size = self.transform.target_size(file_size)
+        if image is None:
+            return None, label, depth, size
         if size is not None and size != file_size:  # antialiased bilinear when shrinking
             image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
         return np.asarray(image), label, depth, size
 
     def __getitem__(self, index: int) -> dict:
         image_np, label_np, depth_np, size = self.load_raw(index)
-        image = to_tensor(image_np)
         label = None if label_np is None else torch.from_numpy(label_np.astype(np.int64))
         depth = None if depth_np is None else torch.from_numpy(depth_np)
         if size is not None:
             depth = None if depth is None else resize_nearest(depth, size)
             if label is not None and not self.transform.label_at_file_size:
                 label = resize_nearest(label, size)
-        if self.transform.augment:
-            assert label is not None  # checked in __init__
-            image, label, depth = random_crop_flip(
-                image, label, self.transform.crop_size, extra=depth
-            )
-        item: dict = {
-            "image": normalize(image),
-            "index": index,
-            "sample_id": self.rows[index]["sample_id"],
-        }
+        item: dict = {"index": index, "sample_id": self.rows[index]["sample_id"]}
+        if image_np is not None:
+            image = to_tensor(image_np)
+            if self.transform.augment:
+                assert label is not None  # checked in __init__
+                image, label, depth = random_crop_flip(
+                    image, label, self.transform.crop_size, extra=depth
+                )
+            item["image"] = normalize(image)
         if label is not None:
             item["label"] = label
         if depth is not None:
