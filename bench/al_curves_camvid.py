@@ -41,6 +41,9 @@ VARIANTS = {
     # BALD's scale is far below the entropy's: no pixel reaches the absolute region threshold
     "eem+bald": ["al.strategy=eem", "eem.uncertainty=bald", "eem.region_threshold=otsu"],
     "entropy+cb": ["al.strategy=entropy", "al.class_balance=true"],
+    # region mode: regions above each image's Otsu edge, so the supply of regions does not dry up as
+    # the model grows confident and its EEM falls below the absolute threshold
+    "eem+otsu": ["al.strategy=eem", "eem.region_threshold=otsu"],
 }
 STRATEGIES = ("eem", "entropy", "random", "coreset")
 
