@@ -188,10 +188,11 @@ class StageTimer:
         self.seconds[Metric.stage_seconds(stage)] = time.perf_counter() - start
 
 
-NO_EEM_REGION_HINT = (
-    "no pixel reaches eem.region_threshold; eem.region_threshold: otsu follows the EEM's own scale, "
-    "which with eem.uncertainty: bald lies far below the entropy's"
+OTSU_HINT = (
+    "eem.region_threshold: otsu follows the EEM's own scale, which falls as the model grows confident "
+    "and with eem.uncertainty: bald lies far below the entropy's"
 )
+NO_EEM_REGION_HINT = f"no pixel reaches eem.region_threshold; {OTSU_HINT}"
 
 
 def unreadable_of(scores: pa.Table) -> dict[str, str]:
@@ -468,10 +469,12 @@ class ActiveLearningRun:
 
         scores = backend.score(cycle, checkpoint, candidates(), spec, **self._balance())
         unit = self.al.budget_unit
+
+        def costs(table: pa.Table) -> list[int]:
+            return [region_cost(p, unit) for p in table["pixels"].to_pylist()]
+
         chosen = spend_on_regions(
-            ranked(tee_parquet(self.layout.scores(cycle), spec.schema, scores)),
-            self.budget,
-            lambda t: [region_cost(p, unit) for p in t["pixels"].to_pylist()],
+            ranked(tee_parquet(self.layout.scores(cycle), spec.schema, scores)), self.budget, costs
         )
         if scored_ids.hexdigest() != candidate_ids.hexdigest():
             raise ValueError(
@@ -485,6 +488,19 @@ class ActiveLearningRun:
                 "cycle %d: D^S holds no queryable region%s; the cycle queries nothing", cycle, hint
             )
             return queried, math.nan
+        spent = sum(costs(chosen))
+        if spent < self.budget:
+            hint = f" (EEM regions: only pixels above eem.region_threshold; {OTSU_HINT})"
+            hint = hint if spec.source == "eem" else ""
+            log.warning(
+                "cycle %d: every queryable region of D^S is taken and spends %d of the %d %s of "
+                "the budget%s",
+                cycle,
+                spent,
+                self.budget,
+                unit,
+                hint,
+            )
         scored = self.strategy.score_kind is not None
         mean_score = float(pc.mean(chosen["score"]).as_py()) if scored else math.nan
         for sample_id, record in zip(

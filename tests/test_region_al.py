@@ -275,6 +275,22 @@ def test_an_eem_below_the_region_threshold_queries_nothing_and_says_which_key(
     assert "eem.region_threshold: otsu" in caplog.text
 
 
+def test_a_budget_larger_than_every_region_of_d_s_is_reported(pool, tmp_path, caplog):
+    state, truth = pool
+    budget = 10 * state.count(UNLABELLED) * SIZE[0] * SIZE[1]
+    al = ActiveLearningConfig(
+        **{**REGION_AL, "strategy": "eem", "budget": budget}, budget_unit="pixels", theta=0.0
+    )
+    with caplog.at_level(logging.WARNING, logger="orchestrator.run"):
+        _, _, history = region_run(tmp_path, state, truth, 1, al)
+    spent = int(history[1]["oracle/pixels"])
+    assert 0 < spent < budget
+    assert f"every queryable region of D^S is taken and spends {spent} of the {budget} pixels" in (
+        caplog.text
+    )
+    assert "eem.region_threshold: otsu" in caplog.text
+
+
 def test_region_labels_hold_the_accepted_regions_and_training_reads_only_them(pool, tmp_path):
     state, truth = pool
     al = ActiveLearningConfig(**REGION_AL, theta=0.0)
