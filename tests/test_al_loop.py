@@ -1,5 +1,7 @@
 """The active-learning loop against a fake backend: selection, gate, pool updates, resume."""
 
+import dataclasses
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +133,31 @@ def test_theta_zero_accepts_everything(pool, tmp_path):
         tmp_path, state, truth, 1, ActiveLearningConfig(strategy="entropy", budget=3, theta=0.0)
     )
     assert history[1]["gate/accepted"] == 3 and owner.state.count(LABELLED) == 7
+
+
+class RegionlessBackend(FakeBackend):
+    """Every selected image's EEM holds no region (an EEM below eem.region_threshold everywhere)."""
+
+    def explain(self, cycle, checkpoint, selected, kind, panel_dir, panels):
+        explained = super().explain(cycle, checkpoint, selected, kind, panel_dir, panels)
+        blank = [
+            dataclasses.replace(r, regions=[], region_map=np.zeros_like(r.region_map))
+            for r in explained.requests
+        ]
+        return Explained(blank, explained.unreadable)
+
+
+def test_selected_images_without_an_eem_region_are_reported(pool, tmp_path, caplog):
+    state, truth = pool
+    backend = RegionlessBackend(truth, tmp_path)
+    al = ActiveLearningConfig(strategy="eem", budget=3, theta=0.0)
+    with caplog.at_level(logging.WARNING, logger="orchestrator.run"):
+        _, _, history = run(tmp_path, state, truth, 1, al, backend=backend)
+    assert history[1]["oracle/pixels"] == 0  # the oracle corrected nothing
+    assert (
+        "cycle 1: no selected image has an EEM region (no pixel reaches eem.region_threshold"
+        in (caplog.text)
+    )
 
 
 def test_resume_after_cycle_one_equals_uninterrupted(pool, tmp_path):
