@@ -107,8 +107,9 @@ def segmentation_loss(
 
 
 def passes(loader: Iterable[dict], steps: int | None) -> Iterator[dict]:
-    """The batches of one pass over ``loader``, or of as many passes (each reshuffled by the loader) as
-    ``steps`` batches take; the last pass stops at ``steps``."""
+    """The batches of one pass over ``loader``, or of as many passes as ``steps`` batches take; the last
+    pass stops at ``steps``. A shuffling DataLoader reshuffles each pass; a DistributedSampler (Ray
+    Train) repeats its epoch's order, since only ``set_epoch`` reshuffles it."""
     if steps is None:
         yield from loader
         return
