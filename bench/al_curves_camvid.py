@@ -38,7 +38,8 @@ VARIANTS = {
     "random": ["al.strategy=random"],
     "coreset": ["al.strategy=coreset"],
     "bald": ["al.strategy=bald"],
-    # BALD's scale is far below the entropy's: no pixel reaches the absolute region threshold
+    # BALD's scale is far below the entropy's: no pixel reaches the absolute region threshold (tagged
+    # eem+bald+otsu)
     "eem+bald": ["al.strategy=eem", "eem.uncertainty=bald", "eem.region_threshold=otsu"],
     "entropy+cb": ["al.strategy=entropy", "al.class_balance=true"],
     # region mode: regions above each image's Otsu edge, so the supply of regions does not dry up as

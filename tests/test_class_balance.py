@@ -114,3 +114,6 @@ def test_runs_are_tagged_with_what_they_rank_by():
     assert label("al.strategy=entropy", "al.class_balance=true") == "entropy+cb"
     assert label("al.strategy=eem", "eem.uncertainty=bald", "model.dropout=0.2") == "eem+bald"
     assert label("al.strategy=bald", "model.dropout=0.2", "al.class_balance=true") == "bald+cb"
+    otsu = ("eem.region_threshold=otsu", "model.dropout=0.2")
+    assert label("al.strategy=eem", *otsu, "eem.uncertainty=bald") == "eem+bald+otsu"
+    assert label("al.strategy=entropy", *otsu, "al.class_balance=true") == "entropy+otsu+cb"
