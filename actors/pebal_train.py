@@ -46,7 +46,7 @@ from segxal.pebal.evaluate import (
 )
 from segxal.pebal.losses import TERMS, check_finite, pebal_loss
 from segxal.pebal.model import prepare_pebal_model
-from segxal.training import make_optimizer, restore_training_state, training_state
+from segxal.training import make_optimizer, passes, restore_training_state, training_state
 from segxal.training_session import TrainingSession
 
 log = logging.getLogger(__name__)
@@ -84,8 +84,10 @@ def pebal_train_epoch(
     epoch: int = 0,
     first_step: int = 0,
 ) -> dict[str, float]:
-    """One pass of AnomalyMix + PEBAL loss. Returns mean loss terms (``loss`` = total), ``images_per_s``,
-    ``step_s`` (mean forward-backward-update time, data loading and mixing excluded) and ``steps``.
+    """One epoch of AnomalyMix + PEBAL loss: a pass over ``loader``, or ``config.finetune``'s
+    ``steps_per_epoch`` batches (:func:`segxal.training.passes`). Returns mean loss terms (``loss`` =
+    total), ``images_per_s``, ``step_s`` (mean forward-backward-update time, data loading and mixing
+    excluded) and ``steps``.
 
     Raises :class:`segxal.pebal.losses.NonFiniteLossError` naming the global step and the batch (its
     index in the epoch and first sample ids) before any update from a non-finite loss.
@@ -93,7 +95,8 @@ def pebal_train_epoch(
     model.train()  # frozen BatchNorm layers stay in eval mode (forward pre-hook)
     sums: dict[str, float] = defaultdict(float)
     images, steps, compute_s, start = 0, 0, 0.0, time.perf_counter()
-    for index, batch in enumerate(loader):
+    batches = passes(loader, config.finetune.steps_per_epoch(len(loader)))
+    for index, batch in enumerate(batches):
         step = first_step + index
         image, label, _ = mixer(batch["image"], batch["label"], rng)
         tick = time.perf_counter()

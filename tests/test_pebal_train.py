@@ -283,6 +283,26 @@ def test_epoch_trains_only_the_last_block_and_stops_on_non_finite_loss(
         )
 
 
+def test_an_epoch_takes_finetune_min_steps_over_a_short_training_set(
+    pretrained, datasets, one_thread
+):
+    train, _ = datasets
+    config = PebalConfig(m_in=-4.0, m_out=-2.0, trainable=("decoder.2", "head"))
+    config = replace(config, finetune=replace(config.finetune, epochs=2, min_steps=10))
+    model = prepare_pebal_model(pretrained, config.trainable)
+    loader = DataLoader(torch.utils.data.Subset(train, range(4)), batch_size=2)  # 2 batches a pass
+    stats = pebal_train_epoch(
+        model,
+        loader,
+        make_optimizer(model.parameters(), config.finetune),
+        AnomalyMix(config.anomalymix, 19),
+        config,
+        np.random.default_rng(0),
+        torch.device("cpu"),
+    )
+    assert stats["steps"] == 5  # 10 steps over 2 epochs: two passes and a half
+
+
 # -- Ray Train ------------------------------------------------------------------------------------------
 
 
