@@ -490,8 +490,8 @@ class ActiveLearningRun:
             return queried, math.nan
         spent = sum(costs(chosen))
         if spent < self.budget:
-            hint = f" (EEM regions: only pixels above eem.region_threshold; {OTSU_HINT})"
-            hint = hint if spec.source == "eem" else ""
+            eem_hint = f" (EEM regions hold only pixels above eem.region_threshold; {OTSU_HINT})"
+            hint = eem_hint if spec.source == "eem" else ""
             log.warning(
                 "cycle %d: every queryable region of D^S is taken and spends %d of the %d %s of "
                 "the budget%s",
