@@ -10,7 +10,14 @@ DEMO_EXPERIMENT := segxal-demo
 # one name per `make demo`: its EEM run and its random baseline are <name>-eem and <name>-random
 DEMO_NAME := demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: demo test lint install bench-train clean
+# Label Studio, in a virtual environment of its own (its server pins its own dependencies), for the test
+# that pushes a cycle to a real server and pulls its annotations back. An install that fails (no package
+# index) leaves its reason in $(LS_VENV).failed, and that test skips saying so.
+LS_VENV := .venv-labelstudio
+LS_STAMP := $(LS_VENV)/.installed
+LABEL_STUDIO := label-studio==1.23.2
+
+.PHONY: demo test lint install labelstudio-server bench-train clean
 
 install: $(STAMP)
 
@@ -26,8 +33,18 @@ demo: $(STAMP)
 	$(PY) -m jobs.al --config jobs/configs/demo.yaml --set name=$(DEMO_NAME)-random --set al.strategy=random
 	$(PY) -m jobs.compare --experiment $(DEMO_EXPERIMENT) --filter "params.name LIKE '$(DEMO_NAME)-%'"
 
-test: $(STAMP)
+test: $(STAMP) $(LS_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+labelstudio-server: $(LS_STAMP)
+
+$(LS_STAMP):
+	@rm -f $(LS_VENV).failed
+	@echo "installing $(LABEL_STUDIO) into $(LS_VENV) (once; for the Label Studio round-trip test)"
+	@{ test -x $(LS_VENV)/bin/python || $(PYTHON) -m venv $(LS_VENV); } \
+	  && $(LS_VENV)/bin/pip install --quiet "$(LABEL_STUDIO)" > $(LS_VENV).log 2>&1 && touch $@ \
+	  || { tail -n 3 $(LS_VENV).log > $(LS_VENV).failed 2>/dev/null; \
+	       echo "Label Studio could not be installed (see $(LS_VENV).log); its test will skip"; }
 
 # ruff (format and lint) over the tree, mypy over segxal/ and orchestrator/ (pyproject.toml)
 lint: $(STAMP)
@@ -39,4 +56,4 @@ bench-train: $(STAMP)
 	$(PY) bench/train_camvid.py --root ../shared/data/camvid
 
 clean:
-	rm -rf runs mlflow.db mlartifacts mlruns data/synthetic
+	rm -rf runs mlflow.db mlartifacts mlruns data/synthetic $(LS_VENV) $(LS_VENV).log $(LS_VENV).failed

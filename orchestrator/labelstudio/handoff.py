@@ -207,12 +207,12 @@ def instructions(run_dir: str | Path, cycle: int) -> str:
     count = len(json.loads((folder / TASKS).read_text()))
     return (
         f"cycle {cycle} waits for people: {count} images to annotate in Label Studio, exported to {folder}\n"
-        f"  1. Create a Label Studio project for this cycle; Settings > Labeling Interface > Code: paste\n"
-        f"     {folder / CONFIG}\n"
-        f"  2. Import {folder / TASKS}: the model's segmentation comes as pre-annotations and the EEM prompts\n"
-        f"     as keypoints EEM 1, EEM 2, ... (EEM 1 marks the largest explainable error)\n"
-        f"  3. Correct each image, starting at the prompts, and submit it\n"
-        f"  4. Export the project as JSON, then continue the run:\n"
-        f"     python -m jobs.al --resume {run_dir} --stage import <the exported JSON file>\n"
+        f"  1. With LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (a personal access token) set, push it:\n"
+        f"     python -m jobs.labelstudio push {run_dir}\n"
+        f"  2. Correct each image, starting at the prompts EEM 1, EEM 2, ..., and submit it\n"
+        f"  3. Pull the annotations; the run continues:\n"
+        f"     python -m jobs.labelstudio pull {run_dir}\n"
+        f"  (by hand: a project with {folder / CONFIG}, tasks from {folder / TASKS}, then\n"
+        f"   python -m jobs.al --resume {run_dir} --stage import <the exported JSON file>)\n"
         f"(step by step: README, 'Annotating a cycle in Label Studio')"
     )
