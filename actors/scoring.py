@@ -103,18 +103,19 @@ and the batch's predictions where computing the value gave them."""
 
 def _region_values(
     scorer: PoolScorer, images: torch.Tensor, batch: dict, spec: RegionSpec
-) -> tuple[np.ndarray, np.ndarray]:
-    """(B, H, W) maps a region's score is the mean of, and the predictions, for region mode."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(B, H, W) maps for region mode: the one a region's score is the mean of, the predictions, and
+    the uncertainty its prompt marks the peak of."""
     if spec.kind is None:  # random regions: no score, the run draws one
         shape = (images.shape[0], *images.shape[2:])
-        return np.zeros(shape), np.zeros(shape, dtype=np.int64)
+        return np.zeros(shape), np.zeros(shape, dtype=np.int64), np.zeros(shape)
     if spec.kind in (ScoreKind.ENTROPY, ScoreKind.BALD):
         per_pixel = _entropy_map if spec.kind is ScoreKind.ENTROPY else _bald_map
         values, prediction = per_pixel(scorer, images)
-        return values.cpu().numpy(), prediction.cpu().numpy()
+        return values.cpu().numpy(), prediction.cpu().numpy(), values.cpu().numpy()
     maps = _eem_of(scorer, images, batch, spec.kind.eem_config(scorer.eem), maps=True).maps
     assert maps is not None
-    return maps.eem.cpu().numpy(), maps.prediction.cpu().numpy()
+    return maps.eem.cpu().numpy(), maps.prediction.cpu().numpy(), maps.entropy.cpu().numpy()
 
 
 class ReadableOrNot(Dataset):
@@ -249,7 +250,9 @@ class PoolScorer:
         found: list[dict] = []
         unreadable: dict[str, str] = {}
         for batch in self._batches(rows, unreadable):
-            values, predictions = _region_values(self, batch["image"].to(self.device), batch, spec)
+            values, predictions, uncertainty = _region_values(
+                self, batch["image"].to(self.device), batch, spec
+            )
             for i, sample_id in enumerate(batch["sample_id"]):
                 labelled = self._labelled(rows, int(batch["index"][i]), values[i].shape)
                 if spec.source == "cells":
@@ -263,6 +266,7 @@ class PoolScorer:
                         eem.max_regions,
                         names,
                         eem.otsu_bins,
+                        uncertainty[i],
                     )
                 weights = dict.fromkeys((r["id"] for r in records), 1.0)
                 if class_weights is not None and records:

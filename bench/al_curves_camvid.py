@@ -45,6 +45,9 @@ VARIANTS = {
     # region mode: regions above each image's Otsu edge, so the supply of regions does not dry up as
     # the model grows confident and its EEM falls below the absolute threshold
     "eem+otsu": ["al.strategy=eem", "eem.region_threshold=otsu"],
+    # the EEM's Grad-CAM per class (each class map scaled to 1): with the summed target it sits on the
+    # bottom border rows and few regions pass the threshold (bench/RESULTS.md, where the prompts point)
+    "eem+max": ["al.strategy=eem", "eem.target=max"],
 }
 STRATEGIES = ("eem", "entropy", "random", "coreset")
 

@@ -178,12 +178,15 @@ class ExperimentConfig:
     @property
     def acquisition(self) -> str:
         """The strategy with the options that change what it ranks by or queries: ``eem+bald`` (the EEM
-        on BALD), ``+otsu`` (EEM regions above each image's Otsu edge: the units of an EEM strategy in
+        on BALD), ``+max`` (the EEM's Grad-CAM per class, ``eem.target: max``), ``+otsu`` (EEM regions above each image's Otsu edge: the units of an EEM strategy in
         region mode, and where the oracle is asked at image level), ``+cb`` (class-balanced); what runs
         are tagged and compared by."""
         label = self.al.strategy
-        if self.eem.uncertainty == "bald" and get_strategy(label).region_source == "eem":
+        explains = get_strategy(label).region_source == "eem"
+        if self.eem.uncertainty == "bald" and explains:
             label += "+bald"
+        if self.eem.target == "max" and explains:
+            label += "+max"
         if self.eem.region_threshold == "otsu":
             label += "+otsu"
         return label + ("+cb" if self.al.class_balance else "")

@@ -117,3 +117,5 @@ def test_runs_are_tagged_with_what_they_rank_by():
     otsu = ("eem.region_threshold=otsu", "model.dropout=0.2")
     assert label("al.strategy=eem", *otsu, "eem.uncertainty=bald") == "eem+bald+otsu"
     assert label("al.strategy=entropy", *otsu, "al.class_balance=true") == "entropy+otsu+cb"
+    assert label("al.strategy=eem", "eem.target=max") == "eem+max"
+    assert label("al.strategy=entropy", "eem.target=max") == "entropy"  # no Grad-CAM in its score

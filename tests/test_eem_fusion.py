@@ -116,6 +116,34 @@ def test_regions_records_known_layout_and_json():
     assert extract_regions(eem, prediction, 0.5, 1)[0]["prompt"] == {"x": 29, "y": 0}
 
 
+def test_the_prompt_marks_the_uncertainty_peak_off_the_outer_ring():
+    """A near band along the bottom: Grad-CAM (coarse) peaks on row 10, the entropy at a wrong pixel
+    inside, and higher still on the image's outermost ring (the zero padding's artefact). The prompt
+    goes to the entropy's peak off the ring; the region and its EEM figures stay."""
+    cam = np.zeros((12, 16))
+    cam[6:, :] = 0.5
+    cam[10, :] = 1.0
+    entropy = np.full((12, 16), 0.6)
+    entropy[8, 5] = 0.9  # where the model is wrong
+    entropy[11, 3] = 1.0  # the outermost row
+    entropy[0, 0] = 1.0  # outside every region (a single pixel): never a prompt
+    eem = 0.5 * cam + 0.5 * entropy
+    prediction = np.zeros((12, 16), int)
+    (region,) = extract_regions(eem, prediction, 0.5, 4, uncertainty=torch.from_numpy(entropy))
+    assert region["prompt"] == {"x": 5, "y": 8}
+    assert region["area"] == 6 * 16 and region["bbox"] == {"x0": 0, "y0": 6, "x1": 15, "y1": 11}
+    assert region["peak_eem"] == pytest.approx(0.5 * 1.0 + 0.5 * 0.6)
+    assert region["mean_eem"] == pytest.approx(eem[6:].mean())
+    (without,) = extract_regions(eem, prediction, 0.5, 4)  # the EEM's own peak, off the ring
+    assert without["prompt"] == {"x": 1, "y": 10} and without["peak_eem"] == region["peak_eem"]
+    with pytest.raises(ValueError, match="uncertainty shape"):
+        extract_regions(eem, prediction, 0.5, 4, uncertainty=entropy[:6])
+    on_ring = np.zeros((12, 16))
+    on_ring[0, 4:10] = [0.6, 0.7, 0.9, 0.8, 0.6, 0.6]  # a region on the top row only
+    (region,) = extract_regions(on_ring, prediction, 0.5, 4, uncertainty=on_ring)
+    assert region["prompt"] == {"x": 6, "y": 0}
+
+
 class Constant(nn.Module):
     """Fixed logits, for pipeline maths without a real model."""
 

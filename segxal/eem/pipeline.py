@@ -50,8 +50,11 @@ class EEMMaps:
                 config.max_regions,
                 class_names,
                 config.otsu_bins,
+                uncertainty,
             )
-            for eem, prediction in zip(self.eem.cpu(), self.prediction.cpu(), strict=False)
+            for eem, prediction, uncertainty in zip(
+                self.eem.cpu(), self.prediction.cpu(), self.entropy.cpu(), strict=True
+            )
         ]
 
 

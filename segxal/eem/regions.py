@@ -1,4 +1,5 @@
-"""Regions of an EEM map: connected areas above a threshold, each with a prompt point at its peak."""
+"""Regions of an EEM map: connected areas above a threshold, each with a prompt point where the model is
+most uncertain inside it."""
 
 from __future__ import annotations
 
@@ -48,12 +49,19 @@ def extract_regions(
     max_regions: int = 10,
     class_names: Sequence[str] | None = None,
     otsu_bins: int = 64,
+    uncertainty: torch.Tensor | np.ndarray | None = None,
 ) -> list[dict]:
     """JSON-ready records of the 8-connected areas with EEM >= ``threshold`` (a value, or ``otsu``:
     :func:`otsu_region_threshold` of this map) and >= ``min_area`` pixels, highest peak first (ids 1,
     2, ... in that order), at most ``max_regions``.
 
-    Each record: ``id``, ``prompt`` {x, y} (the EEM peak), ``area``, ``mean_eem``, ``peak_eem``,
+    The prompt is the region's peak of ``uncertainty`` (the EEM's pixel-wise term: entropy or BALD), or
+    of the EEM without it, off the image's outermost pixel ring. Not the EEM's own peak: its Grad-CAM
+    term is a coarse map (the last decoder block's resolution) whose maximum follows the feature maps'
+    border and the near band's edge rather than the model's errors (``bench/prompt_placement.py``,
+    bench/RESULTS.md).
+
+    Each record: ``id``, ``prompt`` {x, y}, ``area``, ``mean_eem``, ``peak_eem``,
     ``class_id`` and ``class_name`` (the dominant predicted class; name None without ``class_names``),
     ``bbox`` {x0, y0, x1, y1} (inclusive pixel bounds), ``threshold`` (the EEM value it lies above).
     """
@@ -61,6 +69,9 @@ def extract_regions(
     pred_np = _as_numpy("prediction", prediction).astype(np.int64)
     if eem_np.shape != pred_np.shape:
         raise ValueError(f"eem shape {eem_np.shape} != prediction shape {pred_np.shape}")
+    prompt_np = eem_np if uncertainty is None else _as_numpy("uncertainty", uncertainty)
+    if prompt_np.shape != eem_np.shape:
+        raise ValueError(f"uncertainty shape {prompt_np.shape} != eem shape {eem_np.shape}")
     if threshold == "otsu":
         threshold = otsu_region_threshold(eem_np, otsu_bins)
     labels, count = ndimage.label(eem_np >= threshold, structure=np.ones((3, 3), dtype=bool))
@@ -68,7 +79,7 @@ def extract_regions(
     for index, window in enumerate(ndimage.find_objects(labels), start=1):
         inside = labels[window] == index
         if int(inside.sum()) >= min_area:
-            record = _record(inside, eem_np, pred_np, window, class_names)
+            record = _record(inside, eem_np, prompt_np, pred_np, window, class_names)
             candidates.append({**record, "threshold": float(threshold)})
     candidates.sort(key=lambda r: (-r["peak_eem"], -r["area"], r["prompt"]["y"], r["prompt"]["x"]))
     return [
@@ -86,20 +97,29 @@ def region_map(eem: torch.Tensor | np.ndarray, regions: Sequence[dict]) -> np.nd
 def _record(
     inside: np.ndarray,
     values: np.ndarray,
+    prompt_values: np.ndarray,
     prediction: np.ndarray,
     window: tuple[slice, slice],
     class_names: Sequence[str] | None,
 ) -> dict[str, Any]:
-    """The record fields of one area (``inside``, a mask over ``window``) of a map of ``values``."""
-    peaks = np.where(inside, values[window], -np.inf)
-    peak_y, peak_x = np.unravel_index(int(np.argmax(peaks)), peaks.shape)
+    """The record fields of one area (``inside``, a mask over ``window``) of a map of ``values``, its
+    prompt at the area's peak of ``prompt_values`` off the image's outermost pixel ring (where the last
+    convolution's zero padding inflates the uncertainty, though the model is no more often wrong there:
+    bench/RESULTS.md), or on it for an area that lies on the ring only."""
+    height, width = values.shape
+    rows = np.arange(window[0].start, window[0].stop)[:, None]
+    cols = np.arange(window[1].start, window[1].stop)[None, :]
+    ring = (rows == 0) | (rows == height - 1) | (cols == 0) | (cols == width - 1)
+    candidates = inside & ~ring if (inside & ~ring).any() else inside
+    prompts = np.where(candidates, prompt_values[window], -np.inf)
+    prompt_y, prompt_x = np.unravel_index(int(np.argmax(prompts)), prompts.shape)
     classes = prediction[window][inside]
     class_id = int(np.bincount(classes - classes.min()).argmax() + classes.min())
     return {
-        "prompt": {"x": int(window[1].start + peak_x), "y": int(window[0].start + peak_y)},
+        "prompt": {"x": int(window[1].start + prompt_x), "y": int(window[0].start + prompt_y)},
         "area": int(inside.sum()),
         "mean_eem": float(values[window][inside].mean()),
-        "peak_eem": float(peaks[peak_y, peak_x]),
+        "peak_eem": float(values[window][inside].max()),
         "class_id": class_id,
         "class_name": (
             class_names[class_id]
@@ -139,7 +159,7 @@ def cell_regions(
             if not inside.any():
                 continue
             number = (top // cell) * columns + left // cell + 1
-            record = _record(inside, values_np, pred_np, window, class_names)
+            record = _record(inside, values_np, values_np, pred_np, window, class_names)
             records.append({"id": number, **record, "cell": cell})
     return records
 
