@@ -10,6 +10,10 @@ import pandas as pd
 from orchestrator.compare import GROUP
 
 
+def runs_count(count: int) -> str:
+    return f"{count} run" if count == 1 else f"{count} runs"
+
+
 def _pyplot():
     import matplotlib
 
@@ -58,7 +62,7 @@ def plot_miou(
             scale * by_cycle["x"],
             100 * by_cycle["mean"],
             marker="o",
-            label=f"{' / '.join(str(part) for part in key)} ({by_cycle['runs'].max()} runs)",
+            label=f"{' / '.join(str(part) for part in key)} ({runs_count(by_cycle['runs'].max())})",
         )
         axis.fill_between(
             scale * by_cycle["x"],
@@ -74,7 +78,7 @@ def plot_miou(
             color="black",
             linestyle="--",
             linewidth=1,
-            label=f"full supervision ({len(supervised)} runs)",
+            label=f"full supervision ({runs_count(len(supervised))})",
         )
     axis.set(
         xlabel=label,
