@@ -112,7 +112,8 @@ def _region_values(
     if spec.kind in (ScoreKind.ENTROPY, ScoreKind.BALD):
         per_pixel = _entropy_map if spec.kind is ScoreKind.ENTROPY else _bald_map
         values, prediction = per_pixel(scorer, images)
-        return values.cpu().numpy(), prediction.cpu().numpy(), values.cpu().numpy()
+        values_np = values.cpu().numpy()  # the score is the uncertainty: the prompt marks its peak
+        return values_np, prediction.cpu().numpy(), values_np
     maps = _eem_of(scorer, images, batch, spec.kind.eem_config(scorer.eem), maps=True).maps
     assert maps is not None
     return maps.eem.cpu().numpy(), maps.prediction.cpu().numpy(), maps.entropy.cpu().numpy()

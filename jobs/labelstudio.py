@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from orchestrator.labelstudio.handoff import PendingCycle, is_exported
+from orchestrator.labelstudio.handoff import PendingCycle, export_dir, is_exported
 from orchestrator.labelstudio.server import (
     CycleProject,
     LabelStudioServerError,
@@ -56,7 +56,7 @@ def pull(client, url: str, run_dir: Path, job_args: list[str]) -> None:
     cycle = waiting_cycle(run_dir)
     if cycle is None:
         raise LabelStudioServerError(f"{run_dir}: no cycle waits for annotations; nothing to pull")
-    folder = PendingCycle.load(run_dir, cycle).folder
+    folder = export_dir(run_dir, cycle)
     project = CycleProject.load(folder)
     done, total = annotated_tasks(client, project)
     if done < total:

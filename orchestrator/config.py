@@ -178,9 +178,9 @@ class ExperimentConfig:
     @property
     def acquisition(self) -> str:
         """The strategy with the options that change what it ranks by or queries: ``eem+bald`` (the EEM
-        on BALD), ``+max`` (the EEM's Grad-CAM per class, ``eem.target: max``), ``+otsu`` (EEM regions above each image's Otsu edge: the units of an EEM strategy in
-        region mode, and where the oracle is asked at image level), ``+cb`` (class-balanced); what runs
-        are tagged and compared by."""
+        on BALD), ``+max`` (the EEM's Grad-CAM per class, ``eem.target: max``), ``+otsu`` (EEM regions
+        above each image's Otsu edge: the units of an EEM strategy in region mode, and where the oracle
+        is asked at image level), ``+cb`` (class-balanced); what runs are tagged and compared by."""
         label = self.al.strategy
         explains = get_strategy(label).region_source == "eem"
         if self.eem.uncertainty == "bald" and explains:

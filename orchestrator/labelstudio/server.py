@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.labelstudio.handoff import CONFIG, TASKS, PendingCycle
+from orchestrator.labelstudio.tasks import LOCAL_FILES
 from orchestrator.run_layout import cycle_name
 from segxal.files import write_atomically
 
@@ -25,9 +26,8 @@ if TYPE_CHECKING:
     from label_studio_sdk import LabelStudio
 
 URL_ENV, TOKEN_ENV = "LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY"
-PROJECT_FILE = (
-    "project.json"  # in the cycle's folder: which project on which server holds its tasks
-)
+# in the cycle's folder: which project on which server holds its tasks
+PROJECT_FILE = "project.json"
 DOWNLOADED = "downloaded_export.json"  # the export as last fetched from the server
 
 
@@ -105,8 +105,6 @@ def project_title(run_dir: Path, cycle: int) -> str:
 def storage_folder(pending: PendingCycle) -> Path | None:
     """The folder a local-files storage must grant for Label Studio to serve the cycle's images: the
     deepest one holding them all. None when the images are served by another web server (a URL prefix)."""
-    from orchestrator.labelstudio.tasks import LOCAL_FILES
-
     if not all(task.image.startswith(LOCAL_FILES) for task in pending.tasks):
         return None
     return Path(os.path.commonpath([Path(t.image_path).resolve().parent for t in pending.tasks]))
@@ -143,8 +141,9 @@ def push_cycle(client: LabelStudio, url: str, run_dir: Path, pending: PendingCyc
                     description=f"SegXAL active learning: {run_dir}, cycle {pending.cycle}",
                 ).id
             )
-        elif (client.projects.get(project_id).label_config or "").strip() != config.strip():
-            client.projects.update(project_id, label_config=config)  # (the server strips it)
+        state = client.projects.get(project_id)
+        if (state.label_config or "").strip() != config.strip():  # the server strips it
+            client.projects.update(project_id, label_config=config)
         folder = storage_folder(pending)
         if folder is not None and not any(
             Path(s.path or "") == folder
@@ -153,7 +152,7 @@ def push_cycle(client: LabelStudio, url: str, run_dir: Path, pending: PendingCyc
             client.import_storage.local.create(
                 project=project_id, path=str(folder), title="images", use_blob_urls=False
             )
-        present = client.projects.get(project_id).task_number or 0
+        present = state.task_number or 0
         if present == 0:
             client.projects.import_tasks(project_id, request=tasks)
         elif present != len(tasks):

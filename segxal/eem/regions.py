@@ -110,7 +110,8 @@ def _record(
     rows = np.arange(window[0].start, window[0].stop)[:, None]
     cols = np.arange(window[1].start, window[1].stop)[None, :]
     ring = (rows == 0) | (rows == height - 1) | (cols == 0) | (cols == width - 1)
-    candidates = inside & ~ring if (inside & ~ring).any() else inside
+    off_ring = inside & ~ring
+    candidates = off_ring if off_ring.any() else inside
     prompts = np.where(candidates, prompt_values[window], -np.inf)
     prompt_y, prompt_x = np.unravel_index(int(np.argmax(prompts)), prompts.shape)
     classes = prediction[window][inside]
